@@ -1,0 +1,212 @@
+"""Input validation, in one place, run before any backend sees a tensor.
+
+Every public function validates here first, so a bad shape, dtype, device or
+label is a clear Python error and never a memory read inside a kernel.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional, Sequence, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+MARGIN_KINDS = ("normface", "arcface", "cosface", "sphereface", "combined", "ldam", "elm", "arcgrad")
+# kinds whose margin may be a per-class tensor [C]
+PER_CLASS_KINDS = ("arcface", "cosface", "ldam", "elm")
+MINING = ("semihard", "hard", "all")
+DISTANCES = ("l2", "squared_l2", "cosine")
+
+
+def tensor(name: str, t, *, dim: Optional[int] = None, floating: bool = False) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if floating and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    return t
+
+
+def same_device(**tensors: Optional[torch.Tensor]) -> None:
+    present = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device, got {where}")
+
+
+def same_dtype(**tensors: torch.Tensor) -> None:
+    dtypes = {v.dtype for v in tensors.values()}
+    if len(dtypes) > 1:
+        where = ", ".join(f"{k} is {v.dtype}" for k, v in tensors.items())
+        raise TypeError(f"floating inputs must share one dtype, got {where}")
+
+
+def reduction(r: str) -> None:
+    if r not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {r!r}")
+
+
+def finite(name: str, v, *, positive: bool = False, nonnegative: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    if not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if positive and not v > 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    if nonnegative and not v >= 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+
+
+def integer(name: str, v, *, minimum: int = 0) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+
+
+def choice(name: str, v, options: Sequence[str]) -> None:
+    if v not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {v!r}")
+
+
+def labels(y, n: int, num_classes: int, *, ignore_index: Optional[int] = None,
+           name: str = "labels") -> torch.Tensor:
+    """int64 [n], every value in [0, num_classes) or == ignore_index."""
+    tensor(name, y, dim=1)
+    if y.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64 (torch.long), got {y.dtype}")
+    if y.shape[0] != n:
+        raise ValueError(f"{name} has {y.shape[0]} entries but there are {n} samples")
+    if n == 0:
+        return y
+    bad = (y < 0) | (y >= num_classes)
+    if ignore_index is not None:
+        bad &= y != ignore_index
+    if bool(bad.any()):
+        value = int(y[bad][0])
+        extra = f" or equal ignore_index={ignore_index}" if ignore_index is not None else ""
+        raise ValueError(f"{name} must lie in [0, {num_classes}){extra}; found {value}")
+    return y
+
+
+def class_vector(name: str, v, num_classes: int, *, nonnegative: bool = True) -> None:
+    tensor(name, v, dim=1, floating=True)
+    if v.shape[0] != num_classes:
+        raise ValueError(f"{name} must have one entry per class ({num_classes}), got {v.shape[0]}")
+    if v.numel() and not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name} must be finite")
+    if nonnegative and v.numel() and bool((v < 0).any()):
+        raise ValueError(f"{name} must be >= 0")
+
+
+def margin(m: Union[float, torch.Tensor], kind: str, num_classes: int) -> None:
+    if isinstance(m, torch.Tensor):
+        if kind not in PER_CLASS_KINDS:
+            raise ValueError(f"a per-class margin tensor is supported for kinds {PER_CLASS_KINDS}, "
+                             f"not {kind!r}")
+        if m.dim() == 0:
+            finite("m", float(m))
+            return
+        class_vector("m", m, num_classes, nonnegative=False)
+    else:
+        finite("m", m)
+
+
+# ---------------------------------------------------------------- per family
+
+def margin_cross_entropy(features, weight, labels_, *, kind, s, m, m1, m2, m3, elm_lambda,
+                         class_weight, ignore_index, reduction_) -> None:
+    tensor("features", features, dim=2, floating=True)
+    tensor("weight", weight, dim=2, floating=True)
+    if features.shape[1] != weight.shape[1]:
+        raise ValueError(f"features [N, D] and weight [C, D] disagree on D: "
+                         f"{tuple(features.shape)} vs {tuple(weight.shape)}")
+    same_dtype(features=features, weight=weight)
+    _margin_common(features.shape[0], weight.shape[0], labels_, kind=kind, s=s, m=m, m1=m1,
+                   m2=m2, m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
+                   ignore_index=ignore_index, reduction_=reduction_)
+    same_device(features=features, weight=weight, labels=labels_, class_weight=class_weight,
+                m=m if isinstance(m, torch.Tensor) else None)
+
+
+def margin_cross_entropy_from_cosine(cosine, labels_, *, kind, s, m, m1, m2, m3, elm_lambda,
+                                     class_weight, ignore_index, reduction_) -> None:
+    tensor("cosine", cosine, dim=2, floating=True)
+    _margin_common(cosine.shape[0], cosine.shape[1], labels_, kind=kind, s=s, m=m, m1=m1,
+                   m2=m2, m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
+                   ignore_index=ignore_index, reduction_=reduction_)
+    same_device(cosine=cosine, labels=labels_, class_weight=class_weight,
+                m=m if isinstance(m, torch.Tensor) else None)
+
+
+def _margin_common(n, c, labels_, *, kind, s, m, m1, m2, m3, elm_lambda, class_weight,
+                   ignore_index, reduction_) -> None:
+    choice("kind", kind, MARGIN_KINDS)
+    reduction(reduction_)
+    finite("s", s)
+    for name, v in (("m1", m1), ("m2", m2), ("m3", m3), ("elm_lambda", elm_lambda)):
+        finite(name, v)
+    margin(m, kind, c)
+    integer("ignore_index", ignore_index, minimum=-(2 ** 63))
+    if class_weight is not None:
+        class_vector("class_weight", class_weight, c)
+    if c == 0:
+        raise ValueError("there must be at least one class")
+    labels(labels_, n, c, ignore_index=ignore_index)
+
+
+def logits_labels(logits, labels_, *, ignore_index, reduction_) -> None:
+    tensor("logits", logits, dim=2, floating=True)
+    reduction(reduction_)
+    integer("ignore_index", ignore_index, minimum=-(2 ** 63))
+    if logits.shape[1] == 0:
+        raise ValueError("there must be at least one class")
+    labels(labels_, logits.shape[0], logits.shape[1], ignore_index=ignore_index)
+
+
+def cost_matrix(cost, k: int, n: Optional[int]) -> None:
+    tensor("cost", cost, floating=True)
+    if cost.dim() == 2:
+        ok = tuple(cost.shape) == (k, k)
+    elif cost.dim() == 3:
+        ok = tuple(cost.shape) == (n, k, k)
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(f"cost must be [K, K] = [{k}, {k}] or [N, K, K] = [{n}, {k}, {k}], "
+                         f"got {tuple(cost.shape)}")
+    if cost.numel() and not bool(torch.isfinite(cost).all()):
+        raise ValueError("cost must be finite")
+
+
+def marginals(name: str, a, n: Optional[int], k: Optional[int]) -> None:
+    tensor(name, a, dim=2, floating=True)
+    if (n is not None and a.shape[0] != n) or (k is not None and a.shape[1] != k):
+        raise ValueError(f"{name} must be [N, K] = [{n}, {k}], got {tuple(a.shape)}")
+    if a.numel() and bool((a < 0).any()):
+        raise ValueError(f"{name} must be non-negative (a probability vector per row)")
+    if a.numel() and not bool(torch.isfinite(a).all()):
+        raise ValueError(f"{name} must be finite")
+
+
+def embeddings_labels(name: str, x, labels_) -> None:
+    tensor(name, x, dim=2, floating=True)
+    labels(labels_, x.shape[0], 2 ** 62)
+    same_device(**{name: x, "labels": labels_})
+
+
+def features_centers(features, labels_, centers, *, ignore_index=None) -> None:
+    tensor("features", features, dim=2, floating=True)
+    tensor("centers", centers, dim=2, floating=True)
+    if centers.shape[1] != features.shape[1]:
+        raise ValueError(f"features [N, D] and centers [C, D] disagree on D: "
+                         f"{tuple(features.shape)} vs {tuple(centers.shape)}")
+    if centers.shape[0] == 0:
+        raise ValueError("there must be at least one class")
+    same_dtype(features=features, centers=centers)
+    labels(labels_, features.shape[0], centers.shape[0], ignore_index=ignore_index)
+    same_device(features=features, labels=labels_, centers=centers)

@@ -1,0 +1,128 @@
+"""Backend selection: maps (op, backend, device) to one implementation.
+
+Every backend exposes, for each op it implements, a function with the
+reference's signature (fused backends wrap an autograd Function beside their
+launchers). Nothing is rewired at import time: a backend module is imported
+the first time an op resolves to it.
+
+backend="auto": Triton for CUDA tensors, the C++ kernels for CPU tensors, the
+reference where neither serves (no kernel for that op yet, or the backend is
+not available, in which case one warning says why).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from functools import lru_cache
+from typing import Callable, Dict
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+
+# op -> backend -> "module:function". Fused backends add their entries here.
+OPS: Dict[str, Dict[str, str]] = {
+    "margin_cross_entropy": {"reference": "fused_margin.reference.angular:margin_cross_entropy"},
+    "margin_cross_entropy_from_cosine": {
+        "reference": "fused_margin.reference.angular:margin_cross_entropy_from_cosine"},
+    "scaled_cosine": {"reference": "fused_margin.reference.angular:scaled_cosine"},
+    "adacos_scale": {"reference": "fused_margin.reference.angular:adacos_scale"},
+    "weighted_cross_entropy": {
+        "reference": "fused_margin.reference.cost_sensitive:weighted_cross_entropy"},
+    "crwwce_loss": {"reference": "fused_margin.reference.cost_sensitive:crwwce_loss"},
+    "sinkhorn": {"reference": "fused_margin.reference.cost_sensitive:sinkhorn"},
+    "wasserstein_loss": {"reference": "fused_margin.reference.cost_sensitive:wasserstein_loss"},
+    "center_loss": {"reference": "fused_margin.reference.feature_space:center_loss"},
+    "contrastive_center_loss": {
+        "reference": "fused_margin.reference.feature_space:contrastive_center_loss"},
+    "knn_std": {"reference": "fused_margin.reference.feature_space:knn_std"},
+    "sigma2r_loss": {"reference": "fused_margin.reference.feature_space:sigma2r_loss"},
+    "soft_nearest_neighbor_loss": {
+        "reference": "fused_margin.reference.feature_space:soft_nearest_neighbor_loss"},
+    "triplet_margin_loss": {
+        "reference": "fused_margin.reference.feature_space:triplet_margin_loss"},
+}
+
+_warned: set = set()
+
+
+@lru_cache(maxsize=None)
+def _triton_status() -> tuple:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return False, f"triton is not importable ({exc.__class__.__name__}: {exc})"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, "triton interpreter (TRITON_INTERPRET=1): CPU tensors, slow"
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
+
+
+@lru_cache(maxsize=None)
+def _cpu_status() -> tuple:
+    try:
+        importlib.import_module("fused_margin._C")
+    except Exception as exc:  # noqa: BLE001
+        return False, (f"the C++ extension fused_margin._C was not built ({exc}); rebuild with "
+                       "`pip install --no-build-isolation -e .`")
+    return True, "C++ extension fused_margin._C loaded"
+
+
+def _status(backend: str) -> tuple:
+    if backend == "reference":
+        return True, "plain eager PyTorch, every op, every device"
+    if backend == "triton":
+        return _triton_status()
+    return _cpu_status()
+
+
+def backends() -> Dict[str, dict]:
+    """What each backend can run here, and why not where it cannot."""
+    out = {}
+    for name in BACKENDS[1:]:
+        ok, why = _status(name)
+        ops = sorted(op for op, impls in OPS.items() if name in impls)
+        out[name] = {"available": ok, "reason": why, "ops": ops}
+    return out
+
+
+def _load(path: str) -> Callable:
+    module, fn = path.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _serves(backend: str, device: torch.device) -> bool:
+    if backend == "triton":
+        return device.type == "cuda" or (device.type == "cpu"
+                                         and os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return device.type == "cpu"
+
+
+def resolve(op: str, backend: str, device: torch.device) -> Callable:
+    """The implementation of `op` that `backend` picks for tensors on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    impls = OPS[op]
+    if backend == "auto":
+        fused = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else None
+        if fused in impls:
+            ok, why = _status(fused)
+            if ok:
+                return _load(impls[fused])
+            if fused not in _warned:
+                _warned.add(fused)
+                warnings.warn(f"fused_margin: the {fused} backend is unavailable ({why}); "
+                              "backend='auto' falls back to the PyTorch reference",
+                              RuntimeWarning, stacklevel=3)
+        return _load(impls["reference"])
+    if backend not in impls:
+        have = sorted(impls)
+        raise NotImplementedError(f"{op} has no {backend!r} kernel yet; implemented: {have}")
+    ok, why = _status(backend)
+    if not ok:
+        raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
+    if not _serves(backend, device):
+        raise ValueError(f"backend {backend!r} cannot run on {device} tensors")
+    return _load(impls[backend])

@@ -1,0 +1,231 @@
+"""The public functions: validate the inputs, then hand them to the backend.
+
+No math here: each function checks its arguments (fused_margin.checks) and
+calls the implementation that fused_margin.dispatch picks for `backend` and
+the tensors' device.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import checks
+from .dispatch import resolve
+from .reference.angular import arcgrad_scale, camri_margins, drw_weights, ldam_margins
+
+__all__ = [
+    "margin_cross_entropy", "margin_cross_entropy_from_cosine", "scaled_cosine",
+    "ldam_margins", "drw_weights", "camri_margins", "arcgrad_scale",
+    "weighted_cross_entropy", "crwwce_loss", "sinkhorn", "wasserstein_loss",
+    "center_loss", "contrastive_center_loss", "knn_std", "sigma2r_loss",
+    "soft_nearest_neighbor_loss", "triplet_margin_loss",
+]
+
+Margin = Union[float, torch.Tensor]
+
+
+# ------------------------------------------------- 1. angular / cosine margins
+
+def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         kind: str = "arcface", s: float = 64.0, m: Margin = 0.5,
+                         m1: float = 1.0, m2: float = 0.0, m3: float = 0.0,
+                         elm_lambda: float = 0.5, class_weight: Optional[torch.Tensor] = None,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         backend: str = "auto") -> torch.Tensor:
+    """Softmax cross-entropy over s*cos(x, W_j) with the target logit shaped by `kind`.
+
+    features [N, D], weight [C, D], labels [N] int64. See API.md for the kinds.
+    """
+    checks.margin_cross_entropy(features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2,
+                                m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
+                                ignore_index=ignore_index, reduction_=reduction)
+    fn = resolve("margin_cross_entropy", backend, features.device)
+    return fn(features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+              elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
+              reduction=reduction)
+
+
+def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,
+                                     kind: str = "arcface", s: float = 64.0, m: Margin = 0.5,
+                                     m1: float = 1.0, m2: float = 0.0, m3: float = 0.0,
+                                     elm_lambda: float = 0.5,
+                                     class_weight: Optional[torch.Tensor] = None,
+                                     ignore_index: int = -100, reduction: str = "mean",
+                                     backend: str = "auto") -> torch.Tensor:
+    """margin_cross_entropy on precomputed cosines [N, C]."""
+    checks.margin_cross_entropy_from_cosine(cosine, labels, kind=kind, s=s, m=m, m1=m1, m2=m2,
+                                            m3=m3, elm_lambda=elm_lambda,
+                                            class_weight=class_weight,
+                                            ignore_index=ignore_index, reduction_=reduction)
+    fn = resolve("margin_cross_entropy_from_cosine", backend, cosine.device)
+    return fn(cosine, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
+              class_weight=class_weight, ignore_index=ignore_index, reduction=reduction)
+
+
+def scaled_cosine(features: torch.Tensor, weight: torch.Tensor, s: float = 1.0, *,
+                  backend: str = "auto") -> torch.Tensor:
+    """Inference logits s * cos(x, W_j), [N, C], no margin."""
+    checks.tensor("features", features, dim=2, floating=True)
+    checks.tensor("weight", weight, dim=2, floating=True)
+    if features.shape[1] != weight.shape[1]:
+        raise ValueError(f"features {tuple(features.shape)} and weight {tuple(weight.shape)} "
+                         "disagree on D")
+    checks.same_device(features=features, weight=weight)
+    checks.finite("s", s)
+    return resolve("scaled_cosine", backend, features.device)(features, weight, s)
+
+
+def adacos_scale(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, *,
+                 ignore_index: int = -100, backend: str = "auto") -> torch.Tensor:
+    """AdaCos's next scale from this batch (Eq. 10 of the ArcGrad paper), 0-d tensor."""
+    checks.margin_cross_entropy(features, weight, labels, kind="normface", s=s, m=0.0, m1=1.0,
+                                m2=0.0, m3=0.0, elm_lambda=0.0, class_weight=None,
+                                ignore_index=ignore_index, reduction_="mean")
+    fn = resolve("adacos_scale", backend, features.device)
+    return fn(features, weight, labels, s, ignore_index=ignore_index)
+
+
+# ------------------------------------------------------ 2. cost-sensitive
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                           class_weight: torch.Tensor, *, ignore_index: int = -100,
+                           reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """WCE, Eq. 2 of the CAMRI paper: -1/N sum_n w_{t_n} log softmax(z_n)_{t_n}."""
+    checks.logits_labels(logits, labels, ignore_index=ignore_index, reduction_=reduction)
+    checks.class_vector("class_weight", class_weight, logits.shape[1])
+    checks.same_device(logits=logits, labels=labels, class_weight=class_weight)
+    fn = resolve("weighted_cross_entropy", backend, logits.device)
+    return fn(logits, labels, class_weight, ignore_index=ignore_index, reduction=reduction)
+
+
+def crwwce_loss(logits: torch.Tensor, labels: torch.Tensor, fn_weight: torch.Tensor,
+                fp_weight: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+                backend: str = "auto") -> torch.Tensor:
+    """CRWWCE, Eq. 3 of the CAMRI paper; fn_weight [K], fp_weight [K, K] (fp[k, t])."""
+    checks.logits_labels(logits, labels, ignore_index=ignore_index, reduction_=reduction)
+    k = logits.shape[1]
+    checks.class_vector("fn_weight", fn_weight, k)
+    checks.tensor("fp_weight", fp_weight, dim=2, floating=True)
+    if tuple(fp_weight.shape) != (k, k):
+        raise ValueError(f"fp_weight must be [K, K] = [{k}, {k}], got {tuple(fp_weight.shape)}")
+    if fp_weight.numel() and (not bool(torch.isfinite(fp_weight).all())
+                              or bool((fp_weight < 0).any())):
+        raise ValueError("fp_weight must be finite and >= 0")
+    checks.same_device(logits=logits, labels=labels, fn_weight=fn_weight, fp_weight=fp_weight)
+    fn = resolve("crwwce_loss", backend, logits.device)
+    return fn(logits, labels, fn_weight, fp_weight, ignore_index=ignore_index,
+              reduction=reduction)
+
+
+def sinkhorn(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, *, eps: float = 0.1,
+             n_iter: int = 100, tol: Optional[float] = None,
+             backend: str = "auto") -> torch.Tensor:
+    """Entropic OT plans [N, K, K] between rows of a [N, K] and b [N, K], log domain."""
+    checks.marginals("a", a, None, None)
+    checks.marginals("b", b, a.shape[0], a.shape[1])
+    checks.cost_matrix(cost, a.shape[1], a.shape[0])
+    checks.same_device(a=a, b=b, cost=cost)
+    checks.finite("eps", eps, positive=True)
+    checks.integer("n_iter", n_iter, minimum=1)
+    if tol is not None:
+        checks.finite("tol", tol, positive=True)
+    fn = resolve("sinkhorn", backend, a.device)
+    return fn(a, b, cost, eps=eps, n_iter=n_iter, tol=tol)
+
+
+def wasserstein_loss(logits: torch.Tensor, target: torch.Tensor, cost: torch.Tensor, *,
+                     eps: float = 0.1, n_iter: int = 100, entropic: bool = False,
+                     tol: Optional[float] = None, ignore_index: int = -100,
+                     reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """Entropic OT cost between softmax(logits) (plan rows) and the target (columns)."""
+    checks.tensor("logits", logits, dim=2, floating=True)
+    checks.reduction(reduction)
+    k = logits.shape[1]
+    if k == 0:
+        raise ValueError("there must be at least one class")
+    if isinstance(target, torch.Tensor) and target.dim() == 1:
+        checks.labels(target, logits.shape[0], k, ignore_index=ignore_index, name="target")
+    else:
+        checks.marginals("target", target, logits.shape[0], k)
+    checks.cost_matrix(cost, k, logits.shape[0])
+    checks.same_device(logits=logits, target=target, cost=cost)
+    checks.finite("eps", eps, positive=True)
+    checks.integer("n_iter", n_iter, minimum=1)
+    if tol is not None:
+        checks.finite("tol", tol, positive=True)
+    fn = resolve("wasserstein_loss", backend, logits.device)
+    return fn(logits, target, cost, eps=eps, n_iter=n_iter, entropic=bool(entropic), tol=tol,
+              ignore_index=ignore_index, reduction=reduction)
+
+
+# ------------------------------------------------------ 3. feature space
+
+def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
+                reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """mean_i 0.5 * ||x_i - c_{y_i}||^2."""
+    checks.features_centers(features, labels, centers)
+    checks.reduction(reduction)
+    fn = resolve("center_loss", backend, features.device)
+    return fn(features, labels, centers, reduction=reduction)
+
+
+def contrastive_center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+                            *, delta: float = 1.0, reduction: str = "mean",
+                            backend: str = "auto") -> torch.Tensor:
+    """Eq. 5 of the sigma^2R paper: 0.5 ||x_i - c_{y_i}||^2 / (sum_{j != y_i} ||x_i - c_j||^2 + delta)."""
+    checks.features_centers(features, labels, centers)
+    checks.reduction(reduction)
+    checks.finite("delta", delta, positive=True)
+    fn = resolve("contrastive_center_loss", backend, features.device)
+    return fn(features, labels, centers, delta=delta, reduction=reduction)
+
+
+def knn_std(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
+            n_neighbors: int = 7, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """sigma_x [N] and sigma_c [C]: std of each sample (centre) and its n nearest same-class samples."""
+    checks.features_centers(features, labels, centers)
+    checks.integer("n_neighbors", n_neighbors, minimum=1)
+    fn = resolve("knn_std", backend, features.device)
+    return fn(features, labels, centers, n_neighbors=n_neighbors)
+
+
+def sigma2r_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+                 w_k: torch.Tensor, *, n_neighbors: int = 7, z: float = 40.0, eps: float = 1e-3,
+                 reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """sigma^2R (Eq. 8-10): mean_i beta_i ||x_i - c_{y_i}||^2, beta from the k-NN stds."""
+    checks.features_centers(features, labels, centers)
+    checks.class_vector("w_k", w_k, centers.shape[0], nonnegative=False)
+    checks.same_device(features=features, w_k=w_k)
+    checks.integer("n_neighbors", n_neighbors, minimum=1)
+    checks.finite("z", z, positive=True)
+    checks.finite("eps", eps, nonnegative=True)
+    checks.reduction(reduction)
+    fn = resolve("sigma2r_loss", backend, features.device)
+    return fn(features, labels, centers, w_k, n_neighbors=n_neighbors, z=z, eps=eps,
+              reduction=reduction)
+
+
+def soft_nearest_neighbor_loss(features: torch.Tensor, labels: torch.Tensor, *,
+                               temperature: float = 1.0, reduction: str = "mean",
+                               backend: str = "auto") -> torch.Tensor:
+    """Eq. 2 of the sigma^2R paper with squared Euclidean distances."""
+    checks.embeddings_labels("features", features, labels)
+    checks.finite("temperature", temperature, positive=True)
+    checks.reduction(reduction)
+    fn = resolve("soft_nearest_neighbor_loss", backend, features.device)
+    return fn(features, labels, temperature=temperature, reduction=reduction)
+
+
+def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float = 0.2,
+                        mining: str = "semihard", distance: str = "l2", reduction: str = "mean",
+                        backend: str = "auto") -> torch.Tensor:
+    """Triplet loss with in-batch mining ("semihard", "hard", "all")."""
+    checks.embeddings_labels("embeddings", embeddings, labels)
+    checks.finite("margin", margin, nonnegative=True)
+    checks.choice("mining", mining, checks.MINING)
+    checks.choice("distance", distance, checks.DISTANCES)
+    checks.reduction(reduction)
+    fn = resolve("triplet_margin_loss", backend, embeddings.device)
+    return fn(embeddings, labels, margin=margin, mining=mining, distance=distance,
+              reduction=reduction)

@@ -1,0 +1,250 @@
+"""Drop-in modules: each owns its parameters and state and calls functional.
+
+Classification modules hold the last layer `weight` [C, D] (no bias) and offer
+`forward(features, labels) -> loss` and `logits(features) -> s*cos` (no
+margin) for inference. Margins and class weights are buffers, so they follow
+`.to(device)` and land in `state_dict`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .reference.angular import camri_margins, ldam_margins
+
+__all__ = [
+    "MarginLoss", "NormFace", "ArcFace", "CosFace", "SphereFace", "CombinedMargin", "CAMRI",
+    "ArcGrad", "AdaCos", "LDAM", "ELM", "CenterLoss", "Sigma2R", "WassersteinLoss",
+    "TripletMarginLoss", "SoftNearestNeighborLoss",
+]
+
+
+class MarginLoss(nn.Module):
+    """The last layer W [C, D] plus margin_cross_entropy of one `kind`."""
+
+    def __init__(self, in_features: int, num_classes: int, *, kind: str = "arcface",
+                 s: float = 64.0, m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0,
+                 m2: float = 0.0, m3: float = 0.0, elm_lambda: float = 0.5,
+                 class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                 reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        if in_features < 1 or num_classes < 1:
+            raise ValueError("in_features and num_classes must be positive")
+        self.in_features, self.num_classes = in_features, num_classes
+        self.kind, self.s, self.m1, self.m2, self.m3 = kind, float(s), m1, m2, m3
+        self.elm_lambda, self.ignore_index = elm_lambda, ignore_index
+        self.reduction, self.backend = reduction, backend
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        if isinstance(m, torch.Tensor):
+            self.register_buffer("m", m.detach().clone().float())
+        else:
+            self.m = float(m)
+        self.register_buffer("class_weight",
+                             None if class_weight is None else class_weight.detach().clone())
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.weight)
+
+    def scale(self) -> float:
+        return self.s
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.margin_cross_entropy(
+            features, self.weight, labels, kind=self.kind, s=self.scale(), m=self.m, m1=self.m1,
+            m2=self.m2, m3=self.m3, elm_lambda=self.elm_lambda, class_weight=self.class_weight,
+            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+
+    @torch.no_grad()
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return F.scaled_cosine(features, self.weight, self.scale(), backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
+                f"kind={self.kind!r}, s={self.scale():.4g}")
+
+
+class NormFace(MarginLoss):
+    """L2-constrained softmax / NormFace: s*cos for every class."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, **kw):
+        super().__init__(in_features, num_classes, kind="normface", s=s, m=0.0, **kw)
+
+
+class ArcFace(MarginLoss):
+    """Additive angular margin: target logit s*cos(theta_y + m)."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5, **kw):
+        super().__init__(in_features, num_classes, kind="arcface", s=s, m=m, **kw)
+
+
+class CosFace(MarginLoss):
+    """Additive cosine margin: target logit s*(cos_y - m)."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.35,
+                 **kw):
+        super().__init__(in_features, num_classes, kind="cosface", s=s, m=m, **kw)
+
+
+class SphereFace(MarginLoss):
+    """Multiplicative angular margin: target logit s*psi(theta_y), psi = cos(m*theta) near 0."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 1.35,
+                 **kw):
+        super().__init__(in_features, num_classes, kind="sphereface", s=s, m=m, **kw)
+
+
+class CombinedMargin(MarginLoss):
+    """insightface's combined margin: target logit s*(cos(m1*theta + m2) - m3)."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m1: float = 1.0,
+                 m2: float = 0.5, m3: float = 0.0, **kw):
+        super().__init__(in_features, num_classes, kind="combined", s=s, m=0.0, m1=m1, m2=m2,
+                         m3=m3, **kw)
+
+
+class CAMRI(MarginLoss):
+    """ArcFace with the additive angular margin on the important class(es) only."""
+
+    def __init__(self, in_features: int, num_classes: int, important: Union[int, Sequence[int]],
+                 m: float = 0.5, s: float = 64.0, **kw):
+        super().__init__(in_features, num_classes, kind="arcface", s=s,
+                         m=camri_margins(num_classes, important, m), **kw)
+        self.important = important
+
+
+class ArcGrad(MarginLoss):
+    """ArcGrad: every logit is -s*theta_j, no margin (pick s with arcgrad_scale)."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 1.0, **kw):
+        super().__init__(in_features, num_classes, kind="arcgrad", s=s, m=0.0, **kw)
+
+
+class AdaCos(MarginLoss):
+    """NormFace with AdaCos's adaptive scale, kept in the buffer `s_buffer`.
+
+    The scale starts at sqrt(2)*log(C - 1); in training mode each forward uses
+    the current scale, then sets it from this batch (Eq. 10 of the ArcGrad
+    paper: log(B_avg)/cos(min(pi/4, theta_med))). The paper's scale at step l
+    already uses step l's batch; ours applies it from step l + 1, which lets a
+    fused kernel update it from the same pass.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, **kw):
+        if num_classes < 2:
+            raise ValueError("AdaCos needs at least two classes")
+        s0 = math.sqrt(2) * math.log(num_classes - 1)
+        super().__init__(in_features, num_classes, kind="normface", s=s0, m=0.0, **kw)
+        self.register_buffer("s_buffer", torch.tensor(s0, dtype=torch.float32))
+
+    def scale(self) -> float:
+        return float(self.s_buffer)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = super().forward(features, labels)
+        if self.training:
+            new = F.adacos_scale(features.detach(), self.weight.detach(), labels, self.scale(),
+                                 ignore_index=self.ignore_index, backend=self.backend)
+            if bool(torch.isfinite(new)):
+                self.s_buffer.copy_(new)
+        return loss
+
+
+class LDAM(MarginLoss):
+    """LDAM: target logit s*(cos_y - Delta_y), Delta_j proportional to n_j^(-1/4)."""
+
+    def __init__(self, in_features: int, class_counts, max_m: float = 0.5, s: float = 30.0, **kw):
+        margins = ldam_margins(class_counts, max_m)
+        super().__init__(in_features, margins.numel(), kind="ldam", s=s, m=margins, **kw)
+
+
+class ELM(MarginLoss):
+    """ELM: LDAM plus lam*Delta_{c*} on the target, c* the strongest wrong class."""
+
+    def __init__(self, in_features: int, class_counts, max_m: float = 0.5, s: float = 30.0,
+                 lam: float = 0.5, **kw):
+        margins = ldam_margins(class_counts, max_m)
+        super().__init__(in_features, margins.numel(), kind="elm", s=s, m=margins,
+                         elm_lambda=lam, **kw)
+
+
+# ------------------------------------------------------------ feature space
+
+class CenterLoss(nn.Module):
+    """Center loss with learnable centres [C, D] (plain gradient learning)."""
+
+    def __init__(self, num_classes: int, feat_dim: int, *, reduction: str = "mean",
+                 backend: str = "auto"):
+        super().__init__()
+        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.center_loss(features, labels, self.centers, reduction=self.reduction,
+                             backend=self.backend)
+
+
+class Sigma2R(nn.Module):
+    """sigma^2R loss with learnable centres [C, D] and per-class slopes w_K [C]."""
+
+    def __init__(self, num_classes: int, feat_dim: int, n_neighbors: int = 7, z: float = 40.0,
+                 eps: float = 1e-3, *, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+        self.w_k = nn.Parameter(torch.zeros(num_classes))
+        self.n_neighbors, self.z, self.eps = n_neighbors, z, eps
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.sigma2r_loss(features, labels, self.centers, self.w_k,
+                              n_neighbors=self.n_neighbors, z=self.z, eps=self.eps,
+                              reduction=self.reduction, backend=self.backend)
+
+
+class WassersteinLoss(nn.Module):
+    """Entropic Wasserstein loss with the cost matrix [K, K] held as a buffer."""
+
+    def __init__(self, cost: torch.Tensor, eps: float = 0.1, n_iter: int = 100, *,
+                 entropic: bool = False, tol: Optional[float] = None, reduction: str = "mean",
+                 backend: str = "auto"):
+        super().__init__()
+        self.register_buffer("cost", cost.detach().clone())
+        self.eps, self.n_iter, self.entropic, self.tol = eps, n_iter, entropic, tol
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.wasserstein_loss(logits, target, self.cost.to(logits.dtype), eps=self.eps,
+                                  n_iter=self.n_iter, entropic=self.entropic, tol=self.tol,
+                                  reduction=self.reduction, backend=self.backend)
+
+
+class TripletMarginLoss(nn.Module):
+    """Triplet loss with in-batch mining."""
+
+    def __init__(self, margin: float = 0.2, mining: str = "semihard", distance: str = "l2", *,
+                 reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.margin, self.mining, self.distance = margin, mining, distance
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.triplet_margin_loss(embeddings, labels, margin=self.margin, mining=self.mining,
+                                     distance=self.distance, reduction=self.reduction,
+                                     backend=self.backend)
+
+
+class SoftNearestNeighborLoss(nn.Module):
+    """Soft nearest neighbour loss (Frosst et al.), squared Euclidean distances."""
+
+    def __init__(self, temperature: float = 1.0, *, reduction: str = "mean",
+                 backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.soft_nearest_neighbor_loss(features, labels, temperature=self.temperature,
+                                            reduction=self.reduction, backend=self.backend)

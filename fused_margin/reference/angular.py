@@ -1,0 +1,242 @@
+"""Angular and cosine margin softmax cross-entropy, eager PyTorch.
+
+cos = normalize(x) @ normalize(W).T; every non-target logit is s*cos_j (arcgrad:
+-s*theta_j); the target logit is transformed by `kind` (table in API.md). The
+pieces are split as pytorch-metric-learning does: cosines, target transform,
+scale, cross-entropy.
+
+Conventions every backend follows (see README, "Numerical conventions"):
+- a row whose L2 norm is <= NORM_EPS has inverse norm 0: cosine 0 with every
+  class, and no gradient through its normalisation (no 1/eps blow-up);
+- kinds that need theta or sin(theta) (arcface, combined, sphereface, arcgrad)
+  clamp the cosine to [-1 + COS_EPS, 1 - COS_EPS] first, torch.clamp style (zero
+  gradient outside), so theta = 0 gives a finite gradient;
+- arcface: insightface's fallback, cos(theta + m) where cos(theta) > cos(pi - m),
+  else cos(theta) - m*sin(m); combined: cos(m1*theta + m2) - m3 where
+  m1*theta + m2 <= pi, else a fallback that keeps the logit decreasing in theta
+  (the same as arcface's when m1 = 1);
+- sphereface: SphereFace's monotone psi(theta) = (-1)^k cos(m*theta) - 2k,
+  k = floor(m*theta/pi), equal to cos(m*theta) on [0, pi/m];
+- elm: c* = argmax_{j != y} cos_j, the first index on ties, held fixed for the
+  gradient; computations run in float32 for float16/bfloat16 inputs and the loss
+  is returned in float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .reduction import reduce_loss
+
+NORM_EPS = 1e-12
+COS_EPS = 1e-6
+THETA_KINDS = ("arcface", "combined", "sphereface", "arcgrad")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def inv_norm(x: torch.Tensor) -> torch.Tensor:
+    """1/||x_i|| per row, 0 where ||x_i|| <= NORM_EPS (safe under autograd)."""
+    sq = (x * x).sum(dim=1)
+    big = sq > NORM_EPS * NORM_EPS
+    return torch.where(big, torch.rsqrt(torch.where(big, sq, torch.ones_like(sq))),
+                       torch.zeros_like(sq))
+
+
+def cosine(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    dt = compute_dtype(features.dtype)
+    x, w = features.to(dt), weight.to(dt)
+    return (x * inv_norm(x)[:, None]) @ (w * inv_norm(w)[:, None]).T
+
+
+def _per_row(m: Union[float, torch.Tensor], idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(m, torch.Tensor):
+        m = m.to(like.dtype)
+        return m.expand(like.shape[0]) if m.dim() == 0 else m[idx]
+    return torch.full_like(like, float(m))
+
+
+def combined_fallback(m1: float, m2: float):
+    """(threshold on cos theta, offset): the logit is cos(theta) - m3 - offset
+    wherever cos(theta) <= threshold, i.e. where m1*theta + m2 would pass pi."""
+    if m1 == 1.0:
+        return math.cos(math.pi - m2), m2 * math.sin(m2)  # insightface's arcface fallback
+    theta_star = (math.pi - m2) / m1
+    if theta_star >= math.pi:
+        return -2.0, 0.0  # never reached: cos(theta) > -1 after clamping
+    if theta_star <= 0:
+        return 2.0, 2.0  # always: cos(theta) - m3 - 2 keeps the logit below -1 - m3
+    # continuous at theta*: cos(theta*) - offset = -1
+    return math.cos(theta_star), 1.0 + math.cos(theta_star)
+
+
+def target_transform(cos_y: torch.Tensor, kind: str, m_y: torch.Tensor, m1: float, m2: float,
+                     m3: float) -> torch.Tensor:
+    """The target logit divided by s, for every kind but arcgrad and elm's extra term."""
+    if kind == "normface":
+        return cos_y
+    if kind in ("cosface", "ldam", "elm"):
+        return cos_y - m_y
+    c = cos_y.clamp(-1 + COS_EPS, 1 - COS_EPS)
+    if kind == "arcface":
+        sin = torch.sqrt(1 - c * c)
+        phi = c * torch.cos(m_y) - sin * torch.sin(m_y)
+        return torch.where(c > torch.cos(math.pi - m_y), phi, c - m_y * torch.sin(m_y))
+    theta = torch.acos(c)
+    if kind == "sphereface":
+        k = torch.floor(m_y * theta / math.pi).detach()
+        sign = 1 - 2 * torch.remainder(k, 2)
+        return sign * torch.cos(m_y * theta) - 2 * k
+    if kind == "combined":
+        th, offset = combined_fallback(m1, m2)
+        return torch.where(c > th, torch.cos(m1 * theta + m2) - m3, c - m3 - offset)
+    raise ValueError(f"no target transform for kind {kind!r}")
+
+
+def margin_logits(cos: torch.Tensor, labels: torch.Tensor, *, kind: str = "arcface",
+                  s: float = 64.0, m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0,
+                  m2: float = 0.0, m3: float = 0.0, elm_lambda: float = 0.5,
+                  ignore_index: int = -100) -> torch.Tensor:
+    """The [N, C] logits the cross-entropy sees (ignored rows keep plain s*cos)."""
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    if kind == "arcgrad":
+        return -s * torch.acos(cos.clamp(-1 + COS_EPS, 1 - COS_EPS))
+    cos_y = cos.gather(1, y[:, None]).squeeze(1)
+    m_y = _per_row(m, y, cos_y)
+    target = target_transform(cos_y, kind, m_y, m1, m2, m3)
+    if kind == "elm" and cos.shape[1] > 1:
+        others = cos.detach().scatter(1, y[:, None], float("-inf"))
+        c_star = others.argmax(dim=1)
+        target = target + elm_lambda * _per_row(m, c_star, cos_y)
+    hit = torch.zeros_like(cos, dtype=torch.bool).scatter(1, y[:, None], valid[:, None])
+    return s * torch.where(hit, target[:, None], cos)
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, class_weight: Optional[torch.Tensor],
+                   ignore_index: int, reduction: str) -> torch.Tensor:
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    per = torch.logsumexp(logits, dim=1) - logits.gather(1, y[:, None]).squeeze(1)
+    w = valid.to(logits.dtype)
+    if class_weight is not None:
+        w = w * class_weight.to(logits.dtype)[y]
+    return reduce_loss(torch.where(valid, per * w, torch.zeros_like(per)), w, reduction)
+
+
+def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,
+                                     kind: str = "arcface", s: float = 64.0,
+                                     m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0,
+                                     m2: float = 0.0, m3: float = 0.0, elm_lambda: float = 0.5,
+                                     class_weight: Optional[torch.Tensor] = None,
+                                     ignore_index: int = -100,
+                                     reduction: str = "mean") -> torch.Tensor:
+    cos = cosine.to(compute_dtype(cosine.dtype))
+    logits = margin_logits(cos, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+                           elm_lambda=elm_lambda, ignore_index=ignore_index)
+    return _cross_entropy(logits, labels, class_weight, ignore_index, reduction)
+
+
+def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         kind: str = "arcface", s: float = 64.0,
+                         m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0, m2: float = 0.0,
+                         m3: float = 0.0, elm_lambda: float = 0.5,
+                         class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                         reduction: str = "mean") -> torch.Tensor:
+    return margin_cross_entropy_from_cosine(
+        cosine(features, weight), labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+        elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
+        reduction=reduction)
+
+
+def scaled_cosine(features: torch.Tensor, weight: torch.Tensor, s: float) -> torch.Tensor:
+    """Inference logits s*cos, no margin."""
+    return s * cosine(features, weight)
+
+
+@torch.no_grad()
+def adacos_scale(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float,
+                 ignore_index: int = -100) -> torch.Tensor:
+    """AdaCos's next scale (Eq. 10 of the ArcGrad paper) from this batch:
+    log(B_avg) / cos(min(pi/4, theta_med)), B_avg the mean over rows of
+    sum_{j != y} exp(s*cos_j), theta_med the median target angle. Returns a
+    0-d float32 tensor; the unchanged s when no row is labelled."""
+    cos = cosine(features, weight)
+    valid = labels != ignore_index
+    cos, y = cos[valid], labels[valid]
+    if y.numel() == 0:
+        return torch.tensor(float(s), device=features.device)
+    cos_y = cos.gather(1, y[:, None]).squeeze(1)
+    others = torch.exp(s * cos).scatter(1, y[:, None], 0.0).sum(dim=1)
+    b_avg = others.mean()
+    theta_med = torch.acos(cos_y.clamp(-1 + COS_EPS, 1 - COS_EPS)).median()
+    theta_med = torch.clamp(theta_med, max=math.pi / 4)
+    return (torch.log(b_avg) / torch.cos(theta_med)).float()
+
+
+# ------------------------------------------------------------------- helpers
+
+def _counts(class_counts: Union[Sequence[int], torch.Tensor]) -> torch.Tensor:
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError("class_counts must be a non-empty 1-D sequence")
+    if bool((counts <= 0).any()) or not bool(torch.isfinite(counts).all()):
+        raise ValueError("class_counts must be positive and finite")
+    return counts
+
+
+def ldam_margins(class_counts, max_m: float = 0.5) -> torch.Tensor:
+    """LDAM's Delta_j proportional to n_j^(-1/4), the largest equal to max_m."""
+    inv = _counts(class_counts) ** -0.25
+    return (inv * (max_m / inv.max())).float()
+
+
+def drw_weights(class_counts, beta: float = 0.9999) -> torch.Tensor:
+    """Class-balanced weights (1 - beta) / (1 - beta^n_j), normalised to sum C."""
+    if not 0 <= beta < 1:
+        raise ValueError(f"beta must lie in [0, 1), got {beta}")
+    counts = _counts(class_counts)
+    w = (1 - beta) / (1 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
+    return (w * (counts.numel() / w.sum())).float()
+
+
+def camri_margins(num_classes: int, important, m: float) -> torch.Tensor:
+    """CAMRI's per-class margin: m at the important class(es), 0 elsewhere."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    idx = torch.as_tensor(important, dtype=torch.long).reshape(-1)
+    if idx.numel() == 0 or bool((idx < 0).any()) or bool((idx >= num_classes).any()):
+        raise ValueError(f"important classes must lie in [0, {num_classes}), got {important!r}")
+    if not math.isfinite(m):
+        raise ValueError(f"m must be finite, got {m}")
+    out = torch.zeros(num_classes)
+    out[idx] = float(m)
+    return out
+
+
+def lambert_w(x: float) -> float:
+    """Principal branch W0(x) for x >= 0, by Halley's iteration."""
+    if x < 0:
+        raise ValueError("lambert_w is implemented for x >= 0")
+    w = math.log1p(x) if x < 3 else math.log(x) - math.log(math.log(x))
+    for _ in range(50):
+        ew = math.exp(w)
+        f = w * ew - x
+        step = f / (ew * (w + 1) - (w + 2) * f / (2 * w + 2))
+        w -= step
+        if abs(step) <= 1e-15 * (1 + abs(w)):
+            break
+    return w
+
+
+def arcgrad_scale(num_classes: int, gap: float) -> float:
+    """Eq. 19 of the ArcGrad paper: s = (W((C - 1)/e) + 1) / gap (gap in radians)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if not (math.isfinite(gap) and gap > 0):
+        raise ValueError(f"gap must be a positive angle in radians, got {gap}")
+    return (lambert_w((num_classes - 1) / math.e) + 1) / gap
