@@ -193,6 +193,13 @@ def marginals(name: str, a, n: Optional[int], k: Optional[int]) -> None:
         raise ValueError(f"{name} must be finite")
 
 
+def sinkhorn_params(eps, n_iter, tol) -> None:
+    finite("eps", eps, positive=True)
+    integer("n_iter", n_iter, minimum=1)
+    if tol is not None:
+        finite("tol", tol, positive=True)
+
+
 def embeddings_labels(name: str, x, labels_) -> None:
     tensor(name, x, dim=2, floating=True)
     labels(labels_, x.shape[0], 2 ** 62)

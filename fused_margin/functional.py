@@ -126,10 +126,7 @@ def sinkhorn(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, *, eps: float
     checks.marginals("b", b, a.shape[0], a.shape[1])
     checks.cost_matrix(cost, a.shape[1], a.shape[0])
     checks.same_device(a=a, b=b, cost=cost)
-    checks.finite("eps", eps, positive=True)
-    checks.integer("n_iter", n_iter, minimum=1)
-    if tol is not None:
-        checks.finite("tol", tol, positive=True)
+    checks.sinkhorn_params(eps, n_iter, tol)
     fn = resolve("sinkhorn", backend, a.device)
     return fn(a, b, cost, eps=eps, n_iter=n_iter, tol=tol)
 
@@ -150,10 +147,7 @@ def wasserstein_loss(logits: torch.Tensor, target: torch.Tensor, cost: torch.Ten
         checks.marginals("target", target, logits.shape[0], k)
     checks.cost_matrix(cost, k, logits.shape[0])
     checks.same_device(logits=logits, target=target, cost=cost)
-    checks.finite("eps", eps, positive=True)
-    checks.integer("n_iter", n_iter, minimum=1)
-    if tol is not None:
-        checks.finite("tol", tol, positive=True)
+    checks.sinkhorn_params(eps, n_iter, tol)
     fn = resolve("wasserstein_loss", backend, logits.device)
     return fn(logits, target, cost, eps=eps, n_iter=n_iter, entropic=bool(entropic), tol=tol,
               ignore_index=ignore_index, reduction=reduction)
