@@ -1,0 +1,258 @@
+"""Feature-space (intra-class) losses, eager PyTorch: center, contrastive center,
+k-NN standard deviations, sigma^2R, soft nearest neighbour, triplet.
+
+Conventions every backend follows:
+- float16/bfloat16 inputs are computed in float32 and the loss (and knn_std's
+  stds) is returned in float32; float32/float64 inputs stay in their dtype;
+- differentiable pairwise squared distances use the expansion
+  ||a||^2 + ||b||^2 - 2 a.b (one matmul, as a fused kernel computes them),
+  clamped at 0, with self-distances set to exactly 0;
+- discrete choices (k-NN neighbours, semi-hard/hard negatives and positives) are
+  made under no_grad and held fixed for the gradient. k-NN neighbours are chosen
+  on exact squared differences, ties to the lower index;
+- square roots are "safe": sqrt(v) is 0 with gradient 0 where v <= 0, so
+  identical points give no NaN;
+- "mean" over an empty set (no samples, no sample with a same-class partner, no
+  valid triplet) is 0 with zero gradients, never NaN.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .reduction import reduce_loss
+
+# rows of the [rows, N, D] difference tensor built at once when choosing neighbours
+_SELECT_CHUNK_ELEMS = 1 << 24
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def safe_sqrt(v: torch.Tensor) -> torch.Tensor:
+    """sqrt(v) where v > 0, else 0 with zero gradient (not inf * 0 = NaN)."""
+    pos = v > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))),
+                       torch.zeros_like(v))
+
+
+def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor, *,
+                      self_pairs: bool = False) -> torch.Tensor:
+    """[M, K] squared Euclidean distances by expansion, clamped at 0; with
+    `self_pairs` (b is a) the diagonal is exactly 0."""
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)
+    d = d.clamp_min(0)
+    if self_pairs:
+        eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+        d = d.masked_fill(eye, 0)
+    return d
+
+
+@torch.no_grad()
+def _exact_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[M, K] squared distances from explicit differences (no cancellation), so
+    duplicate points tie exactly; chunked over rows of a to bound memory."""
+    rows = max(1, _SELECT_CHUNK_ELEMS // max(1, b.shape[0] * b.shape[1]))
+    out = [((a[i:i + rows, None, :] - b[None, :, :]) ** 2).sum(-1)
+           for i in range(0, a.shape[0], rows)]
+    return torch.cat(out) if out else a.new_zeros(0, b.shape[0])
+
+
+@torch.no_grad()
+def _nearest(dist: torch.Tensor, allowed: torch.Tensor,
+             k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the indices of the k nearest allowed columns (ties to the lower
+    index) and a mask of which of those k slots hold an allowed column."""
+    k = min(k, dist.shape[1])
+    key = dist.masked_fill(~allowed, float("inf"))
+    # a stable sort keeps equal distances in index order
+    order = torch.sort(key, dim=1, stable=True).indices[:, :k]
+    have = allowed.sum(1, keepdim=True)
+    slot = torch.arange(k, device=dist.device)[None, :]
+    return order, slot < have
+
+
+def _std_with(anchor: torch.Tensor, points: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Sample std (divisor |S| - 1) of S = {anchor_r} + points[r, valid[r]], per
+    row r; 0 where |S| < 2."""
+    w = valid.to(anchor.dtype)
+    size = 1 + w.sum(1)
+    mean = (anchor + (w[..., None] * points).sum(1)) / size[:, None]
+    ss = ((anchor - mean) ** 2).sum(1) + (w * ((points - mean[:, None, :]) ** 2).sum(2)).sum(1)
+    var = torch.where(size > 1, ss / torch.clamp(size - 1, min=1), torch.zeros_like(ss))
+    return safe_sqrt(var)
+
+
+# ------------------------------------------------------------------ centres
+
+def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
+                reduction: str = "mean") -> torch.Tensor:
+    """0.5 * ||x_i - c_{y_i}||^2 per sample, mean over samples (0 for N = 0)."""
+    dt = compute_dtype(features.dtype)
+    x, c = features.to(dt), centers.to(dt)
+    per = 0.5 * ((x - c[labels]) ** 2).sum(1)
+    return reduce_loss(per, torch.ones_like(per), reduction)
+
+
+def contrastive_center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+                            *, delta: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Eq. 5 of the sigma^2R paper (Qi et al.), per sample
+    0.5 * ||x_i - c_{y_i}||^2 / (sum_{j != y_i} ||x_i - c_j||^2 + delta).
+    The paper writes the 1/2 outside a sum over the batch; we keep it per sample
+    and take the mean over samples (its sum is reduction="sum")."""
+    dt = compute_dtype(features.dtype)
+    x, c = features.to(dt), centers.to(dt)
+    own = ((x - c[labels]) ** 2).sum(1)
+    d = pairwise_sq_dists(x, c)
+    target = torch.zeros_like(d, dtype=torch.bool).scatter(1, labels[:, None], True)
+    others = d.masked_fill(target, 0).sum(1)
+    per = 0.5 * own / (others + delta)
+    return reduce_loss(per, torch.ones_like(per), reduction)
+
+
+# --------------------------------------------------------------- sigma^2R
+
+def knn_std(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
+            n_neighbors: int = 7) -> Tuple[torch.Tensor, torch.Tensor]:
+    """sigma_x [N]: std of x_i and its n nearest other samples of class y_i;
+    sigma_c [C]: std of c_c and its n nearest samples of class c. Fewer
+    neighbours when the class has fewer; 0 when the set has one point (a lone
+    sample; a class absent from the batch). The neighbours are held fixed for
+    the gradient, which flows to features and centers."""
+    dt = compute_dtype(features.dtype)
+    x, c = features.to(dt), centers.to(dt)
+    n, num_classes = x.shape[0], c.shape[0]
+    classes = torch.arange(num_classes, device=x.device)
+
+    same = labels[:, None] == labels[None, :]
+    same &= ~torch.eye(n, dtype=torch.bool, device=x.device)
+    idx, valid = _nearest(_exact_sq_dists(x, x), same, n_neighbors)
+    sigma_x = _std_with(x, x[idx], valid)
+
+    member = classes[:, None] == labels[None, :]
+    idx_c, valid_c = _nearest(_exact_sq_dists(c, x), member, n_neighbors)
+    sigma_c = _std_with(c, x[idx_c], valid_c)
+    return sigma_x, sigma_c
+
+
+def sigma2r_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+                 w_k: torch.Tensor, *, n_neighbors: int = 7, z: float = 40.0, eps: float = 1e-3,
+                 reduction: str = "mean") -> torch.Tensor:
+    """Eq. 8-10: beta_i * ||x_i - c_{y_i}||^2 per sample, mean over samples, with
+    beta_i = z * sigmoid(K_{y_i} (sigma_x[i] - sigma_c[y_i])), K = eps + z * sigmoid(w_k).
+    Gradients reach features, centers and w_k, also through the stds."""
+    dt = compute_dtype(features.dtype)
+    x, c = features.to(dt), centers.to(dt)
+    sigma_x, sigma_c = knn_std(x, labels, c, n_neighbors=n_neighbors)
+    k = eps + z * torch.sigmoid(w_k.to(dt))
+    beta = z * torch.sigmoid(k[labels] * (sigma_x - sigma_c[labels]))
+    per = beta * ((x - c[labels]) ** 2).sum(1)
+    return reduce_loss(per, torch.ones_like(per), reduction)
+
+
+# ----------------------------------------------------- soft nearest neighbour
+
+def soft_nearest_neighbor_loss(features: torch.Tensor, labels: torch.Tensor, *,
+                               temperature: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Eq. 2 of the sigma^2R paper (Frosst et al.), d_ij = ||x_i - x_j||^2:
+    l_i = -log(sum_{j != i, y_j = y_i} e^{-d_ij/T} / sum_{k != i} e^{-d_ik/T}),
+    by logsumexp. A sample with no same-class partner in the batch has no
+    defined l_i: it is left out of the mean, and "none" gives it 0."""
+    dt = compute_dtype(features.dtype)
+    x = features.to(dt)
+    n = x.shape[0]
+    logits = -pairwise_sq_dists(x, x, self_pairs=True) / temperature
+    others = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    positive = (labels[:, None] == labels[None, :]) & others
+    has = positive.any(1)
+    # rows without a partner get a finite dummy row so that no -inf reaches
+    # logsumexp's backward; their value is discarded below
+    pos_mask = positive | ~has[:, None]
+    den_mask = others | ~has[:, None]
+    num = torch.logsumexp(logits.masked_fill(~pos_mask, float("-inf")), dim=1)
+    den = torch.logsumexp(logits.masked_fill(~den_mask, float("-inf")), dim=1)
+    per = torch.where(has, den - num, torch.zeros_like(num))
+    return reduce_loss(per, has.to(dt), reduction)
+
+
+# ------------------------------------------------------------------ triplet
+
+def triplet_distances(x: torch.Tensor, distance: str) -> torch.Tensor:
+    """[N, N] distances: "l2" Euclidean (safe sqrt), "squared_l2", "cosine" 1 - cos
+    (a zero vector has cosine 0 with everything)."""
+    if distance == "squared_l2":
+        return pairwise_sq_dists(x, x, self_pairs=True)
+    if distance == "l2":
+        return safe_sqrt(pairwise_sq_dists(x, x, self_pairs=True))
+    if distance == "cosine":
+        sq = (x * x).sum(1)
+        big = sq > 0
+        inv = torch.where(big, torch.rsqrt(torch.where(big, sq, torch.ones_like(sq))),
+                          torch.zeros_like(sq))
+        u = x * inv[:, None]
+        return 1 - u @ u.T
+    raise ValueError(f"unknown distance {distance!r}")
+
+
+def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float = 0.2,
+                        mining: str = "semihard", distance: str = "l2",
+                        reduction: str = "mean") -> torch.Tensor:
+    """relu(d(a, p) - d(a, n) + margin) over in-batch triplets.
+
+    - "semihard" (TensorFlow-Addons TripletSemiHardLoss): one term per positive
+      pair (a, p), a != p, of an anchor that has a negative; n is the closest
+      negative with d(a, n) > d(a, p), else the farthest negative (lower index
+      on ties). "none" returns the [P] pair terms, pairs in row-major (a, p) order.
+    - "hard" (batch-hard): one term per anchor with a positive and a negative,
+      relu(max_p d(a, p) - min_n d(a, n) + margin). "none" returns [N] with 0 for
+      anchors without a positive or a negative; "mean" averages over the others.
+    - "all": every valid triplet; "mean" averages over the terms that are > 0
+      (0 if none). "none" returns the [T] terms in (a, p, n) lexicographic order.
+    "sum" sums the same terms as "mean" averages over. Mined positives and
+    negatives are chosen under no_grad, the lower index on equal distances.
+    Memory: the reference holds [P, N] rows for "semihard" and [N, N, N] for
+    "all"; it is meant for the batch sizes of metric learning.
+    """
+    dt = compute_dtype(embeddings.dtype)
+    x = embeddings.to(dt)
+    n = x.shape[0]
+    d = triplet_distances(x, distance)
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~torch.eye(n, dtype=torch.bool, device=x.device)
+    neg = ~same
+    if n == 0:  # argmin/argmax cannot reduce an empty row
+        empty = d.sum(1)
+        return reduce_loss(empty, torch.zeros_like(empty), reduction)
+
+    if mining == "semihard":
+        a, p = torch.nonzero(pos & neg.any(1, keepdim=True), as_tuple=True)
+        d_ap = d[a, p]
+        with torch.no_grad():
+            row, row_neg = d[a], neg[a]
+            outside = row_neg & (row > d_ap[:, None])
+            closest = row.masked_fill(~outside, float("inf")).argmin(1)
+            farthest = row.masked_fill(~row_neg, float("-inf")).argmax(1)
+            choice = torch.where(outside.any(1), closest, farthest)
+        per = torch.relu(d_ap - d[a, choice] + margin)
+        return reduce_loss(per, torch.ones_like(per), reduction)
+
+    if mining == "hard":
+        valid = pos.any(1) & neg.any(1)
+        with torch.no_grad():
+            hardest_p = d.masked_fill(~pos, float("-inf")).argmax(1)
+            hardest_n = d.masked_fill(~neg, float("inf")).argmin(1)
+        rows = torch.arange(n, device=x.device)
+        per = torch.relu(d[rows, hardest_p] - d[rows, hardest_n] + margin)
+        per = torch.where(valid, per, torch.zeros_like(per))
+        return reduce_loss(per, valid.to(dt), reduction)
+
+    if mining == "all":
+        mask = pos[:, :, None] & neg[:, None, :]
+        per = torch.relu(d[:, :, None] - d[:, None, :] + margin)[mask]
+        if reduction == "none":
+            return per
+        return reduce_loss(per, (per > 0).to(dt), reduction)
+
+    raise ValueError(f"unknown mining {mining!r}")
