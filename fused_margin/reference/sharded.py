@@ -1,0 +1,114 @@
+"""Per-shard partials of the margin softmax cross-entropy, eager PyTorch.
+
+One rank holds the weight rows of classes [class_start, class_start + C_r) and
+the whole (all-gathered) batch. `margin_shard_partials` returns, per row, what
+the ranks combine into the global loss (fused_margin.distributed):
+
+- row_max: the largest non-target logit on this shard (detached; -inf if none);
+- sum_exp: sum over the shard's non-target classes of exp(logit - row_max);
+- target:  the target logit s * target_transform(cos_y) where y lives on this
+  shard, 0 elsewhere (exactly one rank owns each labelled row);
+- wrong_cos, wrong_index: the best wrong cosine on this shard and its global
+  class index (first index on ties), for elm's c* (detached).
+
+The margin math is fused_margin.reference.angular's (cosine, target_transform,
+_per_row): the sharded loss equals the single-process one term by term. This
+eager version builds an N x C_r cosine tile; it is the piece a fused kernel
+replaces once the kernels expose a partials API (they do not yet). No custom
+autograd here: gradients come from PyTorch.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from .angular import COS_EPS, _per_row, cosine, target_transform
+
+NO_CLASS = torch.iinfo(torch.int64).max  # wrong_index where a row has no wrong class here
+
+
+class ShardPartials(NamedTuple):
+    row_max: torch.Tensor      # [N] detached, compute dtype
+    sum_exp: torch.Tensor      # [N] differentiable, relative to row_max
+    target: torch.Tensor       # [N] differentiable, 0 where the target is elsewhere
+    wrong_cos: torch.Tensor    # [N] detached, -inf where no wrong class is kept here
+    wrong_index: torch.Tensor  # [N] int64 global class index, NO_CLASS where none
+
+
+def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
+                          labels: torch.Tensor, *, class_start: int, kind: str = "arcface",
+                          s: float = 64.0, m: Union[float, torch.Tensor] = 0.5,
+                          m1: float = 1.0, m2: float = 0.0, m3: float = 0.0,
+                          ignore_index: int = -100, keep: Optional[torch.Tensor] = None,
+                          logit_offset: Optional[torch.Tensor] = None) -> ShardPartials:
+    """Partials of every row of the global batch against one class shard.
+
+    features [N, D] and labels [N] are the global batch; weight_shard [C_r, D]
+    covers classes [class_start, class_start + C_r); `m` is a scalar or the FULL
+    per-class [num_classes] tensor. `keep` (sorted local indices [K]) restricts
+    the shard to those classes (PartialFC sampling); `logit_offset` [K] is
+    added to their non-target logits (log inverse inclusion probabilities).
+    elm's lambda * m_{c*} term needs the global c*, so it is not in `target`:
+    the caller adds it once the ranks agree on c*.
+    """
+    w = weight_shard if keep is None else weight_shard.index_select(0, keep)
+    local = torch.arange(w.shape[0], device=labels.device) if keep is None else keep
+    gid = local.to(labels.device) + class_start                              # [K] global ids
+    cos = cosine(features, w)                                                # [N, K]
+    valid = labels != ignore_index
+    hit = (gid[None, :] == labels[:, None]) & valid[:, None]                # target column
+    owner = hit.any(dim=1)
+
+    if kind == "arcgrad":
+        z = -s * torch.acos(cos.clamp(-1 + COS_EPS, 1 - COS_EPS))
+    else:
+        z = s * cos
+    if logit_offset is not None:
+        z = z + logit_offset.to(z.dtype)[None, :]
+    z_wrong = z.masked_fill(hit, -math.inf)
+    n, k = cos.shape
+    if k == 0:
+        row_max = cos.new_full((n,), -math.inf)
+    else:
+        row_max = z_wrong.detach().amax(dim=1)
+    # a row whose only kept class is its target has row_max = -inf: shift by 0 there
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    sum_exp = torch.exp(z_wrong - shift[:, None]).sum(dim=1)
+
+    col = hit.to(torch.int64).argmax(dim=1) if k else torch.zeros_like(labels)
+    y = torch.where(owner, labels, torch.zeros_like(labels))
+    if k == 0:
+        target = cos.new_zeros(n) + z.sum(dim=1)  # empty: keeps the graph, value 0
+    else:
+        cos_y = cos.gather(1, col[:, None]).squeeze(1)
+        if kind == "arcgrad":
+            t = -s * torch.acos(cos_y.clamp(-1 + COS_EPS, 1 - COS_EPS))
+        else:
+            t = s * target_transform(cos_y, kind, _per_row(m, y, cos_y), m1, m2, m3)
+        target = torch.where(owner, t, torch.zeros_like(t))
+
+    others = cos.detach().masked_fill(hit, -math.inf)
+    if k == 0:
+        wrong_cos = cos.new_full((n,), -math.inf)
+        wrong_index = torch.full_like(labels, NO_CLASS)
+    else:
+        wrong_cos, arg = others.max(dim=1)  # first index on ties
+        wrong_index = torch.where(torch.isfinite(wrong_cos), gid[arg],
+                                  torch.full_like(labels, NO_CLASS))
+    return ShardPartials(row_max, sum_exp, target, wrong_cos, wrong_index)
+
+
+def sampled_logit_offset(keep: torch.Tensor, positive: torch.Tensor, shard_size: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """log(1/q) per kept class: 0 for the shard's positives (always kept), and
+    log((C_r - P) / (K - P)) for the uniformly sampled others, so that
+    sum_kept exp(z + offset) is an unbiased estimate of the shard's full sum."""
+    n_pos = int(positive.sum())
+    n_keep = keep.numel()
+    offset = torch.zeros(n_keep, dtype=dtype, device=keep.device)
+    if n_keep > n_pos:
+        offset = torch.where(positive[keep], offset,
+                             offset + math.log((shard_size - n_pos) / (n_keep - n_pos)))
+    return offset

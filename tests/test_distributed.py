@@ -1,0 +1,507 @@
+"""Class-sharded margin cross-entropy (fused_margin.distributed) against the
+single-process reference, in real gloo process groups over 127.0.0.1.
+
+Process start-up is amortised: one group per world size runs every case (this
+file run as a script, `_worker`) and saves its losses, gradients and error
+messages; the tests compare them with the reference computed here. Each group
+run has a wall-clock limit and the gloo collectives a timeout of their own, so
+a hang fails the test instead of stalling CI.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import pytest
+import torch
+
+import fused_margin as fm
+from fused_margin import distributed as fd
+from fused_margin import nn as fnn
+from fused_margin.reference import angular as ref
+
+# Tolerances, named once: sharded vs single-process, by dtype (the sums run in
+# another order, nothing else differs).
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+GROUP_TIMEOUT_S = 150       # one whole group's run, start-up included
+COLLECTIVE_TIMEOUT_S = 60   # gloo's own limit on any one collective
+EXAMPLE_TIMEOUT_S = 150
+
+C, D = 11, 6
+# world -> per-rank batch sizes and weight shards (class_start, C_r); 3 ranks:
+# shards out of rank order and a rank with no samples
+LAYOUT = {2: ([5, 8], [(0, 4), (4, 7)]), 3: ([4, 0, 9], [(5, 6), (0, 2), (2, 3)])}
+EMPTY_SHARD = {2: [(0, 11), (11, 0)], 3: [(0, 6), (6, 0), (6, 5)]}
+SAMPLED_C, SAMPLE_RATE = 40, 0.4
+# (kind, sample_correction); the correction shifts logits, not the cosines elm's c* uses,
+# so elm is checked uncorrected only (its subset reference shifts cosines)
+SAMPLED = [("arcface", False), ("arcface", True), ("elm", False)]
+WORLDS = (2, 3)
+
+
+# ------------------------------------------------------------------ the cases
+
+@dataclass
+class Case:
+    name: str
+    kw: dict
+    ignore: bool = False
+    dtype: torch.dtype = torch.float64
+    shards: Optional[dict] = None
+
+
+def _margins(c):
+    return fm.ldam_margins(torch.arange(1, c + 1).flip(0) * 3)
+
+
+def kinds(c=C):
+    return [
+        ("normface", dict(kind="normface", s=30.0)),
+        ("arcface", dict(kind="arcface", s=30.0, m=0.5)),
+        ("camri", dict(kind="arcface", s=30.0, m=fm.camri_margins(c, [1, 6], 0.6))),
+        ("cosface", dict(kind="cosface", s=30.0, m=0.35)),
+        ("sphereface", dict(kind="sphereface", s=30.0, m=1.7)),
+        ("combined", dict(kind="combined", s=30.0, m1=1.2, m2=0.3, m3=0.1)),
+        ("ldam", dict(kind="ldam", s=30.0, m=_margins(c))),
+        ("elm", dict(kind="elm", s=30.0, m=_margins(c), elm_lambda=0.5)),
+        ("arcgrad", dict(kind="arcgrad", s=fm.arcgrad_scale(c, 0.3))),
+    ]
+
+
+def cases():
+    cw = torch.linspace(0.5, 2.0, C, dtype=torch.float64)
+    out = []
+    for name, kw in kinds():
+        out.append(Case(name, kw))
+        out.append(Case(name + "-weighted-ignore", dict(kw, class_weight=cw, ignore_index=-1),
+                        ignore=True))
+    arc, elm = dict(kinds())["arcface"], dict(kinds())["elm"]
+    out += [
+        Case("arcface-sum", dict(arc, reduction="sum")),
+        Case("elm-none-ignore", dict(elm, reduction="none", ignore_index=-1), ignore=True),
+        Case("cosface-float32", dict(kinds())["cosface"], dtype=torch.float32),
+        Case("elm-empty-shard", elm, shards=EMPTY_SHARD),
+        Case("arcface-empty-shard", arc, shards=EMPTY_SHARD),
+    ]
+    return out
+
+
+CASES = {c.name: c for c in cases()}
+
+
+def inputs(name, world, c=C, dtype=torch.float64):
+    """The global batch (x [N, D], y [N]) and full weight W [C, D] of a case:
+    row 0 at theta = 0, row 1 at theta = pi, row 2 zero (ties in elm's c* across
+    ranks), class c-1 a zero weight row; rows 3 and N-1 ignored in -ignore cases."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{world}".encode()))
+    n = sum(LAYOUT[world][0])
+    x = torch.randn(n, D, generator=g, dtype=torch.float64)
+    w = torch.randn(c, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (n,), generator=g)
+    x[0] = 2.5 * w[y[0]]
+    x[1] = -0.7 * w[y[1]]
+    x[2] = 0.0
+    w[c - 1] = 0.0
+    case = CASES.get(name)
+    if case is not None and case.ignore:
+        y[3] = y[n - 1] = -1
+    return x.to(dtype), w.to(dtype), y
+
+
+def rows_of(world, rank):
+    sizes = LAYOUT[world][0]
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def shard_of(case_shards, world, rank):
+    return case_shards[world][rank] if case_shards else LAYOUT[world][1][rank]
+
+
+# ------------------------------------------------------------- worker (ranks)
+
+def _run_case(case, rank, world):
+    x, w, y = inputs(case.name, world, dtype=case.dtype)
+    start, size = shard_of(case.shards, world, rank)
+    xr = x[rows_of(world, rank)].clone().requires_grad_()
+    wr = w[start:start + size].clone().requires_grad_()
+    loss = fd.margin_cross_entropy(xr, wr, y[rows_of(world, rank)], class_start=start,
+                                   num_classes=C, **case.kw)
+    (loss.sum() if loss.dim() else loss).backward()
+    return dict(loss=loss.detach(), gx=xr.grad, gw=wr.grad)
+
+
+def _sampled_kw():
+    return {"arcface": dict(kinds(SAMPLED_C))["arcface"], "elm": dict(kinds(SAMPLED_C))["elm"]}
+
+
+def _run_sampled(rank, world):
+    out = {}
+    x, w, y = inputs("sampled", world, c=SAMPLED_C)
+    y[4] = -1
+    start, size = fd.shard_range(SAMPLED_C, rank, world)
+    for name, corrected in SAMPLED:
+        kw = _sampled_kw()[name]
+        seed = 1000 + rank
+        keep = fd.sample_classes(y, class_start=start, shard_size=size,
+                                 sample_rate=SAMPLE_RATE, ignore_index=-1,
+                                 generator=torch.Generator().manual_seed(seed))
+        xr = x[rows_of(world, rank)].clone().requires_grad_()
+        wr = w[start:start + size].clone().requires_grad_()
+        loss = fd.margin_cross_entropy(
+            xr, wr, y[rows_of(world, rank)], class_start=start, num_classes=SAMPLED_C,
+            sample_rate=SAMPLE_RATE, ignore_index=-1, sample_correction=corrected,
+            generator=torch.Generator().manual_seed(seed), **kw)
+        loss.backward()
+        out[(name, corrected)] = dict(keep=keep, loss=loss.detach(), gx=xr.grad, gw=wr.grad)
+    return out
+
+
+def _attempt(fn):
+    try:
+        fn()
+    except ValueError as exc:
+        return "ValueError: " + str(exc)
+    except Exception as exc:  # noqa: BLE001  (recorded, the test says what it expected)
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def _run_errors(rank, world):
+    x, w, y = inputs("errors", world)
+    start, size = LAYOUT[world][1][rank]
+    xr, yr, wr = x[rows_of(world, rank)], y[rows_of(world, rank)], w[start:start + size]
+    last = rank == world - 1
+
+    def call(xr=xr, wr=wr, yr=yr, start=start, num_classes=C, kind="arcface", **kw):
+        return fd.margin_cross_entropy(xr, wr, yr, class_start=start, num_classes=num_classes,
+                                       kind=kind, s=30.0, **kw)
+
+    out = {
+        "label_out_of_range": _attempt(lambda: call(yr=torch.where(
+            torch.arange(yr.numel()) == 0, torch.full_like(yr, C), yr) if last else yr)),
+        "negative_label": _attempt(lambda: call(yr=-yr - 2 if last else yr)),
+        "shard_gap": _attempt(lambda: call(start=start + 1 if rank == 0 else start)),
+        "shards_short": _attempt(lambda: call(num_classes=C + 1)),
+        "shard_overlap": _attempt(lambda: call(  # the rank holding class 0 takes one more
+            wr=w[start:start + size + 1] if start == 0 else wr)),
+        "dim_mismatch": _attempt(lambda: call(
+            xr=torch.cat([xr, xr[:, :1]], 1) if last else xr,
+            wr=torch.cat([wr, wr[:, :1]], 1) if last else wr)),
+        "requires_grad_mismatch": _attempt(lambda: call(
+            xr=xr.clone().requires_grad_() if rank == 0 else xr)),
+        "config_mismatch": _attempt(lambda: call(m=0.4 if last else 0.5)),
+        "bad_sample_rate": _attempt(lambda: call(sample_rate=1.5 if last else 1.0)),
+        "shard_sized_margin": _attempt(lambda: call(kind="cosface", m=torch.full((size,), 0.2))),
+    }
+    out["after"] = call().detach()  # the group is still in step
+    return out
+
+
+def _run_module(rank, world):
+    x, w, y = inputs("module", world)
+    xr, yr = x[rows_of(world, rank)], y[rows_of(world, rank)]
+    kw = dict(kind="elm", s=30.0, m=_margins(C), class_weight=torch.linspace(0.5, 2.0, C),
+              backend="reference")
+    mod = fnn.ShardedMarginLoss(D, C, init_seed=7, **kw)
+    init_sd = mod.gather_state_dict()
+    mod.double()
+    loss = mod(xr, yr)
+    loss.backward()
+    sd = mod.gather_state_dict()
+    other = fnn.ShardedMarginLoss(D, C, init_seed=8, **kw).double()
+    other.load_full_state_dict(sd)
+    return dict(init_sd=init_sd, sd=sd, loss=loss.detach(), class_start=mod.class_start,
+                shard=mod.weight.detach().clone(), gw=mod.weight.grad,
+                reloaded_equal=torch.equal(other.weight, mod.weight),
+                reloaded_loss=other(xr, yr).detach(), pred=mod.predict(xr))
+
+
+def _worker(out_dir):
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    results = {"cases": {c.name: _run_case(c, rank, world) for c in cases()},
+               "sampled": _run_sampled(rank, world),
+               "errors": _run_errors(rank, world),
+               "module": _run_module(rank, world)}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# --------------------------------------------------------------- the harness
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_env(world, rank=None):
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo binds the loopback device
+    env.pop("TRITON_INTERPRET", None)
+    if rank is not None:
+        env["RANK"] = str(rank)
+    return env
+
+
+def run_bounded(procs, timeout):
+    """Wait for every process; kill them all (by their own handles) past the limit."""
+    deadline = time.monotonic() + timeout
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        logs = [p.communicate()[0] for p in procs]
+        pytest.fail(f"process group passed {timeout}s; output:\n" + "\n".join(
+            f"--- rank {r}\n{(log or '')[-3000:]}" for r, log in enumerate(logs)))
+    return [(p.returncode, o[0]) for p, o in zip(procs, outs)]
+
+
+def run_group(world):
+    out_dir = tempfile.mkdtemp(prefix=f"fm_dist{world}_")
+    env = loopback_env(world)
+    procs = [subprocess.Popen([sys.executable, __file__, out_dir], env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    done = run_bounded(procs, GROUP_TIMEOUT_S)
+    if any(rc != 0 for rc, _ in done):
+        pytest.fail("worker failed:\n" + "\n".join(
+            f"--- rank {r} rc={rc}\n{log[-4000:]}" for r, (rc, log) in enumerate(done)))
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+            for r in range(world)]
+
+
+_GROUPS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def group():
+    def get(world):
+        if world not in _GROUPS:
+            _GROUPS[world] = run_group(world)
+        return _GROUPS[world]
+    return get
+
+
+def single_process(x, w, y, kw):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = ref.margin_cross_entropy(x, w, y, **kw)
+    (loss.sum() if loss.dim() else loss).backward()
+    return loss.detach(), x.grad, w.grad
+
+
+# --------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_loss_and_gradients_match_single_process(group, world, name):
+    case = CASES[name]
+    results = group(world)
+    x, w, y = inputs(name, world, dtype=case.dtype)
+    loss, gx, gw = single_process(x, w, y, case.kw)
+    tol = TOL[case.dtype]
+    for rank, res in enumerate(results):
+        got = res["cases"][name]
+        start, size = shard_of(case.shards, world, rank)
+        torch.testing.assert_close(got["loss"], loss, **tol, msg=f"loss on rank {rank}")
+        torch.testing.assert_close(got["gx"], gx[rows_of(world, rank)], **tol,
+                                   msg=f"features.grad on rank {rank}")
+        torch.testing.assert_close(got["gw"], gw[start:start + size], **tol,
+                                   msg=f"weight_shard.grad on rank {rank}")
+    # the losses are not only close to the reference but the same on every rank
+    assert all(torch.equal(r["cases"][name]["loss"], results[0]["cases"][name]["loss"])
+               for r in results)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("kind,corrected", SAMPLED, ids=["arcface", "arcface-corrected", "elm"])
+def test_sampled_softmax_keeps_positives_and_matches_subset_reference(group, world, kind,
+                                                                      corrected):
+    results = group(world)
+    x, w, y = inputs("sampled", world, c=SAMPLED_C)
+    y[4] = -1
+    kw = dict(_sampled_kw()[kind], ignore_index=-1)
+    kept, offsets = [], []
+    for rank, res in enumerate(results):
+        got = res["sampled"][(kind, corrected)]
+        start, size = fd.shard_range(SAMPLED_C, rank, world)
+        keep = got["keep"]
+        local_pos = {int(v) - start for v in y if start <= v < start + size}
+        assert local_pos <= set(keep.tolist()), "a positive class was dropped"
+        assert keep.numel() == min(size, max(len(local_pos), math.ceil(SAMPLE_RATE * size)))
+        assert keep.unique().numel() == keep.numel()
+        dropped = torch.ones(size, dtype=torch.bool)
+        dropped[keep] = False
+        assert bool((got["gw"][dropped] == 0).all()), "a dropped class got a gradient"
+        kept.append(keep + start)
+        n_rand = keep.numel() - len(local_pos)
+        off = [0.0 if int(k) in local_pos else math.log((size - len(local_pos)) / n_rand)
+               for k in keep]
+        offsets.append(torch.tensor(off, dtype=torch.float64))
+    kept_ids, offset = torch.cat(kept), torch.cat(offsets)
+
+    # the reference: the same loss over the kept classes only
+    pos = {int(c): i for i, c in enumerate(kept_ids)}
+    y_sub = torch.tensor([pos[int(v)] if v >= 0 else -1 for v in y])
+    sub_kw = dict(kw, m=kw["m"][kept_ids]) if isinstance(kw.get("m"), torch.Tensor) else kw
+    xs, ws = x.clone().requires_grad_(), w[kept_ids].clone().requires_grad_()
+    cos = ref.cosine(xs, ws)
+    if corrected:  # non-target logits s*cos + offset: shift the cosines (targets have offset 0)
+        cos = cos + offset[None, :] / kw["s"]
+    loss = ref.margin_cross_entropy_from_cosine(cos, y_sub, **sub_kw)
+    loss.backward()
+    for rank, res in enumerate(results):
+        got = res["sampled"][(kind, corrected)]
+        start, _ = fd.shard_range(SAMPLED_C, rank, world)
+        torch.testing.assert_close(got["loss"], loss.detach(), **TOL[torch.float64])
+        torch.testing.assert_close(got["gx"], xs.grad[rows_of(world, rank)],
+                                   **TOL[torch.float64])
+        lo = sum(k.numel() for k in kept[:rank])
+        torch.testing.assert_close(got["gw"][kept[rank] - start],
+                                   ws.grad[lo:lo + kept[rank].numel()], **TOL[torch.float64])
+    if corrected:
+        full = ref.margin_cross_entropy(x, w, y, **kw)
+        assert not torch.allclose(loss.detach(), full)  # an estimate, not the full loss
+
+
+ERRORS = ["label_out_of_range", "negative_label", "shard_gap", "shards_short", "shard_overlap",
+          "dim_mismatch", "requires_grad_mismatch", "config_mismatch", "bad_sample_rate",
+          "shard_sized_margin"]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("error", ERRORS)
+def test_bad_input_raises_value_error_on_every_rank(group, world, error):
+    results = group(world)
+    for rank, res in enumerate(results):
+        msg = res["errors"][error]
+        assert msg.startswith("ValueError"), f"rank {rank}: {msg}"
+    if error in ("label_out_of_range", "negative_label"):
+        assert all(f"rank {world - 1}" in r["errors"][error] for r in results)
+    # and afterwards the group is still in step: a good call gives one loss everywhere
+    x, w, y = inputs("errors", world)
+    want = ref.margin_cross_entropy(x, w, y, kind="arcface", s=30.0)
+    for res in results:
+        torch.testing.assert_close(res["errors"]["after"], want, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_module_state_dict_round_trip(group, world):
+    results = group(world)
+    x, w, y = inputs("module", world)
+    kw = dict(kind="elm", s=30.0, m=_margins(C), class_weight=torch.linspace(0.5, 2.0, C),
+              backend="reference")
+    torch.manual_seed(7)
+    single = fnn.MarginLoss(D, C, **kw)
+    sd0 = results[0]["module"]["sd"]
+    assert set(sd0) == set(single.state_dict())
+    for rank, res in enumerate(results):
+        mod = res["module"]
+        # a seeded sharded init is the seeded single-process init
+        torch.testing.assert_close(mod["init_sd"]["weight"], single.weight.detach(), rtol=0, atol=0)
+        for key in sd0:
+            assert torch.equal(mod["sd"][key], sd0[key]), f"{key} differs on rank {rank}"
+        start, size = fd.shard_range(C, rank, world)
+        assert mod["class_start"] == start and mod["shard"].shape[0] == size
+        assert torch.equal(mod["shard"], sd0["weight"][start:start + size])
+        assert mod["reloaded_equal"]
+        torch.testing.assert_close(mod["reloaded_loss"], mod["loss"], rtol=0, atol=0)
+    single.double().load_state_dict(sd0)
+    torch.testing.assert_close(single(x, y), results[0]["module"]["loss"], **TOL[torch.float64])
+    pred = ref.cosine(x, sd0["weight"]).argmax(dim=1)
+    for rank, res in enumerate(results):
+        assert torch.equal(res["module"]["pred"], pred[rows_of(world, rank)])
+
+
+# --------------------------------------------- single-process pieces (no group)
+
+@pytest.mark.parametrize("rate", [0.01, 0.3, 0.5, 1.0])
+def test_sample_classes_keeps_positives_and_count(rate):
+    labels = torch.tensor([3, 17, 17, -100, 25, 40, 9])
+    start, size = 10, 20  # positives here: 17 and 25 -> local 7, 15
+    keep = fd.sample_classes(labels, class_start=start, shard_size=size, sample_rate=rate,
+                             generator=torch.Generator().manual_seed(0))
+    assert {7, 15} <= set(keep.tolist())
+    assert keep.numel() == max(2, math.ceil(rate * size))
+    assert torch.equal(keep, keep.sort().values) and keep.unique().numel() == keep.numel()
+    again = fd.sample_classes(labels, class_start=start, shard_size=size, sample_rate=rate,
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.equal(keep, again)
+
+
+def test_sample_classes_is_uniform_over_the_others():
+    labels = torch.tensor([0, 1])
+    g = torch.Generator().manual_seed(0)
+    hits = torch.zeros(10)
+    for _ in range(2000):
+        hits[fd.sample_classes(labels, class_start=0, shard_size=10, sample_rate=0.4,
+                               generator=g)] += 1
+    assert hits[0] == hits[1] == 2000
+    # 2 of the 8 others each time: 500 expected, binomial sd ~19
+    assert bool(((hits[2:] - 500).abs() < 100).all()), hits
+
+
+@pytest.mark.parametrize("spans,ok", [
+    ([(0, 4), (4, 7)], True), ([(4, 7), (0, 4)], True), ([(0, 11), (11, 0)], True),
+    ([(1, 4), (4, 7)], False), ([(0, 5), (4, 7)], False), ([(0, 4), (4, 6)], False),
+    ([(0, 4), (5, 6)], False)])
+def test_tiling_check(spans, ok):
+    meta = [[1, 3, D, D, start, size, C, 0, 1, 0] for start, size in spans]
+    problem = fd._global_problem(meta)
+    assert (problem is None) == ok, problem
+
+
+def test_shard_range_splits_evenly():
+    spans = [fd.shard_range(11, r, 3) for r in range(3)]
+    assert spans == [(0, 4), (4, 4), (8, 3)]
+    assert [fd.shard_range(2, r, 3) for r in range(3)] == [(0, 1), (1, 1), (2, 0)]
+
+
+# ------------------------------------------------------------------- example
+
+def _example_epoch(cmd, env):
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    (rc, log), = run_bounded([proc], EXAMPLE_TIMEOUT_S)
+    assert rc == 0, log[-4000:]
+    lines = [ln.split() for ln in log.splitlines() if ln.startswith("epoch")]
+    assert len(lines) == 1, log[-4000:]
+    return {k: float(v) for k, v in zip(lines[0][2:8:2], lines[0][3:8:2])}
+
+
+def test_torchrun_example_trains():
+    """The torchrun example runs, learns, and its two ranks train exactly what one
+    process trains (same global batches, same seeded init, summed backbone grads)."""
+    example = ["-m", "fused_margin.examples.sharded_train", "--epochs", "1"]
+    env = loopback_env(2)
+    two = _example_epoch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_addr={env['MASTER_ADDR']}",
+                          f"--master_port={env['MASTER_PORT']}"] + example, env)
+    env = loopback_env(1)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    one = _example_epoch([sys.executable] + example, env)
+    assert two["test_acc"] > 0.5, two
+    assert abs(two["loss"] - one["loss"]) < 1e-2 and abs(two["test_acc"] - one["test_acc"]) < 0.02
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
