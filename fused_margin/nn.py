@@ -19,7 +19,7 @@ from .reference.angular import camri_margins, ldam_margins
 __all__ = [
     "MarginLoss", "NormFace", "ArcFace", "CosFace", "SphereFace", "CombinedMargin", "CAMRI",
     "ArcGrad", "AdaCos", "LDAM", "ELM", "CenterLoss", "Sigma2R", "WassersteinLoss",
-    "TripletMarginLoss", "SoftNearestNeighborLoss",
+    "TripletMarginLoss", "SoftNearestNeighborLoss", "ShardedMarginLoss",
 ]
 
 
@@ -248,3 +248,120 @@ class SoftNearestNeighborLoss(nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.soft_nearest_neighbor_loss(features, labels, temperature=self.temperature,
                                             reduction=self.reduction, backend=self.backend)
+
+
+# ------------------------------------------------------------ beyond one machine
+
+def _distributed():
+    from . import distributed  # torch.distributed is imported only once a module needs it
+
+    return distributed
+
+
+class ShardedMarginLoss(nn.Module):
+    """MarginLoss with its classes split across the ranks of a process group.
+
+    Each rank owns `weight` [C_r, D], rows [class_start, class_start + C_r) of
+    the full weight (an even split: the first num_classes % world ranks hold
+    one class more). forward(features, labels) takes this rank's samples and
+    returns fused_margin.distributed.margin_cross_entropy: the loss of the
+    global batch, the same on every rank; every rank calls forward and
+    backward together (gradient semantics in fused_margin.distributed).
+    A per-class `m` and `class_weight` are the full [num_classes] tensors.
+
+    Initialisation: init_seed=None draws xavier-uniform (the full weight's
+    bound) from each rank's default generator; init_seed=k makes the full
+    weight exactly what `torch.manual_seed(k); MarginLoss(in_features,
+    num_classes)` draws (each rank draws, in chunks, the rows before its own
+    and discards them). `gather_state_dict()` / `load_full_state_dict(sd)`
+    convert to and from MarginLoss's single-process state dict.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, kind: str = "arcface", group=None,
+                 sample_rate: float = 1.0, *, s: float = 64.0,
+                 m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0, m2: float = 0.0,
+                 m3: float = 0.0, elm_lambda: float = 0.5,
+                 class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                 reduction: str = "mean", backend: str = "auto",
+                 generator: Optional[torch.Generator] = None, sample_correction: bool = False,
+                 init_seed: Optional[int] = None):
+        super().__init__()
+        distributed = _distributed()
+        if in_features < 1 or num_classes < 1:
+            raise ValueError("in_features and num_classes must be positive")
+        self.group = group if group is not None else distributed.dist.group.WORLD
+        self.rank = distributed.dist.get_rank(self.group)
+        self.world_size = distributed.dist.get_world_size(self.group)
+        self.class_start, shard = distributed.shard_range(num_classes, self.rank, self.world_size)
+        self.in_features, self.num_classes, self.kind = in_features, num_classes, kind
+        self.sample_rate, self.s, self.m1, self.m2, self.m3 = sample_rate, float(s), m1, m2, m3
+        self.elm_lambda, self.ignore_index = elm_lambda, ignore_index
+        self.reduction, self.backend = reduction, backend
+        self.generator, self.sample_correction = generator, sample_correction
+        self.weight = nn.Parameter(torch.empty(shard, in_features))
+        if isinstance(m, torch.Tensor):
+            self.register_buffer("m", m.detach().clone().float())
+        else:
+            self.m = float(m)
+        self.register_buffer("class_weight",
+                             None if class_weight is None else class_weight.detach().clone())
+        self.reset_parameters(init_seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_seed: Optional[int] = None) -> None:
+        # nn.init.xavier_uniform_'s bound, computed the same way, on the full [C, D]
+        a = math.sqrt(3.0) * math.sqrt(2.0 / float(self.num_classes + self.in_features))
+        if init_seed is None:
+            self.weight.uniform_(-a, a)
+            return
+        g = torch.Generator().manual_seed(init_seed)
+        chunk = max(1, (1 << 20) // self.in_features)
+        for lo in range(0, self.class_start, chunk):  # the rows of the ranks before this one
+            torch.empty(min(chunk, self.class_start - lo), self.in_features).uniform_(
+                -a, a, generator=g)
+        self.weight.copy_(torch.empty_like(self.weight, device="cpu").uniform_(-a, a, generator=g))
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _distributed().margin_cross_entropy(
+            features, self.weight, labels, class_start=self.class_start,
+            num_classes=self.num_classes, group=self.group, sample_rate=self.sample_rate,
+            kind=self.kind, s=self.s, m=self.m, m1=self.m1, m2=self.m2, m3=self.m3,
+            elm_lambda=self.elm_lambda, class_weight=self.class_weight,
+            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+            generator=self.generator, sample_correction=self.sample_correction)
+
+    @torch.no_grad()
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """s*cos against this rank's classes only, [N, C_r] (no collective)."""
+        return F.scaled_cosine(features, self.weight, self.s, backend=self.backend)
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """Global argmax class of this rank's samples (a collective)."""
+        return _distributed().sharded_argmax(features, self.weight, class_start=self.class_start,
+                                         group=self.group)
+
+    @torch.no_grad()
+    def gather_state_dict(self) -> dict:
+        """MarginLoss's single-process state dict (full weight), on every rank (a collective)."""
+        sizes = [_distributed().shard_range(self.num_classes, r, self.world_size)[1]
+                 for r in range(self.world_size)]
+        sd = self.state_dict()
+        sd["weight"] = _distributed()._gather_rows(self.weight.detach(), sizes, self.group)
+        return sd
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state_dict: dict, strict: bool = True):
+        """Load a single-process (MarginLoss or gathered) state dict, keeping this rank's rows."""
+        full = state_dict["weight"]
+        if tuple(full.shape) != (self.num_classes, self.in_features):
+            raise ValueError(f"weight must be [{self.num_classes}, {self.in_features}], "
+                             f"got {tuple(full.shape)}")
+        rows = full[self.class_start:self.class_start + self.weight.shape[0]]
+        return self.load_state_dict(dict(state_dict, weight=rows), strict=strict)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
+                f"kind={self.kind!r}, s={self.s:.4g}, classes=[{self.class_start}, "
+                f"{self.class_start + self.weight.shape[0]}) of rank {self.rank}/"
+                f"{self.world_size}, sample_rate={self.sample_rate}")
