@@ -61,7 +61,8 @@ class MarginLoss(nn.Module):
 
     @torch.no_grad()
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return F.scaled_cosine(features, self.weight, self.scale(), backend=self.backend)
+        # inference logits have no fused kernel of their own: "auto" serves them everywhere
+        return F.scaled_cosine(features, self.weight, self.scale(), backend="auto")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
@@ -135,8 +136,9 @@ class AdaCos(MarginLoss):
     """
 
     def __init__(self, in_features: int, num_classes: int, **kw):
-        if num_classes < 2:
-            raise ValueError("AdaCos needs at least two classes")
+        if num_classes < 3:
+            # s0 = sqrt(2) log(C - 1) is 0 for two classes and Eq. 10 keeps it there
+            raise ValueError("AdaCos needs at least three classes (its initial scale is 0 for two)")
         s0 = math.sqrt(2) * math.log(num_classes - 1)
         super().__init__(in_features, num_classes, kind="normface", s=s0, m=0.0, **kw)
         self.register_buffer("s_buffer", torch.tensor(s0, dtype=torch.float32))
@@ -148,7 +150,7 @@ class AdaCos(MarginLoss):
         loss = super().forward(features, labels)
         if self.training:
             new = F.adacos_scale(features.detach(), self.weight.detach(), labels, self.scale(),
-                                 ignore_index=self.ignore_index, backend=self.backend)
+                                 ignore_index=self.ignore_index, backend="auto")
             if bool(torch.isfinite(new)):
                 self.s_buffer.copy_(new)
         return loss
