@@ -1,0 +1,364 @@
+"""What is specific to the Triton margin cross-entropy (fused_margin/triton/angular.py):
+no N x C allocation, ragged tiles, the poles of theta, zero rows, ignored and empty
+batches, strided inputs, elm's tie rule, the from_cosine form, the arccos helper.
+The backend-parameterised comparison over every kind lives in test_angular.py.
+
+Runs on the Triton interpreter where there is no GPU (conftest sets TRITON_INTERPRET)."""
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_margin as fm
+from fused_margin.reference import angular as ref
+from fused_margin.triton import angular as ta
+
+from conftest import requires_cuda
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Tolerances, named once, by input dtype: the loss (float32 for 16-bit inputs) and the
+# gradients (rounded back to the input dtype).
+LOSS_TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=1e-4, atol=1e-4),
+            torch.float64: dict(rtol=1e-10, atol=1e-10)}
+GRAD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-3),
+            torch.float64: dict(rtol=1e-9, atol=1e-11)}
+
+# small tiles: several row blocks, class tiles and D chunks even at these sizes
+SMALL = ta.Blocks(outer=16, sweep=16, d=16, do=16)
+
+
+def cases(C):
+    g = torch.Generator().manual_seed(1)
+    mvec = (torch.rand(C, generator=g) * 0.5).to(DEV)
+    return [
+        ("normface", dict(kind="normface", s=20.0)),
+        ("arcface", dict(kind="arcface", s=20.0, m=0.5)),
+        ("camri", dict(kind="arcface", s=20.0, m=fm.camri_margins(C, [1, 2], 0.6).to(DEV))),
+        ("cosface", dict(kind="cosface", s=20.0, m=0.35)),
+        ("cosface_vec", dict(kind="cosface", s=20.0, m=mvec)),
+        ("sphereface", dict(kind="sphereface", s=20.0, m=1.7)),
+        ("combined", dict(kind="combined", s=20.0, m1=1.2, m2=0.3, m3=0.1)),
+        ("combined_arc", dict(kind="combined", s=20.0, m2=0.4)),
+        ("ldam", dict(kind="ldam", s=20.0, m=mvec)),
+        ("ldam_scalar", dict(kind="ldam", s=20.0, m=0.3)),
+        ("elm", dict(kind="elm", s=20.0, m=mvec, elm_lambda=0.5)),
+        ("arcgrad", dict(kind="arcgrad", s=3.0)),
+    ]
+
+
+CASES = cases(45)
+KW = dict(CASES)
+
+
+def run(backend, x, W, y, blocks=None, **kw):
+    """Loss and gradients; backend 'triton' goes through the autograd Function so
+    that tests can choose the tiles."""
+    x = x.detach().clone().requires_grad_(True)
+    W = W.detach().clone().requires_grad_(True)
+    if backend == "triton":
+        loss = _apply(blocks, y, x, W, **kw)
+    else:
+        loss = ref.margin_cross_entropy(x, W, y, **kw)
+    g = torch.linspace(0.5, 1.5, loss.numel(), device=loss.device).reshape(loss.shape)
+    loss.backward(g)
+    return loss.detach(), x.grad, W.grad
+
+
+def _apply(blocks, y, *inputs, kind="arcface", s=64.0, m=0.5, m1=1.0, m2=0.0, m3=0.0,
+           elm_lambda=0.5, class_weight=None, ignore_index=-100, reduction="mean"):
+    return ta.apply(y, *inputs, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
+                    class_weight=class_weight, ignore_index=ignore_index, reduction=reduction,
+                    blocks=blocks)
+
+
+def assert_matches(got, want, dtype):
+    (l1, gx1, gw1), (l0, gx0, gw0) = got, want
+    assert l1.dtype == l0.dtype and gx1.dtype == gx0.dtype and gw1.dtype == gw0.dtype
+    torch.testing.assert_close(l1, l0, **LOSS_TOL[dtype])
+    torch.testing.assert_close(gx1.float(), gx0.float(), **GRAD_TOL[dtype])
+    torch.testing.assert_close(gw1.float(), gw0.float(), **GRAD_TOL[dtype])
+
+
+def inputs(N, D, C, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    W = torch.randn(C, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    return x.to(dtype).to(DEV), W.to(dtype).to(DEV), y.to(DEV)
+
+
+# ------------------------------------------------------------------ memory
+
+class _Sizes(TorchDispatchMode):
+    """Records the shape of every tensor an op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append((str(func), tuple(t.shape), t.numel()))
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("name", ["arcface", "elm", "arcgrad"])
+def test_no_n_by_c_allocation(name, reduction):
+    N, D, C = 40, 6, 90  # N*C = 3600 > C*D, N*D, and every block
+    x, W, y = inputs(N, D, C)
+    y[3] = -100
+    kw = dict(cases(C))[name]
+    cw = torch.rand(C, device=DEV) + 0.5
+    x.requires_grad_(True)
+    W.requires_grad_(True)
+    with _Sizes() as rec:
+        loss = fm.margin_cross_entropy(x, W, y, class_weight=cw, reduction=reduction,
+                                       backend="triton", **kw)
+        loss.sum().backward()
+    assert rec.shapes, "the dispatch mode saw nothing"
+    big = [r for r in rec.shapes if r[2] >= N * C]
+    assert not big, big
+    # and the check can fail: the reference does allocate N x C
+    with _Sizes() as rec:
+        loss = ref.margin_cross_entropy(x, W, y, class_weight=cw, reduction=reduction, **kw)
+        loss.sum().backward()
+    assert any(r[2] >= N * C for r in rec.shapes)
+
+
+# ------------------------------------------------------------------ tiles and edges
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_ragged_tiles(case):
+    """N, C, D none a multiple of their tile: partial row, class and D blocks, several
+    class tiles for the online log-sum-exp, several dX / dW programs along D."""
+    x, W, y = inputs(19, 37, 45)
+    y[5] = -100
+    cw = torch.rand(45, device=DEV) + 0.5
+    kw = dict(case[1], class_weight=cw, reduction="mean")
+    assert_matches(run("triton", x, W, y, SMALL, **kw), run("reference", x, W, y, **kw),
+                   torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["arcface", "sphereface", "combined", "arcgrad", "cosface"])
+def test_theta_zero(name, dtype):
+    """Every feature equal to (a power-of-two multiple of) its class weight: cos = 1
+    up to rounding, clamped for the kinds that need theta; finite, as the reference."""
+    x, W, y = inputs(13, 8, 45, dtype)
+    x = (W[y] * 2).contiguous()
+    got = run("triton", x, W, y, SMALL, **KW[name])
+    assert all(bool(torch.isfinite(t).all()) for t in got)
+    assert_matches(got, run("reference", x, W, y, **KW[name]), dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_zero_feature_and_weight_rows(case):
+    x, W, y = inputs(11, 7, 45)
+    x[2] = 0.0
+    W[3] = 0.0
+    y[4] = 3  # a target whose weight row is zero: cosine 0
+    y[2] = 5
+    got = run("triton", x, W, y, SMALL, **case[1])
+    assert_matches(got, run("reference", x, W, y, **case[1]), torch.float32)
+    assert not got[1][2].any() and not got[2][3].any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored(reduction):
+    x, W, _ = inputs(9, 5, 45)
+    y = torch.full((9,), 7, device=DEV)
+    loss, gx, gw = run("triton", x, W, y, SMALL, kind="elm", m=KW["elm"]["m"], ignore_index=7,
+                       reduction=reduction)
+    assert loss.shape == ((9,) if reduction == "none" else ())
+    assert loss.dtype == torch.float32 and not loss.any() and not gx.any() and not gw.any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_launches_nothing(reduction, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("launched a kernel for N = 0")
+
+    monkeypatch.setattr(ta, "margin_ce_fwd", boom)
+    monkeypatch.setattr(ta, "margin_ce_bwd", boom)
+    x = torch.randn(0, 5, device=DEV, requires_grad=True)
+    W = torch.randn(7, 5, device=DEV, dtype=torch.float32, requires_grad=True)
+    loss = fm.margin_cross_entropy(x, W, torch.zeros(0, dtype=torch.long, device=DEV),
+                                   reduction=reduction, backend="triton")
+    assert loss.shape == ((0,) if reduction == "none" else ()) and not loss.any()
+    loss.sum().backward()
+    assert x.grad.shape == (0, 5) and W.grad.shape == (7, 5) and not W.grad.any()
+    cos = torch.randn(0, 7, device=DEV, requires_grad=True)
+    fm.margin_cross_entropy_from_cosine(cos, torch.zeros(0, dtype=torch.long, device=DEV),
+                                        reduction=reduction, backend="triton").sum().backward()
+    assert cos.grad.shape == (0, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_non_contiguous_inputs(dtype):
+    x, W, y = inputs(14, 9, 45, dtype)
+    xs = torch.zeros(9, 28, dtype=dtype, device=DEV).T[::2]  # [14, 9], strides (2, 28)
+    xs.copy_(x)
+    Ws = W.T.contiguous().T  # column-major
+    ys = torch.stack([y, y], 1)[:, 0]
+    assert not (xs.is_contiguous() or Ws.is_contiguous() or ys.is_contiguous())
+    kw = dict(KW["camri"], reduction="sum")
+    got = run("triton", xs, Ws, ys, SMALL, **kw)
+    assert_matches(got, run("reference", x, W, y, **kw), dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float64(reduction):
+    x, W, y = inputs(10, 6, 45, torch.float64)
+    y[1] = -100
+    for name in ("arcface", "sphereface", "combined", "elm", "arcgrad"):
+        kw = dict(KW[name], reduction=reduction)
+        assert_matches(run("triton", x, W, y, SMALL, **kw), run("reference", x, W, y, **kw),
+                       torch.float64)
+
+
+def test_zero_dim_margin_is_a_scalar():
+    x, W, y = inputs(7, 5, 45)
+    got = run("triton", x, W, y, SMALL, kind="arcface", s=10.0, m=torch.tensor(0.3, device=DEV))
+    assert_matches(got, run("reference", x, W, y, kind="arcface", s=10.0, m=0.3), torch.float32)
+
+
+def test_zero_width_features():
+    x, W, y = inputs(4, 0, 45)
+    assert_matches(run("triton", x, W, y, SMALL, kind="cosface", s=10.0, m=0.2),
+                   run("reference", x, W, y, kind="cosface", s=10.0, m=0.2), torch.float32)
+
+
+# ------------------------------------------------------------------ elm
+
+@pytest.mark.parametrize("dup", [(3, 6), (3, 40), (20, 40)], ids=["same_tile", "across", "later"])
+def test_elm_first_index_on_ties(dup):
+    """Two identical weight rows share the largest wrong-class cosine: c* is the first
+    one, in the same class tile or an earlier one, whatever the later tiles hold."""
+    x, W, y = inputs(6, 5, 45)
+    j1, j2 = dup
+    W[j1] = x[0] * 3
+    W[j2] = W[j1]
+    y[:] = torch.tensor([0, 1, 2, 4, 5, 7], device=DEV)
+    x[1:] = x[0]  # every row: the maximum wrong-class cosine sits at j1 and j2
+    m = torch.zeros(45, device=DEV)
+    m[j1], m[j2] = 0.1, 0.4  # tells the two apart
+    kw = dict(kind="elm", s=10.0, m=m, elm_lambda=0.5, reduction="none")
+    params = ta.MarginParams("elm", 10.0, 0.0, 1.0, 0.0, 0.0, 0.5, -100, "none").tensor(
+        torch.float32, DEV)
+    _, c_star, _, _ = ta.margin_ce_fwd(x, W, y, kind="elm", params=params, m_vec=m,
+                                       class_weight=None, ignore_index=-100, blocks=SMALL)
+    assert c_star.tolist() == [j1] * 6
+    assert_matches(run("triton", x, W, y, SMALL, **kw), run("reference", x, W, y, **kw),
+                   torch.float32)
+
+
+def test_elm_single_class_has_no_c_star():
+    x, W, y = inputs(5, 4, 1)
+    kw = dict(kind="elm", s=10.0, m=torch.tensor([0.3], device=DEV), reduction="none")
+    assert_matches(run("triton", x, W, y, SMALL, **kw), run("reference", x, W, y, **kw),
+                   torch.float32)
+
+
+# ------------------------------------------------------------------ from_cosine
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_from_cosine(case, dtype):
+    x, W, y = inputs(19, 6, 45, torch.float64)
+    cos = (ref.cosine(x, W) * 0.999).to(dtype)
+    cos[0, y[0]] = 1.0  # a pole, clamped by the kinds that need theta
+    y[3] = -100
+    kw = dict(case[1], class_weight=torch.rand(45, device=DEV) + 0.5, reduction="none")
+    out = {}
+    for b in ("reference", "triton"):
+        c = cos.clone().requires_grad_(True)
+        loss = fm.margin_cross_entropy_from_cosine(c, y, backend=b, **kw)
+        loss.backward(torch.linspace(0.5, 1.5, 19, device=DEV))
+        out[b] = (loss.detach(), c.grad)
+    (l0, g0), (l1, g1) = out["reference"], out["triton"]
+    assert l1.dtype == l0.dtype and g1.dtype == dtype
+    torch.testing.assert_close(l1, l0, **LOSS_TOL[dtype])
+    torch.testing.assert_close(g1.float(), g0.float(), **GRAD_TOL[dtype])
+
+
+# ------------------------------------------------------------------ helpers
+
+@triton.jit
+def _acos_kernel(c_ptr, out_ptr, n, IS_F64: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.load(c_ptr + i, mask=i < n, other=0.0)
+    tl.store(out_ptr + i, ta._acos(c, IS_F64), mask=i < n)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 4e-7), (torch.float64, 1e-13)],
+                         ids=["fp32", "fp64"])
+def test_acos(dtype, tol):
+    lo, hi = -1 + ref.COS_EPS, 1 - ref.COS_EPS
+    c = torch.cat([torch.linspace(lo, hi, 4001, dtype=torch.float64),
+                   torch.tensor([lo, hi, -0.5, 0.5, 0.0, -1.0, 1.0], dtype=torch.float64)])
+    c = c.to(dtype).to(DEV)
+    out = torch.empty_like(c)
+    _acos_kernel[(triton.cdiv(c.numel(), 1024),)](c, out, c.numel(), IS_F64=dtype == torch.float64,
+                                                 BLOCK=1024)
+    want = torch.acos(c.double())
+    assert float((out.double() - want).abs().max()) < tol
+
+
+def test_row_stats_give_adacos_terms():
+    x, W, y = inputs(12, 5, 45)
+    s = 4.0
+    lse_other, cos_y = ta.margin_ce_row_stats(x, W, y, s=s)
+    cos = ref.cosine(x, W)
+    want = torch.logsumexp((s * cos).scatter(1, y[:, None], float("-inf")), dim=1)
+    torch.testing.assert_close(lse_other, want, **LOSS_TOL[torch.float32])
+    torch.testing.assert_close(cos_y, cos.gather(1, y[:, None]).squeeze(1),
+                               **LOSS_TOL[torch.float32])
+
+
+def test_dispatch_resolves_to_this_module():
+    from fused_margin import dispatch
+
+    assert dispatch.resolve("margin_cross_entropy", "triton", DEV) is ta.margin_cross_entropy
+    assert (dispatch.resolve("margin_cross_entropy_from_cosine", "triton", DEV)
+            is ta.margin_cross_entropy_from_cosine)
+
+
+# ------------------------------------------------------------------ GPU only
+
+@pytest.mark.requires_cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_default_tiles(dtype, monkeypatch):
+    """The GPU tiles (BLOCK_DO below D: several dX / dW programs per row block)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x, W, y = inputs(300, 300, 1000, dtype)
+    for name in ("arcface", "elm", "arcgrad"):
+        kw = dict(KW[name] if name != "elm" else dict(kind="elm", s=20.0, m=0.2), reduction="mean")
+        assert_matches(run("triton", x, W, y, **kw), run("reference", x, W, y, **kw), dtype)
+
+
+@pytest.mark.requires_cuda
+@requires_cuda
+@pytest.mark.slow
+def test_cuda_int64_offsets():
+    """C*D >= 2^31 elements of weight (4 GiB in bfloat16): offsets must not wrap."""
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2 ** 30:
+        pytest.skip("needs 24 GiB of GPU memory")
+    C, D = 2 ** 22 + 3, 512
+    W = torch.randn(C, D, device="cuda", dtype=torch.bfloat16)
+    x = W[-4:].float().mul(0.5).add(torch.randn(4, D, device="cuda")).bfloat16()
+    y = torch.arange(C - 4, C, device="cuda")
+    loss, gx, gw = run("triton", x, W, y, kind="cosface", s=8.0, m=0.2, reduction="sum")
+    # the targets live past the 2^31st element: their logits decide the loss
+    cos = ref.cosine(x, W)
+    logits = 8.0 * cos.scatter(1, y[:, None], cos.gather(1, y[:, None]) - 0.2)
+    want = (torch.logsumexp(logits, 1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-3)
+    assert bool(gw[-4:].float().abs().sum(1).gt(0).all())
