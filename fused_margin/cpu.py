@@ -18,3 +18,537 @@ ops = torch.ops.fused_margin
 def row_inv_norm(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     """1/||x_i|| per row, 0 for rows of norm <= eps (proves the build path)."""
     return ops.row_inv_norm(x, eps)
+
+
+# ------------------------------------------------------------------ angular
+# margin_cross_entropy / margin_cross_entropy_from_cosine (csrc/angular.cpp).
+# The kernels return per-row losses w_i * (lse_i - logit_iy) (0 for ignored
+# rows); the reduction is the reference's reduce_loss on those [N] values, so
+# its gradient reaches the kernels as a per-row grad_output.
+
+import os  # noqa: E402
+from typing import Optional, Union  # noqa: E402
+
+from .reference.angular import combined_fallback, compute_dtype  # noqa: E402
+from .reference.reduction import reduce_loss  # noqa: E402
+from torch.autograd.function import once_differentiable  # noqa: E402
+
+KIND_CODES = {"normface": 0, "arcface": 1, "cosface": 2, "sphereface": 3, "combined": 4,
+              "ldam": 5, "elm": 6, "arcgrad": 7}
+# Classes per GEMM block (scratch N x CLASS_BLOCK); tests shrink it to exercise tiling.
+CLASS_BLOCK = int(os.environ.get("FUSED_MARGIN_CPU_CLASS_BLOCK", "4096"))
+# Forward with gradients (scalar reductions): rows per chunk, scratch ROW_BLOCK x C;
+# None sizes the chunk to ROW_SCRATCH_BYTES (fewer chunks = less gW read-modify-write).
+# FUSED_MARGIN_CPU_FUSED=0 switches it off (forward, then a recomputing backward).
+ROW_BLOCK: Optional[int] = (int(os.environ["FUSED_MARGIN_CPU_ROW_BLOCK"])
+                            if "FUSED_MARGIN_CPU_ROW_BLOCK" in os.environ else None)
+ROW_SCRATCH_BYTES = 16 << 20
+FUSED = os.environ.get("FUSED_MARGIN_CPU_FUSED", "1") != "0"
+
+
+def _row_block(num_classes: int, elem_bytes: int) -> int:
+    if ROW_BLOCK is not None:
+        return ROW_BLOCK
+    return max(8, ROW_SCRATCH_BYTES // max(1, num_classes * elem_bytes))
+
+
+def _prepare(x: torch.Tensor, labels: torch.Tensor, kind: str, m, m1: float, m2: float,
+             class_weight: Optional[torch.Tensor], ignore_index: int):
+    """Row weights (class weight of the target, 0 if ignored), margin [1] or [C],
+    the scalar arguments the kernels take, all in the compute dtype."""
+    dt = compute_dtype(x.dtype)
+    valid = labels != ignore_index
+    w = valid.to(dt)
+    if class_weight is not None:
+        y = torch.where(valid, labels, torch.zeros_like(labels))
+        w = w * class_weight.to(dt)[y]
+    if isinstance(m, torch.Tensor):
+        marg = m.detach().to(dt).reshape(-1)
+    else:
+        marg = torch.full((1,), float(m), dtype=dt)
+    th, offset = combined_fallback(m1, m2) if kind == "combined" else (0.0, 0.0)
+    return w, marg, th, offset
+
+
+class _MarginCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, weight, labels, row_w, marg, args):
+        loss, lse, cstar = ops.angular_ce_fwd(features, weight, labels, row_w, marg, *args,
+                                              CLASS_BLOCK)
+        ctx.save_for_backward(features, weight, labels, row_w, marg, lse, cstar)
+        ctx.args = args
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        features, weight, labels, row_w, marg, lse, cstar = ctx.saved_tensors
+        gx, gw = ops.angular_ce_bwd(grad, features, weight, labels, row_w, marg, lse, cstar,
+                                    *ctx.args, CLASS_BLOCK, ctx.needs_input_grad[0],
+                                    ctx.needs_input_grad[1])
+        return (gx if ctx.needs_input_grad[0] else None,
+                gw if ctx.needs_input_grad[1] else None, None, None, None, None)
+
+
+class _MarginCrossEntropyFused(torch.autograd.Function):
+    """Scalar reductions only: gradients are formed in the forward pass for a unit
+    upstream gradient (row weights carry the mean's 1/sum(w)) and scaled here."""
+
+    @staticmethod
+    def forward(ctx, features, weight, labels, row_w, marg, args):
+        loss, gx, gw = _fused(features, weight, labels, row_w, marg, args,
+                              features.requires_grad, weight.requires_grad)
+        # held on ctx, not saved: the first backward hands them over (autograd then
+        # adopts them as .grad without a C x D copy); a later backward through a
+        # retained graph recomputes them from the saved inputs
+        ctx.grads = (gx, gw)
+        ctx.save_for_backward(features, weight, labels, row_w, marg)
+        ctx.args = args
+        return loss.sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        if ctx.grads is None:
+            features, weight, labels, row_w, marg = ctx.saved_tensors
+            _, gx, gw = _fused(features, weight, labels, row_w, marg, ctx.args,
+                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        else:
+            gx, gw = ctx.grads
+            ctx.grads = None
+        if not bool(grad == 1):  # a plain .backward() passes 1: no C x D copy then
+            gx, gw = gx * grad.to(gx.dtype), gw * grad.to(gw.dtype)
+        return (gx if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
+                None, None, None, None)
+
+
+def _fused(features, weight, labels, row_w, marg, args, need_x, need_w):
+    return ops.angular_ce_fused(features, weight, labels, row_w, marg, *args,
+                                _row_block(weight.shape[0], row_w.element_size()), need_x, need_w)
+
+
+def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         kind: str = "arcface", s: float = 64.0,
+                         m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0, m2: float = 0.0,
+                         m3: float = 0.0, elm_lambda: float = 0.5,
+                         class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                         reduction: str = "mean") -> torch.Tensor:
+    w, marg, th, offset = _prepare(features, labels, kind, m, m1, m2, class_weight, ignore_index)
+    args = (KIND_CODES[kind], float(s), float(m1), float(m2), float(m3), float(elm_lambda),
+            float(th), float(offset), int(ignore_index))
+    grads = torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad)
+    if FUSED and grads and reduction != "none" and features.shape[0] > 0:
+        # the gradient of a sum / mean is a known per-row scale: form it now, once
+        scale = 1.0
+        if reduction == "mean":  # reduce_loss's mean: 0 when the weights sum to 0
+            denom = w.sum()
+            safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+            scale = torch.where(denom > 0, 1 / safe, torch.zeros_like(denom))
+        return _MarginCrossEntropyFused.apply(features, weight, labels, w * scale, marg, args)
+    per = _MarginCrossEntropy.apply(features, weight, labels, w, marg, args)
+    return reduce_loss(per, w, reduction)
+
+
+class _MarginCrossEntropyFromCosine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cosine, labels, row_w, marg, args):
+        loss, lse, cstar = ops.cosine_ce_fwd(cosine, labels, row_w, marg, *args)
+        ctx.save_for_backward(cosine, labels, row_w, marg, lse, cstar)
+        ctx.args = args
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        cosine, labels, row_w, marg, lse, cstar = ctx.saved_tensors
+        g = ops.cosine_ce_bwd(grad, cosine, labels, row_w, marg, lse, cstar, *ctx.args)
+        return g, None, None, None, None
+
+
+def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,
+                                     kind: str = "arcface", s: float = 64.0,
+                                     m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0,
+                                     m2: float = 0.0, m3: float = 0.0, elm_lambda: float = 0.5,
+                                     class_weight: Optional[torch.Tensor] = None,
+                                     ignore_index: int = -100,
+                                     reduction: str = "mean") -> torch.Tensor:
+    w, marg, th, offset = _prepare(cosine, labels, kind, m, m1, m2, class_weight, ignore_index)
+    args = (KIND_CODES[kind], float(s), float(m1), float(m2), float(m3), float(elm_lambda),
+            float(th), float(offset), int(ignore_index))
+    per = _MarginCrossEntropyFromCosine.apply(cosine, labels, w, marg, args)
+    return reduce_loss(per, w, reduction)
+
+
+# ------------------------------------------------------------ feature space
+# soft_nearest_neighbor_loss / triplet_margin_loss / knn_std / sigma2r_loss
+# (csrc/feature_space.cpp). The kernels return per-row (per-pair) terms or,
+# for "all" mining with a scalar reduction, the sum and count of the positive
+# terms; the reductions are the reference's reduce_loss on those.
+
+from typing import Tuple  # noqa: E402
+
+from .reference import feature_space as _fs  # noqa: E402
+
+# Rows of the pairwise-distance matrix per GEMM (scratch FS_ROW_BLOCK x N); tests
+# shrink it to exercise the tiling.
+FS_ROW_BLOCK = int(os.environ.get("FUSED_MARGIN_CPU_FS_ROW_BLOCK", "256"))
+DISTANCE_CODES = {"l2": 0, "squared_l2": 1, "cosine": 2}
+
+
+class _SoftNearestNeighbor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, labels, temperature):
+        per, lse_all, lse_same, has = ops.snn_fwd(x, labels, temperature, FS_ROW_BLOCK)
+        ctx.save_for_backward(x, labels, lse_all, lse_same)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(has)
+        return per, has
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        x, labels, lse_all, lse_same = ctx.saved_tensors
+        gx = ops.snn_bwd(grad.contiguous(), x, labels, lse_all, lse_same, ctx.temperature,
+                         FS_ROW_BLOCK)
+        return gx, None, None
+
+
+def soft_nearest_neighbor_loss(features: torch.Tensor, labels: torch.Tensor, *,
+                               temperature: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    x = features.to(_fs.compute_dtype(features.dtype))
+    per, has = _SoftNearestNeighbor.apply(x, labels, float(temperature))
+    return reduce_loss(per, has.to(x.dtype), reduction)
+
+
+def _pair_grad(x, a, b, w, distance):
+    return ops.triplet_pair_grad(x, a, b, w, distance)
+
+
+class _TripletMined(torch.autograd.Function):
+    """Semi-hard and batch-hard: one term per (a, p, n) triple, saved as indices."""
+
+    @staticmethod
+    def forward(ctx, x, labels, margin, mining, distance):
+        if mining == "semihard":
+            per, a, p, n = ops.triplet_semihard_fwd(x, labels, margin, distance, FS_ROW_BLOCK)
+            valid = torch.ones_like(per, dtype=torch.bool)
+        else:
+            per, valid, p, n = ops.triplet_hard_fwd(x, labels, margin, distance, FS_ROW_BLOCK)
+            a = torch.arange(per.shape[0], device=per.device)
+        ctx.save_for_backward(x, per, valid, a, p, n)
+        ctx.distance = distance
+        ctx.mark_non_differentiable(valid)
+        return per, valid
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        x, per, valid, a, p, n = ctx.saved_tensors
+        w = torch.where(valid & (per > 0), grad, torch.zeros_like(grad))
+        # d term = d dist(a, p) - d dist(a, n)
+        gx = _pair_grad(x, torch.cat([a, a]), torch.cat([p, n]), torch.cat([w, -w]), ctx.distance)
+        return gx, None, None, None, None
+
+
+class _TripletAllTerms(torch.autograd.Function):
+    """"all" with reduction="none": the [T] terms themselves."""
+
+    @staticmethod
+    def forward(ctx, x, labels, margin, distance):
+        per = ops.triplet_all_fwd(x, labels, margin, distance, FS_ROW_BLOCK, True)[0]
+        ctx.save_for_backward(x, labels, per)
+        ctx.distance = distance
+        return per
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, labels, per = ctx.saved_tensors
+        w = torch.where(per > 0, grad, torch.zeros_like(grad))
+        a, b, pw = ops.triplet_all_term_pairs(w.contiguous(), labels)
+        return _pair_grad(x, a, b, pw, ctx.distance), None, None, None
+
+
+class _TripletAllSum(torch.autograd.Function):
+    """"all" with a scalar reduction: the sum of the terms (and, not
+    differentiable, how many are > 0), gradients through integer pair weights."""
+
+    @staticmethod
+    def forward(ctx, x, labels, margin, distance):
+        stats, a, b, pw = ops.triplet_all_fwd(x, labels, margin, distance, FS_ROW_BLOCK, False)
+        ctx.save_for_backward(x, a, b, pw)
+        ctx.distance = distance
+        count = stats[1].to(x.dtype)
+        ctx.mark_non_differentiable(count)
+        return stats[0].to(x.dtype), count
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        x, a, b, pw = ctx.saved_tensors
+        return _pair_grad(x, a, b, pw.to(x.dtype) * grad, ctx.distance), None, None, None
+
+
+def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float = 0.2,
+                        mining: str = "semihard", distance: str = "l2",
+                        reduction: str = "mean") -> torch.Tensor:
+    if mining not in ("semihard", "hard", "all"):
+        raise ValueError(f"unknown mining {mining!r}")
+    if distance not in DISTANCE_CODES:
+        raise ValueError(f"unknown distance {distance!r}")
+    x = embeddings.to(_fs.compute_dtype(embeddings.dtype))
+    code = DISTANCE_CODES[distance]
+    if mining == "all":
+        if reduction == "none":
+            return _TripletAllTerms.apply(x, labels, float(margin), code)
+        total, count = _TripletAllSum.apply(x, labels, float(margin), code)
+        return reduce_loss(total.reshape(1), count.reshape(1), reduction).reshape(())
+    per, valid = _TripletMined.apply(x, labels, float(margin), mining, code)
+    return reduce_loss(per, valid.to(x.dtype), reduction)
+
+
+def knn_std(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
+            n_neighbors: int = 7) -> Tuple[torch.Tensor, torch.Tensor]:
+    dt = _fs.compute_dtype(features.dtype)
+    x, c = features.to(dt), centers.to(dt)
+    # the neighbours are discrete choices, held fixed for the gradient
+    idx, valid, idx_c, valid_c = ops.knn_select(x.detach(), labels, c.detach(), int(n_neighbors))
+    return _fs._std_with(x, x[idx], valid), _fs._std_with(c, x[idx_c], valid_c)
+
+
+def sigma2r_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+                 w_k: torch.Tensor, *, n_neighbors: int = 7, z: float = 40.0, eps: float = 1e-3,
+                 reduction: str = "mean") -> torch.Tensor:
+    # the reference's O(N D) formula (Eq. 8-10) on top of the kernel's k-NN stds
+    dt = _fs.compute_dtype(features.dtype)
+    x, c = features.to(dt), centers.to(dt)
+    sigma_x, sigma_c = knn_std(x, labels, c, n_neighbors=n_neighbors)
+    k = eps + z * torch.sigmoid(w_k.to(dt))
+    beta = z * torch.sigmoid(k[labels] * (sigma_x - sigma_c[labels]))
+    per = beta * ((x - c[labels]) ** 2).sum(1)
+    return reduce_loss(per, torch.ones_like(per), reduction)
+
+
+# centre losses: per-sample terms from the kernels; contrastive_center_loss
+# sweeps the centres in blocks of FS_CENTER_BLOCK (scratch N x FS_CENTER_BLOCK)
+FS_CENTER_BLOCK = int(os.environ.get("FUSED_MARGIN_CPU_FS_CENTER_BLOCK", "1024"))
+
+
+class _CenterLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, labels, c):
+        ctx.save_for_backward(x, labels, c)
+        return ops.center_fwd(x, labels, c)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, labels, c = ctx.saved_tensors
+        gx, gc = ops.center_bwd(grad.contiguous(), x, labels, c)
+        return gx, None, gc
+
+
+class _ContrastiveCenterLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, labels, c, delta):
+        per, own, den = ops.contrastive_center_fwd(x, labels, c, delta, FS_CENTER_BLOCK)
+        ctx.save_for_backward(x, labels, c, own, den)
+        return per
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, labels, c, own, den = ctx.saved_tensors
+        gx, gc = ops.contrastive_center_bwd(grad.contiguous(), x, labels, c, own, den,
+                                            FS_CENTER_BLOCK)
+        return gx, None, gc, None
+
+
+def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
+                reduction: str = "mean") -> torch.Tensor:
+    dt = _fs.compute_dtype(features.dtype)
+    per = _CenterLoss.apply(features.to(dt), labels, centers.to(dt))
+    return reduce_loss(per, torch.ones_like(per), reduction)
+
+
+def contrastive_center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+                            *, delta: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    dt = _fs.compute_dtype(features.dtype)
+    per = _ContrastiveCenterLoss.apply(features.to(dt), labels, centers.to(dt), float(delta))
+    return reduce_loss(per, torch.ones_like(per), reduction)
+
+
+# ----------------------------------------------------------- cost-sensitive
+# weighted_cross_entropy / crwwce_loss / sinkhorn / wasserstein_loss
+# (csrc/sinkhorn.cpp). The CE kernels return per-row losses and, when a
+# gradient is needed, dloss/dlogits for a unit upstream gradient (saved, scaled
+# by the per-row grad_output in backward). Sinkhorn returns the log potentials
+# F, G (scaled by 1/eps) of the reference's iteration; plans and costs are
+# formed from them. Gradients of the Wasserstein loss (distribution targets)
+# are implicit, not unrolled: entropic=True: the envelope theorem, d/dh = eps F,
+# d/db = eps G, d/dC = T; entropic=False (<T, C>, T the entropic plan):
+# implicit differentiation of the optimality conditions (_ot_cost_grads). Only
+# the tangent part of d/dh, d/db is defined (both marginals are on a simplex):
+# h's reaches the logits through the softmax Jacobian, which drops the rest;
+# the target's is returned centred over its support. They equal the
+# reference's unrolled gradients once Sinkhorn has converged. `sinkhorn` called
+# with inputs that need gradients runs the reference (unrolled iterations): the
+# kernel has no backward of the plans.
+
+from .reference import cost_sensitive as _cs  # noqa: E402
+
+
+def _class_grad(per_row: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, k: int):
+    """sum over the rows of each target class (ignored rows excluded)."""
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    vals = torch.where(valid, per_row, torch.zeros_like(per_row))
+    return torch.zeros(k, dtype=per_row.dtype).index_add_(0, y, vals)
+
+
+class _CostSensitiveCE(torch.autograd.Function):
+    """WCE (fp_weight None) and CRWWCE. Weight gradients: per class sums of the
+    per-row nll / log terms (the CRWWCE fp_weight one recomputes log(1 - h) with
+    the reference's log1m_softmax, O(N K), only when fp_weight needs it)."""
+
+    @staticmethod
+    def forward(ctx, z, labels, fn_weight, fp_weight, ignore_index):
+        need = z.requires_grad
+        if fp_weight is None:
+            loss, term, g = ops.wce_fwd(z, labels, fn_weight, ignore_index, need)
+        else:
+            loss, term, g = ops.crwwce_fwd(z, labels, fn_weight, fp_weight, ignore_index, need)
+        ctx.save_for_backward(g, term, labels, z if (fp_weight is not None and
+                                                      ctx.needs_input_grad[3]) else None)
+        ctx.ignore_index = ignore_index
+        ctx.wce = fp_weight is None
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        g, term, labels, z = ctx.saved_tensors
+        valid = labels != ctx.ignore_index
+        k = g.shape[1] if g.dim() == 2 else 0
+        gz = g * grad[:, None] if ctx.needs_input_grad[0] else None
+        gfn = gfp = None
+        if ctx.needs_input_grad[2]:
+            # WCE: d/dw_t = nll; CRWWCE: d/dfn_t = -log h_t
+            per = term if ctx.wce else -term
+            gfn = _class_grad(per * grad, labels, valid, k)
+        if ctx.needs_input_grad[3]:
+            y = torch.where(valid, labels, torch.zeros_like(labels))
+            off = torch.ones_like(z, dtype=torch.bool).scatter(1, y[:, None], False)
+            off = off & valid[:, None]
+            m = torch.where(off, -_cs.log1m_softmax(z) * grad[:, None], torch.zeros_like(z))
+            gfp = torch.zeros(k, k, dtype=z.dtype).index_add_(0, y, m).t()   # [k, t_n] += m[n, k]
+        return gz, None, gfn, gfp, None
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                           class_weight: torch.Tensor, *, ignore_index: int = -100,
+                           reduction: str = "mean") -> torch.Tensor:
+    dt = _cs.compute_dtype(logits.dtype)
+    per = _CostSensitiveCE.apply(logits.to(dt), labels, class_weight.to(dt), None,
+                                 int(ignore_index))
+    return reduce_loss(per, (labels != ignore_index).to(dt), reduction)
+
+
+def crwwce_loss(logits: torch.Tensor, labels: torch.Tensor, fn_weight: torch.Tensor,
+                fp_weight: torch.Tensor, *, ignore_index: int = -100,
+                reduction: str = "mean") -> torch.Tensor:
+    dt = _cs.compute_dtype(logits.dtype)
+    per = _CostSensitiveCE.apply(logits.to(dt), labels, fn_weight.to(dt), fp_weight.to(dt),
+                                 int(ignore_index))
+    return reduce_loss(per, (labels != ignore_index).to(dt), reduction)
+
+
+def _potentials(a, b, cost, eps, n_iter, tol, plan=False):
+    """(F, G, plans or an empty tensor) of the reference's iteration."""
+    return ops.sinkhorn_potentials(a.detach().contiguous(), b.detach().contiguous(),
+                                   cost.detach().contiguous(), float(eps), int(n_iter),
+                                   -1.0 if tol is None else float(tol), bool(plan))
+
+
+def sinkhorn(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, *, eps: float = 0.1,
+             n_iter: int = 100, tol: Optional[float] = None) -> torch.Tensor:
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or cost.requires_grad):
+        # gradients through the plans are the reference's unrolled iterations
+        return _cs.sinkhorn(a, b, cost, eps=eps, n_iter=n_iter, tol=tol)
+    out_dtype = torch.promote_types(a.dtype, b.dtype)
+    dt = _cs.compute_dtype(out_dtype)
+    return _potentials(a.to(dt), b.to(dt), cost.to(dt), eps, n_iter, tol, True)[2].to(out_dtype)
+
+
+def _centred(x: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """x - its mean over `support` on the support, 0 off it (the tangent part)."""
+    x = torch.where(support, x, torch.zeros_like(x))
+    cnt = support.sum(1, keepdim=True).clamp_min(1).to(x.dtype)
+    return torch.where(support, x - x.sum(1, keepdim=True) / cnt, torch.zeros_like(x))
+
+
+def _ot_cost_grads(t, h, b, c, eps):
+    """d<T, C>/d(h, b, C) at the entropic plan T, by implicit differentiation:
+    T = exp((f_i + g_j - C_ij)/eps) with rows h, columns b. Perturbing h, b gives
+    H [df; dg] = eps [dh; db], H = [[diag h, T], [T^T, diag b]], so with
+    r = (T*C) 1, c' = (T*C)^T 1 the gradient is x = H^+ [r; c'] (x_h, x_b), solved
+    by eliminating x_b (Schur complement diag h - T diag(1/b) T^T, singular along
+    1, made definite by + 1 1^T; rhs and solution are orthogonal to 1). With C:
+    dT = T (df + dg - dC)/eps gives d/dC = T (1 + (x_h,i + x_b,j - C_ij)/eps).
+    Solved in float64."""
+    dt = t.dtype
+    t, h, b, c = t.double(), h.double(), b.double(), c.double().expand_as(t)
+    tc = t * c
+    r, cc = tc.sum(2), tc.sum(1)
+    bi = torch.where(b > 0, 1 / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(b))
+    pos = h > 0
+    s = torch.diag_embed(h) - (t * bi[:, None, :]) @ t.transpose(1, 2)
+    s = s + (pos[:, :, None] & pos[:, None, :]).double()
+    s = s + torch.diag_embed((~pos).double())
+    rhs = torch.where(pos, r - (t @ (bi * cc)[:, :, None]).squeeze(2), torch.zeros_like(r))
+    xh = torch.linalg.solve(s, rhs[:, :, None]).squeeze(2)
+    xb = bi * (cc - (t.transpose(1, 2) @ xh[:, :, None]).squeeze(2))
+    gc = t * (1 + (xh[:, :, None] + xb[:, None, :] - c) / eps)
+    return xh.to(dt), xb.to(dt), gc.to(dt)
+
+
+class _WassersteinDist(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, target, cost, eps, n_iter, tol, entropic):
+        h = torch.softmax(z.detach(), dim=1)
+        b, c = target.detach().contiguous(), cost.detach().contiguous()
+        f, g, _ = _potentials(h, b, c, eps, n_iter, tol)
+        per = ops.sinkhorn_cost(f, g, c, float(eps), bool(entropic))
+        ctx.save_for_backward(h, b, c, f, g)
+        ctx.cfg = (float(eps), bool(entropic))
+        return per
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        h, b, c, f, g = ctx.saved_tensors
+        eps, entropic = ctx.cfg
+        need_z, need_b, need_c = ctx.needs_input_grad[:3]
+        t = ops.sinkhorn_plan(f, g, c, eps) if (need_c or not entropic) else None
+        if entropic:   # envelope theorem on OT_eps(h, b)
+            gh = torch.where(h > 0, eps * f, torch.zeros_like(f))
+            gb = torch.where(b > 0, eps * g, torch.zeros_like(g))
+            gc = t if need_c else None
+        else:
+            gh, gb, gc = _ot_cost_grads(t, h, b, c, eps)
+        gz = gtarget = gcost = None
+        if need_z:
+            gz = h * (gh - (h * gh).sum(1, keepdim=True)) * grad[:, None]
+        if need_b:
+            gtarget = _centred(gb, b > 0) * grad[:, None]
+        if need_c:
+            gc = gc * grad[:, None, None]
+            gcost = gc.sum(0) if c.dim() == 2 else gc
+        return gz, gtarget, gcost, None, None, None, None
+
+
+def wasserstein_loss(logits: torch.Tensor, target: torch.Tensor, cost: torch.Tensor, *,
+                     eps: float = 0.1, n_iter: int = 100, entropic: bool = False,
+                     tol: Optional[float] = None, ignore_index: int = -100,
+                     reduction: str = "mean") -> torch.Tensor:
+    if target.dim() == 1:   # labels: the closed form, O(N K), is the reference's
+        return _cs.wasserstein_loss(logits, target, cost, eps=eps, n_iter=n_iter,
+                                    entropic=entropic, tol=tol, ignore_index=ignore_index,
+                                    reduction=reduction)
+    dt = _cs.compute_dtype(logits.dtype)
+    per = _WassersteinDist.apply(logits.to(dt), target.to(dt), cost.to(dt), float(eps),
+                                 int(n_iter), tol, bool(entropic))
+    return reduce_loss(per, torch.ones_like(per), reduction)

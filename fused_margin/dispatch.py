@@ -23,25 +23,46 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 
 # op -> backend -> "module:function". Fused backends add their entries here.
 OPS: Dict[str, Dict[str, str]] = {
-    "margin_cross_entropy": {"reference": "fused_margin.reference.angular:margin_cross_entropy"},
+    "margin_cross_entropy": {"reference": "fused_margin.reference.angular:margin_cross_entropy",
+                             "triton": "fused_margin.triton.angular:margin_cross_entropy",
+                             "cpu": "fused_margin.cpu:margin_cross_entropy"},
     "margin_cross_entropy_from_cosine": {
-        "reference": "fused_margin.reference.angular:margin_cross_entropy_from_cosine"},
+        "reference": "fused_margin.reference.angular:margin_cross_entropy_from_cosine",
+        "triton": "fused_margin.triton.angular:margin_cross_entropy_from_cosine",
+        "cpu": "fused_margin.cpu:margin_cross_entropy_from_cosine"},
     "scaled_cosine": {"reference": "fused_margin.reference.angular:scaled_cosine"},
     "adacos_scale": {"reference": "fused_margin.reference.angular:adacos_scale"},
     "weighted_cross_entropy": {
-        "reference": "fused_margin.reference.cost_sensitive:weighted_cross_entropy"},
-    "crwwce_loss": {"reference": "fused_margin.reference.cost_sensitive:crwwce_loss"},
-    "sinkhorn": {"reference": "fused_margin.reference.cost_sensitive:sinkhorn"},
-    "wasserstein_loss": {"reference": "fused_margin.reference.cost_sensitive:wasserstein_loss"},
-    "center_loss": {"reference": "fused_margin.reference.feature_space:center_loss"},
+        "reference": "fused_margin.reference.cost_sensitive:weighted_cross_entropy",
+        "cpu": "fused_margin.cpu:weighted_cross_entropy"},
+    "crwwce_loss": {"reference": "fused_margin.reference.cost_sensitive:crwwce_loss",
+                    "cpu": "fused_margin.cpu:crwwce_loss"},
+    "sinkhorn": {"reference": "fused_margin.reference.cost_sensitive:sinkhorn",
+                 "triton": "fused_margin.triton.sinkhorn:sinkhorn",
+                 "cpu": "fused_margin.cpu:sinkhorn"},
+    "wasserstein_loss": {
+        "reference": "fused_margin.reference.cost_sensitive:wasserstein_loss",
+        "triton": "fused_margin.triton.sinkhorn:wasserstein_loss",
+        "cpu": "fused_margin.cpu:wasserstein_loss"},
+    "center_loss": {"reference": "fused_margin.reference.feature_space:center_loss",
+                    "cpu": "fused_margin.cpu:center_loss"},
     "contrastive_center_loss": {
-        "reference": "fused_margin.reference.feature_space:contrastive_center_loss"},
-    "knn_std": {"reference": "fused_margin.reference.feature_space:knn_std"},
-    "sigma2r_loss": {"reference": "fused_margin.reference.feature_space:sigma2r_loss"},
+        "reference": "fused_margin.reference.feature_space:contrastive_center_loss",
+        "cpu": "fused_margin.cpu:contrastive_center_loss"},
+    "knn_std": {"reference": "fused_margin.reference.feature_space:knn_std",
+                "triton": "fused_margin.triton.feature_space:knn_std",
+                "cpu": "fused_margin.cpu:knn_std"},
+    "sigma2r_loss": {"reference": "fused_margin.reference.feature_space:sigma2r_loss",
+                     "triton": "fused_margin.triton.feature_space:sigma2r_loss",
+                     "cpu": "fused_margin.cpu:sigma2r_loss"},
     "soft_nearest_neighbor_loss": {
-        "reference": "fused_margin.reference.feature_space:soft_nearest_neighbor_loss"},
+        "reference": "fused_margin.reference.feature_space:soft_nearest_neighbor_loss",
+        "triton": "fused_margin.triton.feature_space:soft_nearest_neighbor_loss",
+        "cpu": "fused_margin.cpu:soft_nearest_neighbor_loss"},
     "triplet_margin_loss": {
-        "reference": "fused_margin.reference.feature_space:triplet_margin_loss"},
+        "reference": "fused_margin.reference.feature_space:triplet_margin_loss",
+        "triton": "fused_margin.triton.feature_space:triplet_margin_loss",
+        "cpu": "fused_margin.cpu:triplet_margin_loss"},
 }
 
 _warned: set = set()

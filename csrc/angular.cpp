@@ -1,0 +1,625 @@
+// Angular / cosine margin softmax cross-entropy on the CPU, never holding N x C.
+//
+// cos_ij = rx_i * rw_j * (x_i . W_j), rx/rw the per-row inverse norms (0 for rows
+// of norm <= NORM_EPS), so no normalised copy of x or W is made. Classes are
+// tiled in blocks of `block`: per block one ATen GEMM writes the raw dots
+// x @ W_blk^T into an [N, block] scratch, then a row loop (at::parallel_for)
+// folds the block into a running log-sum-exp over the non-target classes; the
+// target logit, which needs the whole row for ELM's c*, is added at the end.
+// Forward saves per row: lse and c* (ELM). Backward recomputes each block's
+// dots, overwrites them with H = dL/d(dot) and issues gX += H @ W_blk and
+// gW_blk = H^T @ x; the normalisation Jacobian is applied once at the end as
+// g - r^2 (g . v) v (x_i . A_i = sum_j H_ij dot_ij, so no extra reduction).
+// The fused variant (forward with gradients, scalar reductions only) tiles rows
+// instead: [rows, C] dots per chunk, lse, H in place, the two gradient GEMMs,
+// saving the recompute GEMM (3 GEMMs instead of 4; measured faster, see
+// bench/bench_angular.py). Float32 rows use a branch-free exp that GCC
+// vectorises in the avx512f clone (target_clones; the avx2 and default clones
+// stay scalar); float64 and arcgrad's acos use libm (gradcheck runs in float64).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace fused_margin {
+
+at::Tensor row_inv_norm_cpu(const at::Tensor& x, double eps);  // norms.cpp
+
+namespace {
+
+constexpr double kNormEps = 1e-12;  // reference/angular.py NORM_EPS
+constexpr double kCosEps = 1e-6;    // reference/angular.py COS_EPS
+constexpr double kPi = 3.14159265358979323846;
+
+enum Kind : int64_t { NORMFACE = 0, ARCFACE, COSFACE, SPHEREFACE, COMBINED, LDAM, ELM, ARCGRAD };
+
+struct Cfg {
+  int64_t kind;
+  double s, m1, m2, m3, elm_lambda, th, offset;
+  int64_t ignore_index;
+};
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FM_CLONES
+#endif
+#define FM_INLINE inline __attribute__((always_inline))
+
+// Cephes expf, branch-free so that it vectorises; exp(x) = 0 for x < -87.3 and -inf.
+FM_INLINE float exp_f32(float x) {
+  const float lo = -87.3365447504f, hi = 88.0f;
+  const float xc = std::max(lo, std::min(hi, x));
+  // round to nearest by the 1.5 * 2^23 trick: std::floor does not vectorise
+  // without -fno-trapping-math
+  const float magic = 12582912.0f;
+  float n = (xc * 1.44269504088896341f + magic) - magic;
+  float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * (r * r) + r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof(float));
+  const float res = y * scale;
+  return x < lo ? 0.0f : res;
+}
+
+template <typename T>
+FM_INLINE T cos_of(T dot, T rx, T rwj) { return dot * rx * rwj; }
+
+template <typename T>
+FM_INLINE T clamp_cos(T c) {
+  const T lo = T(-1.0 + kCosEps), hi = T(1.0 - kCosEps);
+  return c < lo ? lo : (c > hi ? hi : c);
+}
+
+template <typename T>
+FM_INLINE bool in_clamp(T c) { return c >= T(-1.0 + kCosEps) && c <= T(1.0 - kCosEps); }
+
+// Non-target logit and its derivative in the cosine (arcgrad: -s*theta).
+template <typename T>
+FM_INLINE T logit_of(T c, T s, bool arcgrad) { return arcgrad ? -s * std::acos(clamp_cos(c)) : s * c; }
+
+template <typename T>
+FM_INLINE T dlogit_of(T c, T s, bool arcgrad) {
+  if (!arcgrad) return s;
+  if (!in_clamp(c)) return T(0);
+  return s / std::sqrt(T(1) - c * c);
+}
+
+// The target logit divided by s (without ELM's extra term) and its derivative in cos_y.
+template <typename T>
+void target_of(T cos, T my, const Cfg& g, T* val, T* der) {
+  const int64_t k = g.kind;
+  if (k == NORMFACE) { *val = cos; *der = T(1); return; }
+  if (k == COSFACE || k == LDAM || k == ELM) { *val = cos - my; *der = T(1); return; }
+  const T c = clamp_cos(cos);
+  const T mask = in_clamp(cos) ? T(1) : T(0);
+  const T sn = std::sqrt(T(1) - c * c);
+  if (k == ARCGRAD) { *val = -std::acos(c); *der = mask / sn; return; }
+  if (k == ARCFACE) {
+    if (c > std::cos(T(kPi) - my)) {
+      *val = c * std::cos(my) - sn * std::sin(my);
+      *der = mask * (std::cos(my) + c / sn * std::sin(my));
+    } else {
+      *val = c - my * std::sin(my);
+      *der = mask;
+    }
+    return;
+  }
+  const T theta = std::acos(c);
+  if (k == SPHEREFACE) {
+    const T kk = std::floor(my * theta / T(kPi));
+    const T sign = T(1) - T(2) * (kk - T(2) * std::floor(kk / T(2)));
+    *val = sign * std::cos(my * theta) - T(2) * kk;
+    *der = mask * sign * my * std::sin(my * theta) / sn;
+    return;
+  }
+  // COMBINED
+  if (c > T(g.th)) {
+    const T a = T(g.m1) * theta + T(g.m2);
+    *val = std::cos(a) - T(g.m3);
+    *der = mask * T(g.m1) * std::sin(a) / sn;
+  } else {
+    *val = c - T(g.m3) - T(g.offset);
+    *der = mask;
+  }
+}
+
+// ------------------------------------------------------------ row kernels
+// Each folds one row segment [0, cb) minus the target column yl (-1: none) into
+// the running (M, S) of sum_j exp(logit_j - M).
+
+FM_CLONES void fwd_block_f32(const float* dot, int64_t cb, int64_t yl, float rx, const float* rw,
+                             float s, float* M, float* S) {
+  float mx = -std::numeric_limits<float>::infinity(), mn = std::numeric_limits<float>::infinity();
+  const int64_t segs[2][2] = {{0, yl < 0 ? cb : yl}, {yl < 0 ? cb : yl + 1, cb}};
+  for (auto& sg : segs) {
+#pragma omp simd reduction(max : mx) reduction(min : mn)
+    for (int64_t j = sg[0]; j < sg[1]; ++j) {
+      const float c = cos_of(dot[j], rx, rw[j]);
+      mx = std::max(mx, c);
+      mn = std::min(mn, c);
+    }
+  }
+  if (!(mx >= mn)) return;  // nothing but the target here
+  const float nm = std::max(*M, std::max(s * mx, s * mn));
+  float acc = 0.0f;
+  for (auto& sg : segs) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = sg[0]; j < sg[1]; ++j) acc += exp_f32(s * cos_of(dot[j], rx, rw[j]) - nm);
+  }
+  *S = *S * exp_f32(*M - nm) + acc;
+  *M = nm;
+}
+
+// out[j] = dL/d(dot_j) for the non-target softmax terms: coef * p_j * s * rx * rw_j.
+FM_CLONES void bwd_block_f32(const float* dot, float* out, int64_t cb, float rx, const float* rw,
+                             float s, float lse, float coef) {
+  const float k = coef * s * rx;
+#pragma omp simd
+  for (int64_t j = 0; j < cb; ++j) {
+    const float d = dot[j];
+    out[j] = k * rw[j] * exp_f32(s * cos_of(d, rx, rw[j]) - lse);
+  }
+}
+
+template <typename T>
+void fwd_block(const T* dot, int64_t cb, int64_t yl, T rx, const T* rw, T s, bool arcgrad, T* M,
+               T* S) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!arcgrad) return fwd_block_f32(dot, cb, yl, rx, rw, s, M, S);
+  }
+  T mx = -std::numeric_limits<T>::infinity(), mn = std::numeric_limits<T>::infinity();
+  const int64_t segs[2][2] = {{0, yl < 0 ? cb : yl}, {yl < 0 ? cb : yl + 1, cb}};
+  for (auto& sg : segs)
+    for (int64_t j = sg[0]; j < sg[1]; ++j) {
+      const T c = cos_of(dot[j], rx, rw[j]);
+      mx = std::max(mx, c);
+      mn = std::min(mn, c);
+    }
+  if (!(mx >= mn)) return;
+  // every logit is monotone in the cosine, so its maximum sits at mx or mn
+  const T nm = std::max(*M, std::max(logit_of(mx, s, arcgrad), logit_of(mn, s, arcgrad)));
+  T acc = 0;
+  for (auto& sg : segs)
+    for (int64_t j = sg[0]; j < sg[1]; ++j)
+      acc += std::exp(logit_of(cos_of(dot[j], rx, rw[j]), s, arcgrad) - nm);
+  *S = *S * std::exp(*M - nm) + acc;
+  *M = nm;
+}
+
+template <typename T>
+void bwd_block(const T* dot, T* out, int64_t cb, T rx, const T* rw, T s, bool arcgrad, T lse,
+               T coef) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!arcgrad) return bwd_block_f32(dot, out, cb, rx, rw, s, lse, coef);
+  }
+  for (int64_t j = 0; j < cb; ++j) {
+    const T c = cos_of(dot[j], rx, rw[j]);
+    out[j] = coef * std::exp(logit_of(c, s, arcgrad) - lse) * dlogit_of(c, s, arcgrad) * rx * rw[j];
+  }
+}
+
+// ------------------------------------------------------------ shared driver state
+
+template <typename T>
+struct Rows {
+  // inputs
+  const int64_t* y;
+  const T* roww;  // class weight of the target, 0 for ignored rows
+  const T* marg;
+  int64_t marg_n;
+  const T* rx;
+  const T* rw;
+  Cfg g;
+  int64_t C;
+  // running state per row
+  std::vector<T> M, S, cy, best;
+  std::vector<int64_t> cstar;
+
+  T m_at(int64_t c) const { return marg[marg_n == 1 ? 0 : c]; }
+  bool valid(int64_t i) const { return y[i] != g.ignore_index; }
+
+  void init(int64_t n) {
+    M.assign(n, -std::numeric_limits<T>::infinity());
+    S.assign(n, T(0));
+    cy.assign(n, T(0));
+    best.assign(n, -std::numeric_limits<T>::infinity());
+    cstar.assign(n, -1);
+  }
+
+  // One row, one class block [c0, c0 + cb) whose dots start at `dot`.
+  void forward(int64_t i, const T* dot, int64_t c0, int64_t cb) {
+    if (!valid(i)) return;
+    const int64_t yl = (y[i] >= c0 && y[i] < c0 + cb) ? y[i] - c0 : -1;
+    if (yl >= 0) cy[i] = cos_of(dot[yl], rx[i], rw[c0 + yl]);
+    fwd_block<T>(dot, cb, yl, rx[i], rw + c0, T(g.s), g.kind == ARCGRAD, &M[i], &S[i]);
+    if (g.kind == ELM) {
+      T b = best[i];
+      int64_t at = cstar[i];
+      for (int64_t j = 0; j < cb; ++j) {
+        const T c = cos_of(dot[j], rx[i], rw[c0 + j]);
+        if (j != yl && c > b) { b = c; at = c0 + j; }
+      }
+      best[i] = b;
+      cstar[i] = at;
+    }
+  }
+
+  // Target value / s (ELM's term included) and its derivative in cos_y.
+  void target(int64_t i, T cos_y, int64_t cst, T* val, T* der) const {
+    target_of<T>(cos_y, m_at(y[i]), g, val, der);
+    if (g.kind == ELM && C > 1 && cst >= 0) *val += T(g.elm_lambda) * m_at(cst);
+  }
+
+  // loss_i = w_i * (lse_i - s * t_i); returns lse_i.
+  T finish(int64_t i, T* loss) const {
+    if (!valid(i)) { *loss = T(0); return T(0); }
+    T t, der;
+    target(i, cy[i], cstar[i], &t, &der);
+    const T lt = T(g.s) * t;
+    const T nm = std::max(M[i], lt);
+    const T lse = nm + std::log(S[i] * std::exp(M[i] - nm) + std::exp(lt - nm));
+    *loss = roww[i] * (lse - lt);
+    return lse;
+  }
+
+  // dL/d(dot) for one row, one block, written to out (may alias dot).
+  void backward(int64_t i, const T* dot, T* out, int64_t c0, int64_t cb, T lse, int64_t cst,
+                T coef) const {
+    if (!valid(i) || coef == T(0)) {
+      std::fill(out, out + cb, T(0));
+      return;
+    }
+    const int64_t yl = (y[i] >= c0 && y[i] < c0 + cb) ? y[i] - c0 : -1;
+    const T dy = yl >= 0 ? dot[yl] : T(0);
+    bwd_block<T>(dot, out, cb, rx[i], rw + c0, T(g.s), g.kind == ARCGRAD, lse, coef);
+    if (yl >= 0) {
+      T t, der;
+      target(i, cos_of(dy, rx[i], rw[c0 + yl]), cst, &t, &der);
+      const T p = std::exp(T(g.s) * t - lse);
+      out[yl] = coef * (p - T(1)) * T(g.s) * der * rx[i] * rw[c0 + yl];
+    }
+  }
+};
+
+// Rows per thread chunk: small problems run on the calling thread, since an
+// OpenMP region costs more than it saves there (and far more on a busy machine).
+int64_t grain_rows(int64_t row_len) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, row_len));
+}
+
+at::ScalarType compute_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_common(const at::Tensor& labels, const at::Tensor& roww, const at::Tensor& margin,
+                  int64_t n, int64_t c, int64_t ignore_index) {
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n && labels.scalar_type() == at::kLong,
+              "margin_cross_entropy: labels must be int64 [N]");
+  TORCH_CHECK(roww.dim() == 1 && roww.size(0) == n, "margin_cross_entropy: row weights must be [N]");
+  TORCH_CHECK(margin.dim() == 1 && (margin.size(0) == 1 || margin.size(0) == c),
+              "margin_cross_entropy: margin must be [1] or [C]");
+  TORCH_CHECK(c >= 1, "margin_cross_entropy: there must be at least one class");
+  auto lab = labels.contiguous();
+  const int64_t* y = lab.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(y[i] == ignore_index || (y[i] >= 0 && y[i] < c), "margin_cross_entropy: label ",
+                y[i], " at row ", i, " is outside [0, ", c, ") and is not ignore_index");
+}
+
+void check_xw(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "margin_cross_entropy: features and weight must be 2-D");
+  TORCH_CHECK(x.size(1) == w.size(1), "margin_cross_entropy: features and weight disagree on D");
+  TORCH_CHECK(x.is_floating_point() && x.scalar_type() == w.scalar_type(),
+              "margin_cross_entropy: features and weight must share one floating dtype");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "margin_cross_entropy: CPU tensors only");
+}
+
+Cfg make_cfg(int64_t kind, double s, double m1, double m2, double m3, double elm_lambda,
+             double th, double offset, int64_t ignore_index) {
+  TORCH_CHECK(kind >= NORMFACE && kind <= ARCGRAD, "margin_cross_entropy: unknown kind ", kind);
+  return Cfg{kind, s, m1, m2, m3, elm_lambda, th, offset, ignore_index};
+}
+
+template <typename T>
+Rows<T> make_rows(const at::Tensor& lab, const at::Tensor& roww, const at::Tensor& marg,
+                  const at::Tensor& rx, const at::Tensor& rw, const Cfg& g, int64_t c) {
+  Rows<T> r;
+  r.y = lab.data_ptr<int64_t>();
+  r.roww = roww.data_ptr<T>();
+  r.marg = marg.data_ptr<T>();
+  r.marg_n = marg.size(0);
+  r.rx = rx.data_ptr<T>();
+  r.rw = rw.data_ptr<T>();
+  r.g = g;
+  r.C = c;
+  return r;
+}
+
+// Applies the normalisation Jacobian in place: g_i -= r_i^2 (g_i . v_i) v_i.
+template <typename T>
+void project_rows(at::Tensor& grad, const at::Tensor& v, const at::Tensor& r) {
+  const int64_t rows = grad.size(0), d = grad.size(1);
+  T* pg = grad.data_ptr<T>();
+  const T* pv = v.data_ptr<T>();
+  const T* pr = r.data_ptr<T>();
+  at::parallel_for(0, rows, grain_rows(d), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      T* gi = pg + i * d;
+      const T* vi = pv + i * d;
+      if (pr[i] == T(0)) { std::fill(gi, gi + d, T(0)); continue; }
+      T dotv = 0;
+      for (int64_t k = 0; k < d; ++k) dotv += gi[k] * vi[k];
+      const T a = pr[i] * pr[i] * dotv;
+      for (int64_t k = 0; k < d; ++k) gi[k] -= a * vi[k];
+    }
+  });
+}
+
+// ------------------------------------------------------------ ops: features + weight
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> angular_ce_fwd(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, const at::Tensor& row_weight,
+    const at::Tensor& margin, int64_t kind, double s, double m1, double m2, double m3,
+    double elm_lambda, double th, double offset, int64_t ignore_index, int64_t block) {
+  check_xw(x, w);
+  const int64_t n = x.size(0), c = w.size(0);
+  check_common(labels, row_weight, margin, n, c, ignore_index);
+  const Cfg g = make_cfg(kind, s, m1, m2, m3, elm_lambda, th, offset, ignore_index);
+  const auto ct = compute_type(x);
+  auto xc = x.to(ct).contiguous(), wc = w.to(ct).contiguous();
+  auto lab = labels.contiguous();
+  auto roww = row_weight.to(ct).contiguous(), marg = margin.to(ct).contiguous();
+  auto loss = at::zeros({n}, xc.options()), lse = at::zeros({n}, xc.options());
+  auto cstar = at::full({n}, -1, lab.options());
+  if (n == 0) return {loss, lse, cstar};
+  auto rx = row_inv_norm_cpu(xc, kNormEps), rw = row_inv_norm_cpu(wc, kNormEps);
+  const int64_t bs = std::max<int64_t>(1, std::min(block, c));
+  auto buf = at::empty({n * bs}, xc.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "angular_ce_fwd", [&] {
+    auto rows = make_rows<scalar_t>(lab, roww, marg, rx, rw, g, c);
+    rows.init(n);
+    for (int64_t c0 = 0; c0 < c; c0 += bs) {
+      const int64_t cb = std::min(bs, c - c0);
+      auto dots = buf.narrow(0, 0, n * cb).view({n, cb});
+      at::mm_out(dots, xc, wc.narrow(0, c0, cb).t());
+      const scalar_t* pd = dots.data_ptr<scalar_t>();
+      at::parallel_for(0, n, grain_rows(cb), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) rows.forward(i, pd + i * cb, c0, cb);
+      });
+    }
+    scalar_t* pl = loss.data_ptr<scalar_t>();
+    scalar_t* ps = lse.data_ptr<scalar_t>();
+    int64_t* pc = cstar.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      ps[i] = rows.finish(i, pl + i);
+      pc[i] = rows.cstar[i];
+    }
+  });
+  return {loss, lse, cstar};
+}
+
+std::tuple<at::Tensor, at::Tensor> angular_ce_bwd(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+    const at::Tensor& row_weight, const at::Tensor& margin, const at::Tensor& lse,
+    const at::Tensor& cstar, int64_t kind, double s, double m1, double m2, double m3,
+    double elm_lambda, double th, double offset, int64_t ignore_index, int64_t block, bool need_x,
+    bool need_w) {
+  check_xw(x, w);
+  const int64_t n = x.size(0), c = w.size(0);
+  check_common(labels, row_weight, margin, n, c, ignore_index);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == n && lse.dim() == 1 && lse.size(0) == n &&
+                  cstar.dim() == 1 && cstar.size(0) == n && cstar.scalar_type() == at::kLong,
+              "angular_ce_bwd: grad, lse and cstar must be [N]");
+  const Cfg g = make_cfg(kind, s, m1, m2, m3, elm_lambda, th, offset, ignore_index);
+  const auto ct = compute_type(x);
+  auto xc = x.to(ct).contiguous(), wc = w.to(ct).contiguous();
+  auto lab = labels.contiguous(), cst = cstar.contiguous();
+  auto roww = row_weight.to(ct).contiguous(), marg = margin.to(ct).contiguous();
+  auto gr = grad.to(ct).contiguous(), ls = lse.to(ct).contiguous();
+  auto gx = at::zeros_like(xc), gw = at::zeros_like(wc);
+  if (n > 0 && (need_x || need_w)) {
+    auto rx = row_inv_norm_cpu(xc, kNormEps), rw = row_inv_norm_cpu(wc, kNormEps);
+    const int64_t bs = std::max<int64_t>(1, std::min(block, c));
+    auto buf = at::empty({n * bs}, xc.options());
+    AT_DISPATCH_FLOATING_TYPES(ct, "angular_ce_bwd", [&] {
+      auto rows = make_rows<scalar_t>(lab, roww, marg, rx, rw, g, c);
+      const scalar_t* pg = gr.data_ptr<scalar_t>();
+      const scalar_t* pls = ls.data_ptr<scalar_t>();
+      const int64_t* pc = cst.data_ptr<int64_t>();
+      for (int64_t c0 = 0; c0 < c; c0 += bs) {
+        const int64_t cb = std::min(bs, c - c0);
+        auto dots = buf.narrow(0, 0, n * cb).view({n, cb});
+        auto wb = wc.narrow(0, c0, cb);
+        at::mm_out(dots, xc, wb.t());
+        scalar_t* pd = dots.data_ptr<scalar_t>();
+        at::parallel_for(0, n, grain_rows(cb), [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i)
+            rows.backward(i, pd + i * cb, pd + i * cb, c0, cb, pls[i], pc[i], pg[i] * rows.roww[i]);
+        });
+        if (need_x) gx.addmm_(dots, wb);
+        if (need_w) {
+          auto gwb = gw.narrow(0, c0, cb);
+          at::mm_out(gwb, dots.t(), xc);
+        }
+      }
+      if (need_x) project_rows<scalar_t>(gx, xc, rx);
+      if (need_w) project_rows<scalar_t>(gw, wc, rw);
+    });
+  }
+  return {gx.to(x.scalar_type()), gw.to(w.scalar_type())};
+}
+
+// Forward with gradients (scalar reductions): rows tiled, each chunk's [rows, C]
+// dots computed once. row_weight already holds the reduction's scale; the
+// caller multiplies gx, gw by the incoming scalar gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> angular_ce_fused(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, const at::Tensor& row_weight,
+    const at::Tensor& margin, int64_t kind, double s, double m1, double m2, double m3,
+    double elm_lambda, double th, double offset, int64_t ignore_index, int64_t row_block,
+    bool need_x, bool need_w) {
+  check_xw(x, w);
+  const int64_t n = x.size(0), c = w.size(0);
+  check_common(labels, row_weight, margin, n, c, ignore_index);
+  const Cfg g = make_cfg(kind, s, m1, m2, m3, elm_lambda, th, offset, ignore_index);
+  const auto ct = compute_type(x);
+  auto xc = x.to(ct).contiguous(), wc = w.to(ct).contiguous();
+  auto lab = labels.contiguous();
+  auto roww = row_weight.to(ct).contiguous(), marg = margin.to(ct).contiguous();
+  auto loss = at::zeros({n}, xc.options());
+  auto gx = at::zeros_like(xc), gw = at::zeros_like(wc);
+  if (n == 0) return {loss, gx, gw};
+  auto rx = row_inv_norm_cpu(xc, kNormEps), rw = row_inv_norm_cpu(wc, kNormEps);
+  const int64_t rb = std::max<int64_t>(1, std::min(row_block, n));
+  auto buf = at::empty({rb * c}, xc.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "angular_ce_fused", [&] {
+    auto rows = make_rows<scalar_t>(lab, roww, marg, rx, rw, g, c);
+    rows.init(n);
+    scalar_t* pl = loss.data_ptr<scalar_t>();
+    for (int64_t r0 = 0; r0 < n; r0 += rb) {
+      const int64_t nr = std::min(rb, n - r0);
+      auto dots = buf.narrow(0, 0, nr * c).view({nr, c});
+      auto xb = xc.narrow(0, r0, nr);
+      at::mm_out(dots, xb, wc.t());
+      scalar_t* pd = dots.data_ptr<scalar_t>();
+      at::parallel_for(0, nr, grain_rows(c), [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k) {
+          const int64_t i = r0 + k;
+          rows.forward(i, pd + k * c, 0, c);
+          const scalar_t lse = rows.finish(i, pl + i);
+          rows.backward(i, pd + k * c, pd + k * c, 0, c, lse, rows.cstar[i], rows.roww[i]);
+        }
+      });
+      if (need_x) {
+        auto gxb = gx.narrow(0, r0, nr);
+        at::mm_out(gxb, dots, wc);
+      }
+      if (need_w) gw.addmm_(dots.t(), xb);
+    }
+    if (need_x) project_rows<scalar_t>(gx, xc, rx);
+    if (need_w) project_rows<scalar_t>(gw, wc, rw);
+  });
+  return {loss, gx.to(x.scalar_type()), gw.to(w.scalar_type())};
+}
+
+// ------------------------------------------------------------ ops: precomputed cosines
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_ce_fwd(
+    const at::Tensor& cos, const at::Tensor& labels, const at::Tensor& row_weight,
+    const at::Tensor& margin, int64_t kind, double s, double m1, double m2, double m3,
+    double elm_lambda, double th, double offset, int64_t ignore_index) {
+  TORCH_CHECK(cos.dim() == 2 && cos.is_floating_point() && cos.device().is_cpu(),
+              "margin_cross_entropy_from_cosine: cosine must be a 2-D floating CPU tensor");
+  const int64_t n = cos.size(0), c = cos.size(1);
+  check_common(labels, row_weight, margin, n, c, ignore_index);
+  const Cfg g = make_cfg(kind, s, m1, m2, m3, elm_lambda, th, offset, ignore_index);
+  const auto ct = compute_type(cos);
+  auto cc = cos.to(ct).contiguous();
+  auto lab = labels.contiguous();
+  auto roww = row_weight.to(ct).contiguous(), marg = margin.to(ct).contiguous();
+  auto loss = at::zeros({n}, cc.options()), lse = at::zeros({n}, cc.options());
+  auto cstar = at::full({n}, -1, lab.options());
+  if (n == 0) return {loss, lse, cstar};
+  auto ones_n = at::ones({n}, cc.options()), ones_c = at::ones({c}, cc.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "cosine_ce_fwd", [&] {
+    auto rows = make_rows<scalar_t>(lab, roww, marg, ones_n, ones_c, g, c);
+    rows.init(n);
+    const scalar_t* pd = cc.data_ptr<scalar_t>();
+    scalar_t* pl = loss.data_ptr<scalar_t>();
+    scalar_t* ps = lse.data_ptr<scalar_t>();
+    int64_t* pc = cstar.data_ptr<int64_t>();
+    at::parallel_for(0, n, grain_rows(c), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        rows.forward(i, pd + i * c, 0, c);
+        ps[i] = rows.finish(i, pl + i);
+        pc[i] = rows.cstar[i];
+      }
+    });
+  });
+  return {loss, lse, cstar};
+}
+
+at::Tensor cosine_ce_bwd(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& labels,
+                         const at::Tensor& row_weight, const at::Tensor& margin,
+                         const at::Tensor& lse, const at::Tensor& cstar, int64_t kind, double s,
+                         double m1, double m2, double m3, double elm_lambda, double th,
+                         double offset, int64_t ignore_index) {
+  TORCH_CHECK(cos.dim() == 2 && cos.is_floating_point() && cos.device().is_cpu(),
+              "margin_cross_entropy_from_cosine: cosine must be a 2-D floating CPU tensor");
+  const int64_t n = cos.size(0), c = cos.size(1);
+  check_common(labels, row_weight, margin, n, c, ignore_index);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == n && lse.dim() == 1 && lse.size(0) == n &&
+                  cstar.dim() == 1 && cstar.size(0) == n && cstar.scalar_type() == at::kLong,
+              "cosine_ce_bwd: grad, lse and cstar must be [N]");
+  const Cfg g = make_cfg(kind, s, m1, m2, m3, elm_lambda, th, offset, ignore_index);
+  const auto ct = compute_type(cos);
+  auto cc = cos.to(ct).contiguous();
+  auto lab = labels.contiguous(), cst = cstar.contiguous();
+  auto roww = row_weight.to(ct).contiguous(), marg = margin.to(ct).contiguous();
+  auto gr = grad.to(ct).contiguous(), ls = lse.to(ct).contiguous();
+  auto out = at::empty_like(cc);
+  if (n == 0) return out.to(cos.scalar_type());
+  auto ones_n = at::ones({n}, cc.options()), ones_c = at::ones({c}, cc.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "cosine_ce_bwd", [&] {
+    auto rows = make_rows<scalar_t>(lab, roww, marg, ones_n, ones_c, g, c);
+    const scalar_t* pd = cc.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    const scalar_t* pg = gr.data_ptr<scalar_t>();
+    const scalar_t* pls = ls.data_ptr<scalar_t>();
+    const int64_t* pc = cst.data_ptr<int64_t>();
+    at::parallel_for(0, n, grain_rows(c), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        rows.backward(i, pd + i * c, po + i * c, 0, c, pls[i], pc[i], pg[i] * rows.roww[i]);
+    });
+  });
+  return out.to(cos.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fused_margin, m) {
+  // kind: 0 normface, 1 arcface, 2 cosface, 3 sphereface, 4 combined, 5 ldam, 6 elm, 7 arcgrad.
+  // row_weight: class weight of each row's target, 0 for ignored rows; margin: [1] or [C];
+  // (th, offset): reference.angular.combined_fallback(m1, m2). Returns per-row loss, lse, c*.
+  m.def("angular_ce_fwd(Tensor x, Tensor w, Tensor labels, Tensor row_weight, Tensor margin, "
+        "int kind, float s, float m1, float m2, float m3, float elm_lambda, float th, "
+        "float offset, int ignore_index, int block) -> (Tensor, Tensor, Tensor)");
+  m.def("angular_ce_bwd(Tensor grad, Tensor x, Tensor w, Tensor labels, Tensor row_weight, "
+        "Tensor margin, Tensor lse, Tensor cstar, int kind, float s, float m1, float m2, "
+        "float m3, float elm_lambda, float th, float offset, int ignore_index, int block, "
+        "bool need_x, bool need_w) -> (Tensor, Tensor)");
+  m.def("angular_ce_fused(Tensor x, Tensor w, Tensor labels, Tensor row_weight, Tensor margin, "
+        "int kind, float s, float m1, float m2, float m3, float elm_lambda, float th, "
+        "float offset, int ignore_index, int row_block, bool need_x, bool need_w) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("cosine_ce_fwd(Tensor cos, Tensor labels, Tensor row_weight, Tensor margin, int kind, "
+        "float s, float m1, float m2, float m3, float elm_lambda, float th, float offset, "
+        "int ignore_index) -> (Tensor, Tensor, Tensor)");
+  m.def("cosine_ce_bwd(Tensor grad, Tensor cos, Tensor labels, Tensor row_weight, Tensor margin, "
+        "Tensor lse, Tensor cstar, int kind, float s, float m1, float m2, float m3, "
+        "float elm_lambda, float th, float offset, int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fused_margin, CPU, m) {
+  m.impl("angular_ce_fwd", &angular_ce_fwd);
+  m.impl("angular_ce_bwd", &angular_ce_bwd);
+  m.impl("angular_ce_fused", &angular_ce_fused);
+  m.impl("cosine_ce_fwd", &cosine_ce_fwd);
+  m.impl("cosine_ce_bwd", &cosine_ce_bwd);
+}
+
+}  // namespace fused_margin

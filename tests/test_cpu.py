@@ -1,0 +1,299 @@
+"""The C++ CPU backend of margin_cross_entropy (csrc/angular.cpp, fused_margin/cpu.py):
+gradcheck per kind on both paths (forward + recomputing backward; forward with
+gradients), no N x C allocation, class tiling, edge cases, the ELM tie rule,
+and the kernel's own label check. Comparisons with the reference over every
+kind / dtype / reduction live in test_angular.py."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_margin as fm
+from fused_margin import dispatch
+from fused_margin.reference import angular as ref
+
+_ok, _why = dispatch._cpu_status()
+pytestmark = pytest.mark.skipif(not _ok, reason=_why)
+if _ok:
+    from fused_margin import cpu
+
+# Tolerances, named once: the cpu backend vs the reference, by input dtype.
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-3), torch.float16: dict(rtol=5e-3, atol=1e-3)}
+
+REDUCTIONS = ("mean", "sum", "none")
+PATHS = ("tiled", "fused")
+
+
+def cases(C):
+    """(id, keywords) for every kind; per-class margins where the kind takes them."""
+    dt = torch.float64
+    counts = torch.arange(C, 0, -1) * 2
+    camri = torch.zeros(C, dtype=dt)
+    camri[1] = 0.6
+    return [
+        ("normface", dict(kind="normface", s=8.0)),
+        ("arcface", dict(kind="arcface", s=8.0, m=0.5)),
+        ("camri", dict(kind="arcface", s=8.0, m=camri)),
+        ("cosface", dict(kind="cosface", s=8.0, m=0.35)),
+        ("cosface_vec", dict(kind="cosface", s=8.0, m=torch.linspace(0.1, 0.4, C, dtype=dt))),
+        ("sphereface", dict(kind="sphereface", s=8.0, m=1.7)),
+        ("combined", dict(kind="combined", s=8.0, m1=1.2, m2=0.3, m3=0.1)),
+        ("ldam", dict(kind="ldam", s=8.0, m=fm.ldam_margins(counts).to(dt))),
+        ("elm", dict(kind="elm", s=8.0, m=fm.ldam_margins(counts).to(dt), elm_lambda=0.5)),
+        ("arcgrad", dict(kind="arcgrad", s=3.0)),
+    ]
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """Small blocks so that every test crosses class (and row) tile boundaries."""
+    monkeypatch.setattr(cpu, "CLASS_BLOCK", 3)
+    monkeypatch.setattr(cpu, "ROW_BLOCK", 2)
+    monkeypatch.setattr(cpu, "FUSED", request.param == "fused")
+    return request.param
+
+
+def inputs(N, D, C, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    W = torch.randn(C, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    return x.to(dtype), W.to(dtype), y
+
+
+def run(backend, x, W, y, reduction="mean", upstream=None, **kw):
+    """(loss, grad x, grad W) of one backend on fresh leaves."""
+    xb, Wb = x.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    loss = fm.margin_cross_entropy(xb, Wb, y, reduction=reduction, backend=backend, **kw)
+    g = upstream if upstream is not None else torch.linspace(0.5, 1.5, loss.numel())
+    loss.backward(g.reshape(loss.shape).to(loss.dtype))
+    return loss.detach(), xb.grad, Wb.grad
+
+
+def assert_matches_reference(x, W, y, reduction="mean", **kw):
+    tol = TOL[x.dtype]
+    for got, want in zip(run("cpu", x, W, y, reduction, **kw), run("reference", x, W, y, reduction, **kw)):
+        assert got.dtype == want.dtype or got.dtype == x.dtype
+        torch.testing.assert_close(got.double(), want.double(), **tol)
+
+
+# ------------------------------------------------------------------ gradcheck
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("case", cases(7), ids=lambda c: c[0])
+def test_gradcheck(path, case):
+    _, kw = case
+    x, W, y = inputs(5, 4, 7)
+    y[3] = -100
+    cw = torch.rand(7, dtype=torch.float64) + 0.5
+    x.requires_grad_(True)
+    W.requires_grad_(True)
+    fn = lambda a, b: fm.margin_cross_entropy(a, b, y, class_weight=cw, backend="cpu", **kw)
+    assert torch.autograd.gradcheck(fn, (x, W))
+    fn_none = lambda a, b: fm.margin_cross_entropy(a, b, y, reduction="none", backend="cpu", **kw)
+    assert torch.autograd.gradcheck(fn_none, (x, W))
+
+
+@pytest.mark.parametrize("case", cases(7), ids=lambda c: c[0])
+def test_gradcheck_from_cosine(case):
+    _, kw = case
+    x, W, y = inputs(5, 4, 7)
+    y[1] = -100
+    cos = (ref.cosine(x, W) * 0.9).requires_grad_(True)
+    cw = torch.rand(7, dtype=torch.float64) + 0.5
+    fn = lambda c: fm.margin_cross_entropy_from_cosine(c, y, class_weight=cw, reduction="sum",
+                                                       backend="cpu", **kw)
+    assert torch.autograd.gradcheck(fn, (cos,))
+
+
+# ------------------------------------------------------------------ memory
+
+class _Sizes(TorchDispatchMode):
+    """Records the element count of every tensor an op returns, and the ops seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes, self.ops = [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(str(func.overloadpacket))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.sizes.append(t.numel())
+        return out
+
+
+def _record(backend, reduction):
+    N, D, C = 16, 8, 200
+    x, W, y = inputs(N, D, C, torch.float32)
+    x.requires_grad_(True)
+    W.requires_grad_(True)
+    with _Sizes() as rec:
+        loss = fm.margin_cross_entropy(x, W, y, kind="arcface", reduction=reduction,
+                                       backend=backend)
+        loss.backward(torch.ones_like(loss))
+    return rec, N * C
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_n_by_c_tensor(path, reduction):
+    rec, nc = _record("cpu", reduction)
+    assert any("angular_ce" in op for op in rec.ops)  # the kernels ran under the recorder
+    assert max(rec.sizes) < nc
+
+
+def test_allocation_recorder_sees_reference_n_by_c():
+    rec, nc = _record("reference", "mean")
+    assert max(rec.sizes) >= nc
+
+
+# ------------------------------------------------------------------ tiling and paths
+
+@pytest.mark.parametrize("case", cases(23), ids=lambda c: c[0])
+def test_block_size_and_path_do_not_change_results(case, monkeypatch):
+    _, kw = case
+    x, W, y = inputs(9, 5, 23)
+    y[2] = -100
+    results = []
+    for block, fused in ((1, False), (4, False), (23, False), (64, False), (4, True)):
+        monkeypatch.setattr(cpu, "CLASS_BLOCK", block)
+        monkeypatch.setattr(cpu, "ROW_BLOCK", block)
+        monkeypatch.setattr(cpu, "FUSED", fused)
+        results.append(run("cpu", x, W, y, "sum", upstream=torch.tensor(1.0), **kw))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_matches_reference(x, W, y, "sum", **kw)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
+def test_dtypes(path, dtype):
+    x, W, y = inputs(11, 6, 13, dtype)
+    loss, gx, gW = run("cpu", x, W, y, "mean", kind="arcface", s=8.0)
+    assert loss.dtype == ref.compute_dtype(dtype) and gx.dtype == dtype and gW.dtype == dtype
+    assert_matches_reference(x, W, y, "mean", kind="arcface", s=8.0)
+
+
+# ------------------------------------------------------------------ edge cases
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("case", cases(7), ids=lambda c: c[0])
+def test_theta_zero_and_zero_vectors(path, case):
+    _, kw = case
+    x, W, y = inputs(6, 4, 7)
+    x[0] = 3.0 * W[y[0]]  # theta = 0
+    x[1] = -W[y[1]]  # theta = pi
+    x[2] = 0.0
+    W[6] = 0.0
+    loss, gx, gW = run("cpu", x, W, y, "sum", **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(gx).all() and torch.isfinite(gW).all()
+    assert not gx[2].any() and not gW[6].any()
+    assert_matches_reference(x, W, y, "sum", **kw)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_and_all_ignored(path, reduction):
+    for N, label in ((0, 0), (5, -100)):
+        x, W, _ = inputs(N, 4, 7, torch.float32)
+        y = torch.full((N,), label, dtype=torch.long)
+        loss, gx, gW = run("cpu", x, W, y, reduction, kind="elm", m=0.2)
+        assert loss.shape == ((N,) if reduction == "none" else ())
+        assert loss.dtype == torch.float32 and not loss.any()
+        assert gx.shape == (N, 4) and gW.shape == (7, 4) and not gx.any() and not gW.any()
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_zero_class_weights_mean_is_zero(path):
+    x, W, y = inputs(5, 4, 7)
+    loss, gx, gW = run("cpu", x, W, y, "mean", class_weight=torch.zeros(7, dtype=torch.float64))
+    assert loss == 0 and not gx.any() and not gW.any()
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_single_class(path):
+    x, W, y = inputs(4, 3, 1)
+    for kind in ("arcface", "elm", "arcgrad"):
+        assert_matches_reference(x, W, y, "none", kind=kind, s=4.0)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_non_contiguous_inputs(path):
+    x, W, y = inputs(10, 12, 9)
+    xs = torch.stack([x, -x], 2).reshape(10, 24)[:, ::2]  # strided columns
+    Ws = W.T.contiguous().T  # column-major
+    ys = torch.stack([y, y], 1)[:, 0]
+    assert not xs.is_contiguous() and not Ws.is_contiguous() and not ys.is_contiguous()
+    cw = (torch.rand(18, dtype=torch.float64) + 0.5)[::2]
+    kw = dict(kind="elm", s=8.0, m=torch.linspace(0.1, 0.5, 18, dtype=torch.float64)[::2],
+              class_weight=cw)
+    want = run("cpu", x, W, y, "mean", **kw)
+    for got, w in zip(run("cpu", xs, Ws, ys, "mean", **kw), want):
+        torch.testing.assert_close(got, w, rtol=1e-12, atol=1e-12)
+    assert_matches_reference(xs, Ws, ys, "mean", **kw)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_elm_tie_takes_first_index(path):
+    # classes 1 and 4 are the same direction and the nearest non-target class; with
+    # CLASS_BLOCK = 3 they sit in different tiles. c* must be 1, the first index.
+    W = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-1.0, 0.0], [0.0, -1.0], [0.6, 0.8]],
+                     dtype=torch.float64)
+    x = torch.tensor([[0.9, 0.3]], dtype=torch.float64)
+    y = torch.tensor([0])
+    m = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.5], dtype=torch.float64)
+    kw = dict(kind="elm", s=4.0, m=m, elm_lambda=1.0, reduction="none")
+    got = fm.margin_cross_entropy(x, W, y, backend="cpu", **kw)
+    cos = ref.cosine(x, W)[0]
+    logits = 4.0 * cos
+    for cstar, match in ((1, True), (4, False)):
+        logits[0] = 4.0 * (cos[0] - m[0] + m[cstar])
+        want = torch.logsumexp(logits, 0) - logits[0]
+        assert torch.allclose(got[0], want, rtol=1e-12) == match
+    assert_matches_reference(x, W, y, kind="elm", s=4.0, m=m, elm_lambda=1.0)
+
+
+def test_kernel_rejects_out_of_range_labels():
+    # functional.py validates first; the kernel checks again rather than read past W
+    x, W = torch.randn(3, 4), torch.randn(5, 4)
+    w, marg = torch.ones(3), torch.full((1,), 0.5)
+    args = (cpu.KIND_CODES["arcface"], 8.0, 1.0, 0.0, 0.0, 0.5, 0.0, 0.0, -100)
+    for bad in (5, -1, 1 << 40):
+        y = torch.tensor([0, bad, 2])
+        with pytest.raises(RuntimeError, match="outside"):
+            torch.ops.fused_margin.angular_ce_fwd(x, W, y, w, marg, *args, 2)
+        with pytest.raises(RuntimeError, match="outside"):
+            torch.ops.fused_margin.angular_ce_fused(x, W, y, w, marg, *args, 2, True, True)
+        with pytest.raises(RuntimeError, match="outside"):
+            torch.ops.fused_margin.cosine_ce_fwd(x @ W.T, y, w, marg, *args)
+    y = torch.tensor([0, -100, 2])  # ignore_index itself is fine
+    torch.ops.fused_margin.angular_ce_fwd(x, W, y, w, marg, *args, 2)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_gradient_to_one_input_only(path):
+    x, W, y = inputs(7, 5, 11)
+    _, gx_want, gW_want = run("cpu", x, W, y, "sum", upstream=torch.tensor(2.0), kind="cosface")
+    for which in (0, 1):
+        xb, Wb = x.clone().requires_grad_(which == 0), W.clone().requires_grad_(which == 1)
+        loss = fm.margin_cross_entropy(xb, Wb, y, reduction="sum", kind="cosface", backend="cpu")
+        (2 * loss).backward()
+        got, other = (xb, Wb) if which == 0 else (Wb, xb)
+        assert other.grad is None
+        torch.testing.assert_close(got.grad, gx_want if which == 0 else gW_want, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_path_retained_graph(monkeypatch):
+    # the first backward hands over the gradients formed in the forward pass; a
+    # second one through the retained graph recomputes them
+    monkeypatch.setattr(cpu, "FUSED", True)
+    x, W, y = inputs(4, 3, 5)
+    x.requires_grad_(True)
+    loss = fm.margin_cross_entropy(x, W, y, backend="cpu")
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(3 * loss, x)
+    torch.testing.assert_close(g2, 3 * g1, rtol=1e-12, atol=1e-12)
