@@ -5,8 +5,12 @@ it is set here, at collection time, when no CUDA device is present.
 """
 import os
 
+from typing import NamedTuple
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -41,3 +45,38 @@ def device_for(backend: str) -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class Alloc(NamedTuple):
+    op: str
+    shape: tuple
+    numel: int
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records every tensor an op returns while active, for the no-N x C / no-N x N
+    memory tests. uint8 tensors are left out: the Triton interpreter copies kernel
+    arguments as raw byte buffers, which no GPU run allocates and no op of ours makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.allocs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dtype != torch.uint8:
+                self.allocs.append(Alloc(str(func.overloadpacket), tuple(t.shape), t.numel()))
+        return out
+
+    @property
+    def ops(self):
+        return {a.op for a in self.allocs}
+
+    @property
+    def shapes(self):
+        return [a.shape for a in self.allocs]
+
+    @property
+    def sizes(self):
+        return [a.numel for a in self.allocs]

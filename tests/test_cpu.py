@@ -5,11 +5,12 @@ and the kernel's own label check. Comparisons with the reference over every
 kind / dtype / reduction live in test_angular.py."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_margin as fm
 from fused_margin import dispatch
 from fused_margin.reference import angular as ref
+
+from conftest import AllocationRecorder
 
 _ok, _why = dispatch._cpu_status()
 pytestmark = pytest.mark.skipif(not _ok, reason=_why)
@@ -108,28 +109,12 @@ def test_gradcheck_from_cosine(case):
 
 # ------------------------------------------------------------------ memory
 
-class _Sizes(TorchDispatchMode):
-    """Records the element count of every tensor an op returns, and the ops seen."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes, self.ops = [], set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops.add(str(func.overloadpacket))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.sizes.append(t.numel())
-        return out
-
-
 def _record(backend, reduction):
     N, D, C = 16, 8, 200
     x, W, y = inputs(N, D, C, torch.float32)
     x.requires_grad_(True)
     W.requires_grad_(True)
-    with _Sizes() as rec:
+    with AllocationRecorder() as rec:
         loss = fm.margin_cross_entropy(x, W, y, kind="arcface", reduction=reduction,
                                        backend=backend)
         loss.backward(torch.ones_like(loss))

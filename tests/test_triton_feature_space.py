@@ -8,11 +8,12 @@ import inspect
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_margin import dispatch
 from fused_margin.reference import feature_space as ref
 from fused_margin.triton import feature_space as tfs
+
+from conftest import AllocationRecorder
 
 _ok, _why = dispatch._status("triton")
 pytestmark = pytest.mark.skipif(not _ok, reason=_why)
@@ -232,23 +233,6 @@ def test_empty_and_single_sample(n):
 
 # --------------------------------------------------------------------------- memory
 
-class _Sizes(TorchDispatchMode):
-    """Records the shape of every tensor an op creates. uint8 tensors are left out:
-    the interpreter copies kernel arguments as raw byte buffers (8 bytes per int64
-    index), which no GPU run allocates; no op here creates uint8 data itself."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and t.dtype != torch.uint8:
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 @pytest.mark.parametrize("op", ["snn", "knn_std", "sigma2r", "hard", "semihard", "all"])
 def test_no_n_by_n_allocation(op):
     n, d, k = 64, 3, 8
@@ -265,13 +249,13 @@ def test_no_n_by_n_allocation(op):
         "semihard": lambda: tfs.triplet_margin_loss(x, y, mining="semihard"),
         "all": lambda: tfs.triplet_margin_loss(x, y, mining="all"),
     }[op]
-    with _Sizes() as rec:
+    with AllocationRecorder() as rec:
         run().backward()
     assert rec.shapes, "nothing recorded"
     big = [s for s in rec.shapes if torch.Size(s).numel() >= n * n]
     assert not big, f"{op} allocated N x N-sized tensors: {big}"
     # the same recorder does see the reference's N x N matrices
-    with _Sizes() as rec:
+    with AllocationRecorder() as rec:
         ref.soft_nearest_neighbor_loss(x, y).backward()
     assert (n, n) in rec.shapes
 
