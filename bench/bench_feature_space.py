@@ -1,0 +1,236 @@
+"""CPU benchmark of the feature-space kernels (fp32, forward + backward):
+triplet_margin_loss (semi-hard mining, l2) and soft_nearest_neighbor_loss.
+
+Each (workload, provider) runs in its own subprocess so that its peak memory
+can be read from ru_maxrss: "extra peak" is ru_maxrss at the end minus
+ru_maxrss right after set-up (the backend warmed up on a 16-sample batch, the
+inputs built). Providers:
+  cpu    the C++ backend (csrc/feature_space.cpp)
+  eager  the PyTorch reference (fused_margin/reference/feature_space.py)
+
+    python bench/bench_feature_space.py                  # N=1024 D=128 10 classes
+    python bench/bench_feature_space.py --repeats 3 --threads 1
+    python bench/bench_feature_space.py --threads 0,1      # default threads, then 1 (default)
+
+Writes bench/results/feature_space_cpu.json and .png and prints a Markdown
+table. Not a test: nothing here asserts on time. The machine may be shared:
+the load average before and after each run is recorded with it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+WORKLOADS = ("triplet_semihard", "soft_nn")
+PROVIDERS = ("cpu", "eager")
+# the targets of the issue: (speed-up over eager, extra peak as a fraction of eager's)
+TARGETS = {"triplet_semihard": (3.0, None), "soft_nn": (2.0, 0.1)}
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def worker(workload: str, provider: str, args) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import fused_margin as fm
+
+    backend = "cpu" if provider == "cpu" else "reference"
+
+    def make_step(x, y):
+        if workload == "triplet_semihard":
+            return lambda: fm.triplet_margin_loss(x, y, margin=0.2, mining="semihard",
+                                                  distance="l2", backend=backend).backward()
+        if workload == "soft_nn":
+            return lambda: fm.soft_nearest_neighbor_loss(x, y, temperature=1.0,
+                                                         backend=backend).backward()
+        raise ValueError(workload)
+
+    torch.manual_seed(0)
+    # set-up includes one call on a tiny batch, so that loading the backend and
+    # starting the BLAS / OpenMP pools is not counted as the op's memory
+    make_step(torch.randn(16, args.D, requires_grad=True), torch.arange(16) % 4)()
+    x = torch.randn(args.N, args.D, requires_grad=True)
+    y = torch.randint(0, args.classes, (args.N,))
+    step = make_step(x, y)
+
+    load_before = os.getloadavg()
+    base = _maxrss_mb()
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        x.grad = None
+        step()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+        x.grad = None
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    peak = _maxrss_mb()
+    return dict(workload=workload, provider=provider, min_s=min(times),
+                median_s=statistics.median(times), times_s=times, warmup_s=first,
+                rss_after_setup_mb=base, rss_peak_mb=peak, extra_peak_mb=peak - base,
+                threads=torch.get_num_threads(), loadavg_before=load_before,
+                loadavg_after=os.getloadavg())
+
+
+def machine() -> dict:
+    import torch
+
+    info = dict(platform=platform.platform(), processor=platform.processor(),
+                python=platform.python_version(), torch=torch.__version__,
+                torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        keep = ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "L2 cache",
+                "L3 cache", "Vendor ID", "Hypervisor vendor")
+        info["lscpu"] = {k.strip(): v.strip() for k, v in
+                         (line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+                         if k.strip() in keep}
+    except Exception as exc:  # noqa: BLE001
+        info["lscpu"] = f"unavailable: {exc}"
+    info["loadavg_at_start"] = os.getloadavg()
+    return info
+
+
+def run_one(workload: str, provider: str, threads: int, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{workload}:{provider}",
+           "--N", str(args.N), "--D", str(args.D), "--classes", str(args.classes),
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+           "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr or proc.stdout).strip().splitlines()
+        return dict(workload=workload, provider=provider, threads=threads,
+                    error=" | ".join(err[-3:]) if err else f"exit status {proc.returncode}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def table(rows) -> str:
+    out = ["| workload | threads | provider | min (s) | median (s) | speed-up vs eager (min) | "
+           "extra peak (MB) | % of eager's extra peak |", "|---|---|---|---|---|---|---|---|"]
+    eager = {(r["workload"], r["threads"]): r for r in rows
+             if r["provider"] == "eager" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['workload']} | {r['threads']} | {r['provider']} | "
+                       f"failed: {r['error'][:100]} | | | | |")
+            continue
+        e = eager.get((r["workload"], r["threads"]))
+        su = f"{e['min_s'] / r['min_s']:.1f}x" if e else "-"
+        pm = (f"{100 * r['extra_peak_mb'] / e['extra_peak_mb']:.1f}"
+              if e and e["extra_peak_mb"] > 0 else "-")
+        out.append(f"| {r['workload']} | {r['threads']} | {r['provider']} | {r['min_s']:.4f} | "
+                   f"{r['median_s']:.4f} | {su} | {r['extra_peak_mb']:.1f} | {pm} |")
+    return "\n".join(out)
+
+
+def targets(rows) -> dict:
+    by = {(r["workload"], r["provider"], r["threads"]): r for r in rows if "error" not in r}
+    out = {}
+    for th in sorted({r["threads"] for r in rows if "error" not in r}):
+        for w, (speed, mem) in TARGETS.items():
+            c, e = by.get((w, "cpu", th)), by.get((w, "eager", th))
+            if not (c and e):
+                continue
+            key = f"{w}, {th} threads"
+            out[f"{key}: >= {speed:g}x faster than eager (min time)"] = (e["min_s"]
+                                                                          >= speed * c["min_s"])
+            if mem is not None:
+                out[f"{key}: extra peak <= {mem:g} x eager's"] = (c["extra_peak_mb"]
+                                                                   <= mem * e["extra_peak_mb"])
+    return out
+
+
+def plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    short = {"triplet_semihard": "semihard", "soft_nn": "soft NN"}
+    names = [f"{short.get(r['workload'], r['workload'])}\n{r['provider']}, {r['threads']}t"
+             for r in ok]
+    colors = ["tab:blue" if r["provider"] == "cpu" else "tab:gray" for r in ok]
+    axes[0].bar(names, [r["median_s"] for r in ok], color=colors, label="median")
+    axes[0].scatter(names, [r["min_s"] for r in ok], color="black", zorder=3, label="min")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("seconds per forward + backward (log)")
+    axes[0].legend()
+    axes[1].bar(names, [max(r["extra_peak_mb"], 0.01) for r in ok], color=colors)
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("extra peak RSS (MB, log)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--N", type=int, default=1024)
+    p.add_argument("--D", type=int, default=128)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", default="0,1",
+                   help="comma list of torch thread counts, 0: torch's default")
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--timeout", type=int, default=1200, help="seconds per run")
+    p.add_argument("--out", default=os.path.join(RESULTS, "feature_space_cpu"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        workload, provider = args.worker.split(":")
+        args.threads = int(args.threads)
+        print("RESULT " + json.dumps(worker(workload, provider, args)), flush=True)
+        return
+
+    rows = []
+    for th in [int(t) for t in args.threads.split(",")]:
+        for w in args.workloads.split(","):
+            for prov in args.providers.split(","):
+                print(f"running {w} / {prov} / threads={th} ...", file=sys.stderr, flush=True)
+                rows.append(run_one(w, prov, th, args))
+                print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    md = table(rows)
+    title = (f"feature-space losses fp32 fwd+bwd, N={args.N} D={args.D} "
+             f"{args.classes} classes, {os.cpu_count()} CPUs shared with other jobs")
+    met = targets(rows)
+    info = dict(title=title, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                machine=machine(), shape=dict(N=args.N, D=args.D, classes=args.classes),
+                repeats=args.repeats, warmup=args.warmup, results=rows, targets=met,
+                markdown=md)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(info, f, indent=2)
+    plot(rows, args.out + ".png", title)
+    print(f"### {title}\n")
+    print(md)
+    print("\n" + "\n".join(f"- {k}: {'met' if v else 'NOT met'}" for k, v in met.items()))
+    print(f"\nwrote {args.out}.json and {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()
