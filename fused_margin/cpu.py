@@ -189,9 +189,9 @@ from typing import Tuple  # noqa: E402
 
 from .reference import feature_space as _fs  # noqa: E402
 
-# Rows of the pairwise-distance matrix per GEMM (scratch FS_ROW_BLOCK x N); tests
-# shrink it to exercise the tiling.
-FS_ROW_BLOCK = int(os.environ.get("FUSED_MARGIN_CPU_FS_ROW_BLOCK", "256"))
+# Rows of the pairwise-distance matrix per GEMM: each thread holds one
+# FS_ROW_BLOCK x N scratch. Tests shrink it to exercise the tiling.
+FS_ROW_BLOCK = int(os.environ.get("FUSED_MARGIN_CPU_FS_ROW_BLOCK", "64"))
 DISTANCE_CODES = {"l2": 0, "squared_l2": 1, "cosine": 2}
 
 
@@ -377,8 +377,8 @@ def contrastive_center_loss(features: torch.Tensor, labels: torch.Tensor, center
 # (csrc/sinkhorn.cpp). The CE kernels return per-row losses and, when a
 # gradient is needed, dloss/dlogits for a unit upstream gradient (saved, scaled
 # by the per-row grad_output in backward). Sinkhorn returns the log potentials
-# F, G (scaled by 1/eps) of the reference's iteration; plans and costs are
-# formed from them. Gradients of the Wasserstein loss (distribution targets)
+# F, G (scaled by 1/eps) of the reference's iteration and, on request, the
+# plans; the Wasserstein costs and backward's plans are formed from F, G. Gradients of the Wasserstein loss (distribution targets)
 # are implicit, not unrolled: entropic=True: the envelope theorem, d/dh = eps F,
 # d/db = eps G, d/dC = T; entropic=False (<T, C>, T the entropic plan):
 # implicit differentiation of the optimality conditions (_ot_cost_grads). Only
@@ -413,7 +413,7 @@ class _CostSensitiveCE(torch.autograd.Function):
             loss, term, g = ops.crwwce_fwd(z, labels, fn_weight, fp_weight, ignore_index, need)
         ctx.save_for_backward(g, term, labels, z if (fp_weight is not None and
                                                       ctx.needs_input_grad[3]) else None)
-        ctx.ignore_index = ignore_index
+        ctx.ignore_index, ctx.k = ignore_index, z.shape[1]
         ctx.wce = fp_weight is None
         return loss
 
@@ -422,7 +422,7 @@ class _CostSensitiveCE(torch.autograd.Function):
     def backward(ctx, grad):
         g, term, labels, z = ctx.saved_tensors
         valid = labels != ctx.ignore_index
-        k = g.shape[1] if g.dim() == 2 else 0
+        k = ctx.k
         gz = g * grad[:, None] if ctx.needs_input_grad[0] else None
         gfn = gfp = None
         if ctx.needs_input_grad[2]:
