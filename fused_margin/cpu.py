@@ -316,13 +316,8 @@ def sigma2r_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Te
                  w_k: torch.Tensor, *, n_neighbors: int = 7, z: float = 40.0, eps: float = 1e-3,
                  reduction: str = "mean") -> torch.Tensor:
     # the reference's O(N D) formula (Eq. 8-10) on top of the kernel's k-NN stds
-    dt = _fs.compute_dtype(features.dtype)
-    x, c = features.to(dt), centers.to(dt)
-    sigma_x, sigma_c = knn_std(x, labels, c, n_neighbors=n_neighbors)
-    k = eps + z * torch.sigmoid(w_k.to(dt))
-    beta = z * torch.sigmoid(k[labels] * (sigma_x - sigma_c[labels]))
-    per = beta * ((x - c[labels]) ** 2).sum(1)
-    return reduce_loss(per, torch.ones_like(per), reduction)
+    return _fs.sigma2r_with(knn_std, features, labels, centers, w_k, n_neighbors=n_neighbors,
+                            z=z, eps=eps, reduction=reduction)
 
 
 # centre losses: per-sample terms from the kernels; contrastive_center_loss

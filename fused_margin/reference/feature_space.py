@@ -143,9 +143,18 @@ def sigma2r_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Te
     """Eq. 8-10: beta_i * ||x_i - c_{y_i}||^2 per sample, mean over samples, with
     beta_i = z * sigmoid(K_{y_i} (sigma_x[i] - sigma_c[y_i])), K = eps + z * sigmoid(w_k).
     Gradients reach features, centers and w_k, also through the stds."""
+    return sigma2r_with(knn_std, features, labels, centers, w_k, n_neighbors=n_neighbors, z=z,
+                        eps=eps, reduction=reduction)
+
+
+def sigma2r_with(knn_std_fn, features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+                 w_k: torch.Tensor, *, n_neighbors: int, z: float, eps: float,
+                 reduction: str) -> torch.Tensor:
+    """sigma^2R's O(N D) formula on the stds of `knn_std_fn` (a backend's k-NN
+    std with knn_std's signature): the fused backends share this with the reference."""
     dt = compute_dtype(features.dtype)
     x, c = features.to(dt), centers.to(dt)
-    sigma_x, sigma_c = knn_std(x, labels, c, n_neighbors=n_neighbors)
+    sigma_x, sigma_c = knn_std_fn(x, labels, c, n_neighbors=n_neighbors)
     k = eps + z * torch.sigmoid(w_k.to(dt))
     beta = z * torch.sigmoid(k[labels] * (sigma_x - sigma_c[labels]))
     per = beta * ((x - c[labels]) ** 2).sum(1)

@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.feature_space import _std_with, compute_dtype, safe_sqrt
+from ..reference.feature_space import _std_with, compute_dtype, safe_sqrt, sigma2r_with
 from ..reference.reduction import reduce_loss
 from ..reference import feature_space as _ref
 
@@ -399,13 +399,11 @@ def sigma2r(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
             blocks: Optional[Blocks] = None) -> torch.Tensor:
     """sigma2r_loss with tile sizes `blocks` (tests); the reference's formula on
     this backend's stds."""
-    dt = compute_dtype(features.dtype)
-    x, c = features.to(dt), centers.to(dt)
-    sigma_x, sigma_c = knn_stds(x, labels, c, n_neighbors=n_neighbors, blocks=blocks)
-    k = eps + z * torch.sigmoid(w_k.to(dt))
-    beta = z * torch.sigmoid(k[labels] * (sigma_x - sigma_c[labels]))
-    per = beta * ((x - c[labels]) ** 2).sum(1)
-    return reduce_loss(per, torch.ones_like(per), reduction)
+    def stds(x, y, c, *, n_neighbors):
+        return knn_stds(x, y, c, n_neighbors=n_neighbors, blocks=blocks)
+
+    return sigma2r_with(stds, features, labels, centers, w_k, n_neighbors=n_neighbors, z=z,
+                        eps=eps, reduction=reduction)
 
 
 # ------------------------------------------------------------------------- triplet
