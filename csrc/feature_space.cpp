@@ -41,45 +41,17 @@
 #include <unordered_map>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace fused_margin {
 namespace {
 
 enum Distance : int64_t { L2 = 0, SQUARED_L2 = 1, COSINE = 2 };
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FS_CLONES
-#endif
-#define FS_INLINE inline __attribute__((always_inline))
-
-// Cephes expf, branch-free so that the row loops vectorise (as in angular.cpp);
-// 0 below -87.3 and at -inf. float64 keeps std::exp (gradcheck).
-FS_INLINE float exp_f32(float x) {
-  const float lo = -87.3365447504f, hi = 88.0f;
-  const float xc = std::max(lo, std::min(hi, x));
-  const float magic = 12582912.0f;  // round to nearest without std::floor
-  float n = (xc * 1.44269504088896341f + magic) - magic;
-  float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  float y = p * (r * r) + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(float));
-  const float res = y * scale;
-  return x < lo ? 0.0f : res;
-}
-FS_INLINE float exp_any(float x) { return exp_f32(x); }
-FS_INLINE double exp_any(double x) { return std::exp(x); }
 
 // Soft NN forward, row i: Gram row -> logits -d_ij / T (-inf at j = i); returns their max.
 template <typename T>
-FS_INLINE T snn_logits_t(T* row, int64_t i, int64_t n, const T* sq, T temp) {
+FM_INLINE T snn_logits_t(T* row, int64_t i, int64_t n, const T* sq, T temp) {
   const T sqi = sq[i];
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
@@ -94,7 +66,7 @@ FS_INLINE T snn_logits_t(T* row, int64_t i, int64_t n, const T* sq, T temp) {
 }
 
 template <typename T>
-FS_INLINE T sum_exp_t(const T* row, int64_t n, T m) {
+FM_INLINE T sum_exp_t(const T* row, int64_t n, T m) {
   T acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) acc += exp_any(row[j] - m);
@@ -104,7 +76,7 @@ FS_INLINE T sum_exp_t(const T* row, int64_t n, T m) {
 // Soft NN backward, row i: Gram row -> c_all * p_all_ij where the clamp passes
 // the gradient (raw >= 0), 0 elsewhere and at j = i; returns the row sum.
 template <typename T>
-FS_INLINE T snn_grad_row_t(T* row, int64_t i, int64_t n, const T* sq, T temp, T lse_all,
+FM_INLINE T snn_grad_row_t(T* row, int64_t i, int64_t n, const T* sq, T temp, T lse_all,
                            T c_all) {
   const T sqi = sq[i];
   T rs = 0;
@@ -119,13 +91,13 @@ FS_INLINE T snn_grad_row_t(T* row, int64_t i, int64_t n, const T* sq, T temp, T 
   return rs;
 }
 
-FS_CLONES float snn_logits_f32(float* row, int64_t i, int64_t n, const float* sq, float temp) {
+FM_CLONES float snn_logits_f32(float* row, int64_t i, int64_t n, const float* sq, float temp) {
   return snn_logits_t<float>(row, i, n, sq, temp);
 }
-FS_CLONES float sum_exp_f32(const float* row, int64_t n, float m) {
+FM_CLONES float sum_exp_f32(const float* row, int64_t n, float m) {
   return sum_exp_t<float>(row, n, m);
 }
-FS_CLONES float snn_grad_row_f32(float* row, int64_t i, int64_t n, const float* sq, float temp,
+FM_CLONES float snn_grad_row_f32(float* row, int64_t i, int64_t n, const float* sq, float temp,
                                  float lse_all, float c_all) {
   return snn_grad_row_t<float>(row, i, n, sq, temp, lse_all, c_all);
 }
@@ -151,7 +123,7 @@ T snn_grad_row(T* row, int64_t i, int64_t n, const T* sq, T temp, T lse_all, T c
 // into g (one thread's accumulator). For cosine the gradient is w.r.t. u = x /
 // ||x|| scaled by 1/||x_i|| (the normalisation Jacobian is applied later).
 template <typename T>
-FS_INLINE void pair_grad_t(const T* x, const T* sq, const T* inv, const int64_t* a,
+FM_INLINE void pair_grad_t(const T* x, const T* sq, const T* inv, const int64_t* a,
                            const int64_t* b, const T* w, int64_t s, int64_t e, int64_t d,
                            int64_t distance, T* g) {
   for (int64_t t = s; t < e; ++t) {
@@ -190,7 +162,7 @@ FS_INLINE void pair_grad_t(const T* x, const T* sq, const T* inv, const int64_t*
   }
 }
 
-FS_CLONES void pair_grad_f32(const float* x, const float* sq, const float* inv, const int64_t* a,
+FM_CLONES void pair_grad_f32(const float* x, const float* sq, const float* inv, const int64_t* a,
                              const int64_t* b, const float* w, int64_t s, int64_t e, int64_t d,
                              int64_t distance, float* g) {
   pair_grad_t<float>(x, sq, inv, a, b, w, s, e, d, distance, g);
