@@ -22,6 +22,8 @@ import math
 import os
 import sys
 
+from common import cuda_measure
+
 METHODS = ("triton", "eager", "compile", "floor")
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
@@ -85,34 +87,8 @@ def _setup(method, N, D, C, dtype, kind, s, m):
 
 def measure(method, N, D, C, dtype, args):
     """{"ms", "ms_p20", "ms_p80", "peak_mb"}, or {"error": "OOM" / message}."""
-    import torch
-    import triton.testing
-
-    torch.cuda.empty_cache()
-    try:
-        step, grads = _setup(method, N, D, C, dtype, args.kind, args.s, args.m)
-        step()  # compile / autotune outside the measurements
-        torch.cuda.synchronize()
-        for t in grads or []:
-            t.grad = None
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        for t in grads or []:
-            t.grad = None
-        ms, p20, p80 = triton.testing.do_bench(step, warmup=args.warmup, rep=args.rep,
-                                               grad_to_none=grads, quantiles=[0.5, 0.2, 0.8])
-        return {"ms": ms, "ms_p20": p20, "ms_p80": p80, "peak_mb": peak}
-    except torch.cuda.OutOfMemoryError:
-        return {"error": "OOM"}
-    except Exception as exc:  # noqa: BLE001  (a method that fails is a result, not a crash)
-        if "out of memory" in str(exc).lower():
-            return {"error": "OOM"}
-        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    finally:
-        torch.cuda.empty_cache()
+    return cuda_measure(lambda: _setup(method, N, D, C, dtype, args.kind, args.s, args.m),
+                        args.warmup, args.rep)
 
 
 def plot(rows, path):

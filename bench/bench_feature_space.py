@@ -22,12 +22,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from common import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -88,23 +89,6 @@ def worker(workload: str, provider: str, args) -> dict:
                 loadavg_after=os.getloadavg())
 
 
-def machine() -> dict:
-    import torch
-
-    info = dict(platform=platform.platform(), processor=platform.processor(),
-                python=platform.python_version(), torch=torch.__version__,
-                torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        keep = ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "L2 cache",
-                "L3 cache", "Vendor ID", "Hypervisor vendor")
-        info["lscpu"] = {k.strip(): v.strip() for k, v in
-                         (line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-                         if k.strip() in keep}
-    except Exception as exc:  # noqa: BLE001
-        info["lscpu"] = f"unavailable: {exc}"
-    info["loadavg_at_start"] = os.getloadavg()
-    return info
 
 
 def run_one(workload: str, provider: str, threads: int, args) -> dict:

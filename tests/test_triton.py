@@ -4,7 +4,6 @@ batches, strided inputs, elm's tie rule, the from_cosine form, the arccos helper
 The backend-parameterised comparison over every kind lives in test_angular.py.
 
 Runs on the Triton interpreter where there is no GPU (conftest sets TRITON_INTERPRET)."""
-import math
 
 import pytest
 import torch
