@@ -31,7 +31,8 @@ OPS: Dict[str, Dict[str, str]] = {
         "triton": "fused_margin.triton.angular:margin_cross_entropy_from_cosine",
         "cpu": "fused_margin.cpu:margin_cross_entropy_from_cosine"},
     "scaled_cosine": {"reference": "fused_margin.reference.angular:scaled_cosine"},
-    "adacos_scale": {"reference": "fused_margin.reference.angular:adacos_scale"},
+    "adacos_scale": {"reference": "fused_margin.reference.angular:adacos_scale",
+                     "triton": "fused_margin.triton.angular:adacos_scale"},
     "weighted_cross_entropy": {
         "reference": "fused_margin.reference.cost_sensitive:weighted_cross_entropy",
         "cpu": "fused_margin.cpu:weighted_cross_entropy"},

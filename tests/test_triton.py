@@ -345,3 +345,14 @@ def test_cuda_int64_offsets():
     want = (torch.logsumexp(logits, 1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
     torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-3)
     assert bool(gw[-4:].float().abs().sum(1).gt(0).all())
+
+
+@pytest.mark.parametrize("s", [2.0, 12.0])
+def test_adacos_scale_from_row_stats_matches_reference(s):
+    x, W, y = inputs(23, 9, 37)
+    y[5] = -100
+    want = fm.functional.adacos_scale(x, W, y, s, backend="reference")
+    got = fm.functional.adacos_scale(x, W, y, s, backend="triton")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    none = torch.full_like(y, -100)
+    assert float(fm.functional.adacos_scale(x, W, none, s, backend="triton")) == s

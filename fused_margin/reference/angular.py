@@ -167,15 +167,24 @@ def adacos_scale(features: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     0-d float32 tensor; the unchanged s when no row is labelled."""
     cos = cosine(features, weight)
     valid = labels != ignore_index
-    cos, y = cos[valid], labels[valid]
-    if y.numel() == 0:
-        return torch.tensor(float(s), device=features.device)
+    y = torch.where(valid, labels, torch.zeros_like(labels))
     cos_y = cos.gather(1, y[:, None]).squeeze(1)
-    others = torch.exp(s * cos).scatter(1, y[:, None], 0.0).sum(dim=1)
-    b_avg = others.mean()
+    lse_other = torch.logsumexp((s * cos).scatter(1, y[:, None], float("-inf")), dim=1)
+    return adacos_scale_from_stats(lse_other, cos_y, valid, s)
+
+
+@torch.no_grad()
+def adacos_scale_from_stats(lse_other: torch.Tensor, cos_y: torch.Tensor, valid: torch.Tensor,
+                            s: float) -> torch.Tensor:
+    """Eq. 10 from per-row log sum_{j != y} exp(s*cos_j) and target cosines, the
+    O(N) statistics a fused forward sweep also produces."""
+    if not bool(valid.any()):
+        return torch.tensor(float(s), device=cos_y.device)
+    lse_other, cos_y = lse_other[valid].double(), cos_y[valid]
+    log_b_avg = torch.logsumexp(lse_other, dim=0) - math.log(lse_other.numel())
     theta_med = torch.acos(cos_y.clamp(-1 + COS_EPS, 1 - COS_EPS)).median()
     theta_med = torch.clamp(theta_med, max=math.pi / 4)
-    return (torch.log(b_avg) / torch.cos(theta_med)).float()
+    return (log_b_avg / torch.cos(theta_med.double())).float()
 
 
 # ------------------------------------------------------------------- helpers

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.angular import COS_EPS, NORM_EPS, combined_fallback
+from ..reference.angular import COS_EPS, NORM_EPS, adacos_scale_from_stats, combined_fallback
 
 KINDS = ("normface", "arcface", "cosface", "sphereface", "combined", "ldam", "elm", "arcgrad")
 # the kernels' KIND is the index in KINDS (kernels read globals only as tl.constexpr)
@@ -687,3 +687,12 @@ def margin_ce_row_stats(features: torch.Tensor, weight: torch.Tensor, labels: to
     stats, _, _, _ = margin_ce_fwd(features, weight, labels, kind="normface", params=params,
                                    m_vec=None, class_weight=None, ignore_index=ignore_index)
     return stats[ST_LSE_OTHER], stats[ST_COSY]
+
+
+def adacos_scale(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float,
+                 ignore_index: int = -100) -> torch.Tensor:
+    """AdaCos's next scale from one fused sweep's row statistics (no N x C tensor)."""
+    with torch.no_grad():
+        lse_other, cos_y = margin_ce_row_stats(features, weight, labels, s=s,
+                                               ignore_index=ignore_index)
+    return adacos_scale_from_stats(lse_other, cos_y, labels != ignore_index, s)
