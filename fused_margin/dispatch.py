@@ -35,8 +35,10 @@ OPS: Dict[str, Dict[str, str]] = {
                      "triton": "fused_margin.triton.angular:adacos_scale"},
     "weighted_cross_entropy": {
         "reference": "fused_margin.reference.cost_sensitive:weighted_cross_entropy",
+        "triton": "fused_margin.triton.cross_entropy:weighted_cross_entropy",
         "cpu": "fused_margin.cpu:weighted_cross_entropy"},
     "crwwce_loss": {"reference": "fused_margin.reference.cost_sensitive:crwwce_loss",
+                    "triton": "fused_margin.triton.cross_entropy:crwwce_loss",
                     "cpu": "fused_margin.cpu:crwwce_loss"},
     "sinkhorn": {"reference": "fused_margin.reference.cost_sensitive:sinkhorn",
                  "triton": "fused_margin.triton.sinkhorn:sinkhorn",
@@ -46,9 +48,11 @@ OPS: Dict[str, Dict[str, str]] = {
         "triton": "fused_margin.triton.sinkhorn:wasserstein_loss",
         "cpu": "fused_margin.cpu:wasserstein_loss"},
     "center_loss": {"reference": "fused_margin.reference.feature_space:center_loss",
+                    "triton": "fused_margin.triton.centers:center_loss",
                     "cpu": "fused_margin.cpu:center_loss"},
     "contrastive_center_loss": {
         "reference": "fused_margin.reference.feature_space:contrastive_center_loss",
+        "triton": "fused_margin.triton.centers:contrastive_center_loss",
         "cpu": "fused_margin.cpu:contrastive_center_loss"},
     "knn_std": {"reference": "fused_margin.reference.feature_space:knn_std",
                 "triton": "fused_margin.triton.feature_space:knn_std",
