@@ -23,6 +23,21 @@ __all__ = [
 ]
 
 
+def _store_margin_config(module: nn.Module, *, kind, s, m, m1, m2, m3, elm_lambda, class_weight,
+                         ignore_index, reduction, backend) -> None:
+    """The margin settings every classification module keeps; a per-class `m` and
+    `class_weight` become buffers so they follow .to() and land in state_dict."""
+    module.kind, module.s, module.m1, module.m2, module.m3 = kind, float(s), m1, m2, m3
+    module.elm_lambda, module.ignore_index = elm_lambda, ignore_index
+    module.reduction, module.backend = reduction, backend
+    if isinstance(m, torch.Tensor):
+        module.register_buffer("m", m.detach().clone().float())
+    else:
+        module.m = float(m)
+    module.register_buffer("class_weight",
+                           None if class_weight is None else class_weight.detach().clone())
+
+
 class MarginLoss(nn.Module):
     """The last layer W [C, D] plus margin_cross_entropy of one `kind`."""
 
@@ -35,16 +50,10 @@ class MarginLoss(nn.Module):
         if in_features < 1 or num_classes < 1:
             raise ValueError("in_features and num_classes must be positive")
         self.in_features, self.num_classes = in_features, num_classes
-        self.kind, self.s, self.m1, self.m2, self.m3 = kind, float(s), m1, m2, m3
-        self.elm_lambda, self.ignore_index = elm_lambda, ignore_index
-        self.reduction, self.backend = reduction, backend
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
-        if isinstance(m, torch.Tensor):
-            self.register_buffer("m", m.detach().clone().float())
-        else:
-            self.m = float(m)
-        self.register_buffer("class_weight",
-                             None if class_weight is None else class_weight.detach().clone())
+        _store_margin_config(self, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+                             elm_lambda=elm_lambda, class_weight=class_weight,
+                             ignore_index=ignore_index, reduction=reduction, backend=backend)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -295,18 +304,12 @@ class ShardedMarginLoss(nn.Module):
         self.rank = distributed.dist.get_rank(self.group)
         self.world_size = distributed.dist.get_world_size(self.group)
         self.class_start, shard = distributed.shard_range(num_classes, self.rank, self.world_size)
-        self.in_features, self.num_classes, self.kind = in_features, num_classes, kind
-        self.sample_rate, self.s, self.m1, self.m2, self.m3 = sample_rate, float(s), m1, m2, m3
-        self.elm_lambda, self.ignore_index = elm_lambda, ignore_index
-        self.reduction, self.backend = reduction, backend
+        self.in_features, self.num_classes, self.sample_rate = in_features, num_classes, sample_rate
         self.generator, self.sample_correction = generator, sample_correction
         self.weight = nn.Parameter(torch.empty(shard, in_features))
-        if isinstance(m, torch.Tensor):
-            self.register_buffer("m", m.detach().clone().float())
-        else:
-            self.m = float(m)
-        self.register_buffer("class_weight",
-                             None if class_weight is None else class_weight.detach().clone())
+        _store_margin_config(self, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+                             elm_lambda=elm_lambda, class_weight=class_weight,
+                             ignore_index=ignore_index, reduction=reduction, backend=backend)
         self.reset_parameters(init_seed)
 
     @torch.no_grad()
