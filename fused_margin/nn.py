@@ -300,7 +300,11 @@ class ShardedMarginLoss(nn.Module):
         distributed = _distributed()
         if in_features < 1 or num_classes < 1:
             raise ValueError("in_features and num_classes must be positive")
-        self.group = group if group is not None else distributed.dist.group.WORLD
+        # None stays None (the default group, looked up at each call): holding
+        # dist.group.WORLD here would keep the process group alive past
+        # destroy_process_group(), and gloo's worker threads would then drop
+        # their last tensors during interpreter shutdown (an abort at exit).
+        self.group = group
         self.rank = distributed.dist.get_rank(self.group)
         self.world_size = distributed.dist.get_world_size(self.group)
         self.class_start, shard = distributed.shard_range(num_classes, self.rank, self.world_size)

@@ -503,5 +503,40 @@ def test_torchrun_example_trains():
     assert abs(two["loss"] - one["loss"]) < 1e-2 and abs(two["test_acc"] - one["test_acc"]) < 0.02
 
 
+# gloo's worker threads live as long as the ProcessGroup object; one that outlives
+# destroy_process_group() may free its last tensor while the interpreter shuts down,
+# which aborts the process (seen in CI as a rare SIGABRT at the example's exit).
+_THREADS = """
+import os
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("gloo threads:", sorted(t for t in threads if "gloo" in t))
+"""
+_MODULE_ACROSS_DESTROY = """
+import torch, torch.distributed as dist
+from fused_margin.nn import ShardedMarginLoss
+dist.init_process_group("gloo")
+head = ShardedMarginLoss(6, 11, kind="arcface", s=16.0, m=0.3)
+x = torch.randn(5, 6, requires_grad=True)
+head(x, torch.arange(5)).backward()
+dist.destroy_process_group()   # head is still alive here
+"""
+_EXAMPLE = """
+from fused_margin.examples import sharded_train
+sharded_train.main(["--epochs", "1"])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
+@pytest.mark.parametrize("script", [_MODULE_ACROSS_DESTROY, _EXAMPLE], ids=["module", "example"])
+def test_destroy_process_group_releases_gloo_threads(script):
+    """Neither a live ShardedMarginLoss nor the example keeps the group past its destruction."""
+    env = loopback_env(1, rank=0)
+    proc = subprocess.Popen([sys.executable, "-c", script + _THREADS], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    (rc, log), = run_bounded([proc], EXAMPLE_TIMEOUT_S)
+    assert rc == 0, log[-4000:]
+    assert "gloo threads: []" in log, log[-4000:]
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])

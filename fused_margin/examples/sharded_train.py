@@ -21,6 +21,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (before any group exists: see init_group)
 from torch import nn
 
 from fused_margin.nn import ShardedMarginLoss
@@ -42,6 +43,12 @@ def parse_args(argv=None):
 
 
 def init_group(device: str) -> None:
+    # torch.distributed.nn.functional binds `group=group.WORLD` as default
+    # arguments when it is first imported; torch.optim's first optimizer
+    # imports it (through torch._dynamo). Imported after this call, those
+    # defaults would hold the process group past destroy_process_group(), its
+    # gloo threads would outlive main(), and one freeing its last tensor during
+    # interpreter shutdown aborts the process. Hence the import above.
     backend = "nccl" if device == "cuda" else "gloo"
     if "RANK" not in os.environ:  # plain `python -m`: a group of one over loopback
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
