@@ -80,3 +80,27 @@ class AllocationRecorder(TorchDispatchMode):
     @property
     def sizes(self):
         return [a.numel for a in self.allocs]
+
+
+class NativeAllocationRecorder:
+    """Records the bytes of every allocation made through ATen while active,
+    including the scratch that C++ kernels take with at::empty / at::zeros inside
+    one op (AllocationRecorder sees only what ops return). Plain std::vector
+    buffers in csrc/ are invisible to it; they hold O(N) or per-thread state."""
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        self.allocs = [(e.name, e.cpu_memory_usage) for e in self._prof.events()
+                       if e.name.startswith("aten::empty") and e.cpu_memory_usage > 0]
+        return False
+
+    @property
+    def bytes(self):
+        return [b for _, b in self.allocs]
