@@ -33,6 +33,8 @@ OPS: Dict[str, Dict[str, str]] = {
     "scaled_cosine": {"reference": "fused_margin.reference.angular:scaled_cosine"},
     "adacos_scale": {"reference": "fused_margin.reference.angular:adacos_scale",
                      "triton": "fused_margin.triton.angular:adacos_scale"},
+    "adacos_loss": {"reference": "fused_margin.reference.angular:adacos_loss",
+                    "triton": "fused_margin.triton.angular:adacos_loss"},
     "weighted_cross_entropy": {
         "reference": "fused_margin.reference.cost_sensitive:weighted_cross_entropy",
         "triton": "fused_margin.triton.cross_entropy:weighted_cross_entropy",
@@ -50,6 +52,7 @@ OPS: Dict[str, Dict[str, str]] = {
     "center_loss": {"reference": "fused_margin.reference.feature_space:center_loss",
                     "triton": "fused_margin.triton.centers:center_loss",
                     "cpu": "fused_margin.cpu:center_loss"},
+    "center_update": {"reference": "fused_margin.reference.feature_space:center_update"},
     "contrastive_center_loss": {
         "reference": "fused_margin.reference.feature_space:contrastive_center_loss",
         "triton": "fused_margin.triton.centers:contrastive_center_loss",

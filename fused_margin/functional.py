@@ -86,6 +86,21 @@ def adacos_scale(features: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return fn(features, weight, labels, s, ignore_index=ignore_index)
 
 
+def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, *,
+                class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                reduction: str = "mean",
+                backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(NormFace loss at scale s, AdaCos's next scale from this batch): the
+    margin_cross_entropy(kind="normface") value and gradients, and Eq. 10 of the
+    ArcGrad paper from the statistics of the same sweep (0-d float32, no grad)."""
+    checks.margin_cross_entropy(features, weight, labels, kind="normface", s=s, m=0.0, m1=1.0,
+                                m2=0.0, m3=0.0, elm_lambda=0.0, class_weight=class_weight,
+                                ignore_index=ignore_index, reduction_=reduction)
+    fn = resolve("adacos_loss", backend, features.device)
+    kw = {} if class_weight is None else dict(class_weight=class_weight)
+    return fn(features, weight, labels, s, ignore_index=ignore_index, reduction=reduction, **kw)
+
+
 # ------------------------------------------------------ 2. cost-sensitive
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
@@ -162,6 +177,16 @@ def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
     checks.reduction(reduction)
     fn = resolve("center_loss", backend, features.device)
     return fn(features, labels, centers, reduction=reduction)
+
+
+def center_update(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+                  alpha: float, *, backend: str = "auto") -> torch.Tensor:
+    """Wen et al.'s centre step: c_j - alpha * sum_{y_i = j}(c_j - x_i) / (1 + n_j), new [C, D]."""
+    checks.features_centers(features, labels, centers)
+    checks.finite("alpha", alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return resolve("center_update", backend, features.device)(features, labels, centers, alpha)
 
 
 def contrastive_center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,

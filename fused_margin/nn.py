@@ -156,12 +156,14 @@ class AdaCos(MarginLoss):
         return float(self.s_buffer)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = super().forward(features, labels)
-        if self.training:
-            new = F.adacos_scale(features.detach(), self.weight.detach(), labels, self.scale(),
-                                 ignore_index=self.ignore_index, backend="auto")
-            if bool(torch.isfinite(new)):
-                self.s_buffer.copy_(new)
+        if not self.training:
+            return super().forward(features, labels)
+        loss, new = F.adacos_loss(features, self.weight, labels, self.scale(),
+                                  class_weight=self.class_weight,
+                                  ignore_index=self.ignore_index, reduction=self.reduction,
+                                  backend=self.backend)
+        if bool(torch.isfinite(new)):
+            self.s_buffer.copy_(new)
         return loss
 
 
@@ -186,17 +188,41 @@ class ELM(MarginLoss):
 # ------------------------------------------------------------ feature space
 
 class CenterLoss(nn.Module):
-    """Center loss with learnable centres [C, D] (plain gradient learning)."""
+    """Center loss with centres [C, D] (the parameter `centers`).
 
-    def __init__(self, num_classes: int, feat_dim: int, *, reduction: str = "mean",
-                 backend: str = "auto"):
+    alpha=None (default): the centres learn by gradient descent with the rest of
+    the model. alpha in (0, 1]: Wen et al.'s rule instead; the centres get no
+    gradient (requires_grad=False, so optimizers leave them alone) and each
+    training-mode forward, after computing the loss with the current centres,
+    moves them by c_j -= alpha * sum_{y_i = j}(c_j - x_i) / (1 + n_j).
+    """
+
+    def __init__(self, num_classes: int, feat_dim: int, *, alpha: Optional[float] = None,
+                 reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+        if alpha is not None and not 0.0 < float(alpha) <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1] or None, got {alpha}")
+        self.alpha = None if alpha is None else float(alpha)
+        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim),
+                                    requires_grad=self.alpha is None)
         self.reduction, self.backend = reduction, backend
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.center_loss(features, labels, self.centers, reduction=self.reduction,
+        if self.alpha is None or not self.training:
+            return F.center_loss(features, labels, self.centers, reduction=self.reduction,
+                                 backend=self.backend)
+        # the loss's graph keeps a copy: the in-place step below must not change
+        # the centres its backward sees
+        now = self.centers.detach().clone()
+        loss = F.center_loss(features, labels, now, reduction=self.reduction,
                              backend=self.backend)
+        with torch.no_grad():
+            self.centers.copy_(F.center_update(features.detach(), labels, now, self.alpha))
+        return loss
+
+    def extra_repr(self) -> str:
+        rule = "gradient" if self.alpha is None else f"alpha={self.alpha}"
+        return f"num_classes={self.centers.shape[0]}, feat_dim={self.centers.shape[1]}, {rule}"
 
 
 class Sigma2R(nn.Module):

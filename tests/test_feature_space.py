@@ -607,3 +607,47 @@ def test_fused_matches_reference(op, backend, dtype):
             assert f is None or f.abs().sum() == 0
         else:
             torch.testing.assert_close(f, r, **FUSED[dtype])
+
+
+# ------------------------------------------------- CenterLoss, Wen et al.'s update
+
+def test_center_update_formula():
+    x = torch.randn(9, 4, dtype=torch.float64)
+    y = torch.tensor([0, 0, 2, 2, 2, 0, 3, 3, 0])
+    c = torch.randn(5, 4, dtype=torch.float64)
+    alpha = 0.3
+    want = c.clone()
+    for j in range(5):
+        members = x[y == j]
+        delta = (c[j] - members).sum(0) / (1 + len(members))  # Wen et al., Eq. 4
+        want[j] = c[j] - alpha * delta
+    torch.testing.assert_close(fm.functional.center_update(x, y, c, alpha), want)
+    assert torch.equal(want[[1, 4]], c[[1, 4]])  # absent classes keep their centre
+    with pytest.raises(ValueError, match="alpha"):
+        fm.functional.center_update(x, y, c, 1.5)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fused_backends("center_loss"))
+def test_center_loss_module_alpha_rule(backend):
+    """alpha: the loss uses the current centres and gives them no gradient; training-mode
+    forwards then move them by Wen et al.'s step; eval leaves them alone."""
+    dev = device_for(backend)
+    mod = fnn.CenterLoss(4, 3, alpha=0.5, backend=backend).to(dev)
+    assert not mod.centers.requires_grad
+    x = torch.randn(10, 3, device=dev, requires_grad=True)
+    y = torch.randint(0, 4, (10,), device=dev)
+    c0 = mod.centers.detach().clone()
+    loss = mod(x, y)
+    loss.backward()
+    want = fm.center_loss(x.detach(), y, c0, backend="reference")
+    torch.testing.assert_close(loss, want)
+    # the feature gradient is the one of the centres the loss saw, not the updated ones
+    torch.testing.assert_close(x.grad, (x.detach() - c0[y]) / 10)
+    torch.testing.assert_close(mod.centers.detach(),
+                               fm.functional.center_update(x.detach(), y, c0, 0.5))
+    mod.eval()
+    c1 = mod.centers.detach().clone()
+    mod(x, y)
+    assert torch.equal(mod.centers.detach(), c1)
+    with pytest.raises(ValueError, match="alpha"):
+        fnn.CenterLoss(4, 3, alpha=0.0)

@@ -297,7 +297,9 @@ def test_acos(dtype, tol):
 def test_row_stats_give_adacos_terms():
     x, W, y = inputs(12, 5, 45)
     s = 4.0
-    lse_other, cos_y = ta.margin_ce_row_stats(x, W, y, s=s)
+    _, lse_other, cos_y = ta.apply(y, x, W, kind="normface", s=s, m=0.0, m1=1.0, m2=0.0, m3=0.0,
+                                   elm_lambda=0.0, class_weight=None, ignore_index=-100,
+                                   reduction="mean", with_stats=True)
     cos = ref.cosine(x, W)
     want = torch.logsumexp((s * cos).scatter(1, y[:, None], float("-inf")), dim=1)
     torch.testing.assert_close(lse_other, want, **LOSS_TOL[torch.float32])
@@ -345,6 +347,40 @@ def test_cuda_int64_offsets():
     want = (torch.logsumexp(logits, 1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
     torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-3)
     assert bool(gw[-4:].float().abs().sum(1).gt(0).all())
+
+
+def test_adacos_loss_is_one_forward_sweep(monkeypatch):
+    launches = []
+    real = ta.margin_ce_fwd
+    monkeypatch.setattr(ta, "margin_ce_fwd", lambda *a, **k: launches.append(1) or real(*a, **k))
+    x, W, y = inputs(12, 5, 45)
+    W.requires_grad_(True)
+    loss, _ = fm.functional.adacos_loss(x, W, y, 3.0, backend="triton")
+    loss.backward()
+    assert len(launches) == 1
+
+
+@pytest.mark.requires_cuda
+@requires_cuda
+@pytest.mark.slow
+def test_cuda_from_cosine_n_times_c_past_int32():
+    """A cosine input of N x C > 2^31 elements (4 GiB in bfloat16): rows past the
+    2^31st element keep their loss and gradient."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    N, C, k = 2 ** 16 + 5, 2 ** 15 + 3, 3
+    cos = (torch.rand(N, C, device="cuda", dtype=torch.bfloat16) * 2 - 1).requires_grad_(True)
+    y = torch.full((N,), -100, device="cuda")
+    y[-k:] = torch.tensor([C - 1, 0, C // 2], device="cuda")
+    kw = dict(kind="arcface", s=16.0, m=0.3, reduction="sum")
+    loss = fm.margin_cross_entropy_from_cosine(cos, y, backend="triton", **kw)
+    loss.backward()
+    tail = cos.detach()[-k:].clone().requires_grad_(True)
+    want = fm.margin_cross_entropy_from_cosine(tail, y[-k:], backend="reference", **kw)
+    want.backward()
+    torch.testing.assert_close(loss, want, **LOSS_TOL[torch.bfloat16])
+    torch.testing.assert_close(cos.grad[-k:].float(), tail.grad.float(),
+                               **GRAD_TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("s", [2.0, 12.0])

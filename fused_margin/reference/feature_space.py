@@ -96,6 +96,20 @@ def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
     return reduce_loss(per, torch.ones_like(per), reduction)
 
 
+@torch.no_grad()
+def center_update(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+                  alpha: float) -> torch.Tensor:
+    """Wen et al.'s centre step (ECCV 2016, Eq. 4): c_j - alpha * delta_j with
+    delta_j = sum_{i: y_i = j} (c_j - x_i) / (1 + n_j); classes absent from the
+    batch keep their centre. Returns the new centres (centers' dtype)."""
+    dt = compute_dtype(features.dtype)
+    x, c = features.to(dt), centers.to(dt)
+    diff = torch.zeros_like(c).index_add_(0, labels, c[labels] - x)
+    n = torch.zeros(c.shape[0], dtype=dt, device=c.device).index_add_(
+        0, labels, torch.ones_like(labels, dtype=dt))
+    return (c - alpha * diff / (1 + n)[:, None]).to(centers.dtype)
+
+
 def contrastive_center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
                             *, delta: float = 1.0, reduction: str = "mean") -> torch.Tensor:
     """Eq. 5 of the sigma^2R paper (Qi et al.), per sample

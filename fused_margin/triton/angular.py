@@ -497,6 +497,9 @@ class MarginParams:
     ignore_index: int
     reduction: str
     blocks: Optional[Blocks] = None  # None: default_blocks
+    # also return per-row (lse of the non-target logits, target cosine) from the
+    # same sweep, for AdaCos's scale update
+    with_stats: bool = False
 
     def tensor(self, dtype: torch.dtype, device) -> torch.Tensor:
         """The scalars the kernels read, in PARAMS order, in the compute dtype."""
@@ -585,7 +588,8 @@ def margin_ce_bwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
 
 class MarginCrossEntropyFunction(torch.autograd.Function):
     """inputs = (features, weight) or (cosine,); only they receive gradients (a
-    per-class margin or class weight is a constant here)."""
+    per-class margin or class weight is a constant here). With p.with_stats the
+    outputs are (loss, lse_other [N], cos_y [N]), the last two without gradient."""
 
     @staticmethod
     def forward(ctx, p: MarginParams, labels, m_vec, class_weight, *inputs):
@@ -597,7 +601,7 @@ class MarginCrossEntropyFunction(torch.autograd.Function):
         ctx.empty = features.shape[0] == 0
         if ctx.empty:  # nothing to launch: zero loss, zero gradients of the right shapes
             out = torch.zeros(0, dtype=tdt, device=features.device)
-            return out if p.reduction == "none" else out.sum()
+            return _with_stats(ctx, p, out if p.reduction == "none" else out.sum(), out, out)
         params = p.tensor(tdt, features.device)
         blocks = p.blocks or default_blocks(features.dtype, 0 if weight is None
                                             else features.shape[1])
@@ -608,15 +612,17 @@ class MarginCrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(labels, *inputs)
         loss = stats[ST_LOSS]
         if p.reduction == "none":
-            return loss.clone()
-        total = loss.sum()
-        if p.reduction == "sum":
-            return total
-        ctx.denom = denom = stats[ST_W].sum()
-        return torch.where(denom > 0, total / torch.where(denom > 0, denom, 1.0), total * 0)
+            out = loss.clone()
+        elif p.reduction == "sum":
+            out = loss.sum()
+        else:
+            ctx.denom = denom = stats[ST_W].sum()
+            total = loss.sum()
+            out = torch.where(denom > 0, total / torch.where(denom > 0, denom, 1.0), total * 0)
+        return _with_stats(ctx, p, out, stats[ST_LSE_OTHER], stats[ST_COSY])
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_stats_grads):
         head = (None,) * 4
         if ctx.empty:
             return head + tuple(torch.zeros(sh, dtype=dt, device=grad_out.device)
@@ -633,10 +639,18 @@ class MarginCrossEntropyFunction(torch.autograd.Function):
         return head + ((dx,) if len(inputs) == 1 else (dx, dw))
 
 
+def _with_stats(ctx, p: MarginParams, out, lse_other, cos_y):
+    if not p.with_stats:
+        return out
+    lse_other, cos_y = lse_other.clone(), cos_y.clone()
+    ctx.mark_non_differentiable(lse_other, cos_y)
+    return out, lse_other, cos_y
+
+
 def apply(labels: torch.Tensor, *inputs: torch.Tensor, kind: str, s: float,
           m: Union[float, torch.Tensor], m1: float, m2: float, m3: float, elm_lambda: float,
           class_weight: Optional[torch.Tensor], ignore_index: int, reduction: str,
-          blocks: Optional[Blocks] = None) -> torch.Tensor:
+          blocks: Optional[Blocks] = None, with_stats: bool = False):
     """MarginCrossEntropyFunction on (features, weight) or (cosine,); `blocks`
     overrides the tile sizes (tests)."""
     m_vec = None
@@ -646,7 +660,7 @@ def apply(labels: torch.Tensor, *inputs: torch.Tensor, kind: str, s: float,
     if class_weight is not None:
         class_weight = class_weight.detach().contiguous()
     p = MarginParams(kind, float(s), float(m), float(m1), float(m2), float(m3),
-                     float(elm_lambda), int(ignore_index), reduction, blocks)
+                     float(elm_lambda), int(ignore_index), reduction, blocks, with_stats)
     return MarginCrossEntropyFunction.apply(p, labels, m_vec, class_weight, *inputs)
 
 
@@ -673,26 +687,21 @@ def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor,
                  reduction=reduction)
 
 
-@torch.no_grad()
-def margin_ce_row_stats(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                        s: float, ignore_index: int = -100):
-    """Per-row (log sum_{j != y} exp(s*cos_j), cos_y) in the compute dtype, for
-    AdaCos's scale update; ignored rows hold meaningless values."""
-    dt = _acc(features.dtype)[1]
-    if features.shape[0] == 0:
-        e = torch.zeros(0, dtype=dt, device=features.device)
-        return e, e.clone()
-    params = MarginParams("normface", s, 0.0, 1.0, 0.0, 0.0, 0.0, ignore_index, "none").tensor(
-        dt, features.device)
-    stats, _, _, _ = margin_ce_fwd(features, weight, labels, kind="normface", params=params,
-                                   m_vec=None, class_weight=None, ignore_index=ignore_index)
-    return stats[ST_LSE_OTHER], stats[ST_COSY]
+def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, *,
+                class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                reduction: str = "mean"):
+    """(normface loss at scale s, AdaCos's next scale): the scale comes from the
+    row statistics of the loss's own forward sweep (no second pass over C)."""
+    loss, lse_other, cos_y = apply(labels, features, weight, kind="normface", s=s, m=0.0, m1=1.0,
+                                   m2=0.0, m3=0.0, elm_lambda=0.0, class_weight=class_weight,
+                                   ignore_index=ignore_index, reduction=reduction,
+                                   with_stats=True)
+    return loss, adacos_scale_from_stats(lse_other, cos_y, labels != ignore_index, s)
 
 
 def adacos_scale(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float,
                  ignore_index: int = -100) -> torch.Tensor:
-    """AdaCos's next scale from one fused sweep's row statistics (no N x C tensor)."""
+    """AdaCos's next scale alone (one fused sweep; the loss it also yields is dropped)."""
     with torch.no_grad():
-        lse_other, cos_y = margin_ce_row_stats(features, weight, labels, s=s,
-                                               ignore_index=ignore_index)
-    return adacos_scale_from_stats(lse_other, cos_y, labels != ignore_index, s)
+        return adacos_loss(features, weight, labels, s, ignore_index=ignore_index,
+                           reduction="none")[1]
