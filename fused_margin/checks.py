@@ -110,10 +110,30 @@ def margin(m: Union[float, torch.Tensor], kind: str, num_classes: int) -> None:
                              f"not {kind!r}")
         if m.dim() == 0:
             finite("m", float(m))
-            return
-        class_vector("m", m, num_classes, nonnegative=False)
+        else:
+            class_vector("m", m, num_classes, nonnegative=False)
+        lo, hi = (float(m.min()), float(m.max())) if m.numel() else (0.0, 0.0)
     else:
         finite("m", m)
+        lo = hi = float(m)
+    # an additive angle beyond pi/2 no longer separates classes (the target logit
+    # stops being monotone in theta); negative margins (few-shot work) are legal
+    if kind == "arcface" and not (-ANGLE_LIMIT <= lo and hi <= ANGLE_LIMIT):
+        raise ValueError(f"arcface margins must lie in [-pi/2, pi/2], got [{lo}, {hi}]")
+    if kind == "sphereface" and lo < 0:
+        raise ValueError(f"sphereface's multiplicative margin must be >= 0, got {lo}")
+
+
+ANGLE_LIMIT = math.pi / 2
+
+
+def combined_margins(kind: str, m1: float, m2: float) -> None:
+    if kind != "combined":
+        return
+    if not m1 > 0:
+        raise ValueError(f"combined needs m1 > 0 (it multiplies theta), got {m1}")
+    if not -ANGLE_LIMIT <= m2 <= ANGLE_LIMIT:
+        raise ValueError(f"combined's additive angle m2 must lie in [-pi/2, pi/2], got {m2}")
 
 
 # ---------------------------------------------------------------- per family
@@ -151,6 +171,7 @@ def _margin_common(n, c, labels_, *, kind, s, m, m1, m2, m3, elm_lambda, class_w
     for name, v in (("m1", m1), ("m2", m2), ("m3", m3), ("elm_lambda", elm_lambda)):
         finite(name, v)
     margin(m, kind, c)
+    combined_margins(kind, m1, m2)
     integer("ignore_index", ignore_index, minimum=-(2 ** 63))
     if class_weight is not None:
         class_vector("class_weight", class_weight, c)

@@ -40,11 +40,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def inv_norm(x: torch.Tensor) -> torch.Tensor:
-    """1/||x_i|| per row, 0 where ||x_i|| <= NORM_EPS (safe under autograd)."""
-    sq = (x * x).sum(dim=1)
+    """1/||x_i|| per row, 0 where ||x_i|| <= NORM_EPS (safe under autograd).
+    The squares are summed in float64 (float32's overflow at |x| ~ 1.8e19 would
+    make a finite row look infinite) and the result rounded once to x's dtype."""
+    xd = x.double()
+    sq = (xd * xd).sum(dim=1)
     big = sq > NORM_EPS * NORM_EPS
-    return torch.where(big, torch.rsqrt(torch.where(big, sq, torch.ones_like(sq))),
-                       torch.zeros_like(sq))
+    inv = torch.where(big, torch.rsqrt(torch.where(big, sq, torch.ones_like(sq))),
+                      torch.zeros_like(sq))
+    return inv.to(x.dtype)
 
 
 def cosine(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -165,7 +169,23 @@ def adacos_scale(features: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     log(B_avg) / cos(min(pi/4, theta_med)), B_avg the mean over rows of
     sum_{j != y} exp(s*cos_j), theta_med the median target angle. Returns a
     0-d float32 tensor; the unchanged s when no row is labelled."""
+    return _adacos_scale_from_cosine(cosine(features, weight), labels, s, ignore_index)
+
+
+def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, *,
+                class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                reduction: str = "mean"):
+    """(normface loss at scale s, AdaCos's next scale from the same cosines)."""
     cos = cosine(features, weight)
+    loss = margin_cross_entropy_from_cosine(cos, labels, kind="normface", s=s, m=0.0,
+                                            class_weight=class_weight,
+                                            ignore_index=ignore_index, reduction=reduction)
+    return loss, _adacos_scale_from_cosine(cos.detach(), labels, s, ignore_index)
+
+
+@torch.no_grad()
+def _adacos_scale_from_cosine(cos: torch.Tensor, labels: torch.Tensor, s: float,
+                              ignore_index: int) -> torch.Tensor:
     valid = labels != ignore_index
     y = torch.where(valid, labels, torch.zeros_like(labels))
     cos_y = cos.gather(1, y[:, None]).squeeze(1)
