@@ -4,23 +4,32 @@ Each rank holds a contiguous slice of the classes, W_r [C_r, D] for classes
 [class_start, class_start + C_r), and its own samples (x_r [N_r, D], y_r [N_r];
 N_r may differ per rank). One forward:
 
-1. metadata (N_r, D, class_start, C_r, num_classes, a configuration
-   fingerprint, an error flag) is all-gathered and checked on every rank, so
-   bad input raises ValueError on EVERY rank instead of hanging a collective;
+1. metadata (N_r, D, class_start, C_r, num_classes, the dtypes of features,
+   weight_shard and labels, a configuration fingerprint, an error flag) is
+   all-gathered and checked on every rank, so bad input raises ValueError on
+   EVERY rank instead of hanging (or, for mismatched dtypes, aborting) a
+   collective;
 2. features and labels are all-gathered (features through an autograd Function
    whose backward all-reduces the gradient and keeps this rank's rows);
 3. each rank computes per-row partials on its shard
-   (fused_margin.reference.sharded.margin_shard_partials: non-target row max and
+   (fused_margin.sharded_partials.margin_shard_partials: non-target row max and
    sum of exp, the target logit where the target lives here, elm's best wrong
-   cosine and its global index). That step is eager PyTorch on an
-   N_global x C_r tile for every backend: the fused kernels expose no partials
-   API yet. It is one function, looked up in dispatch.OPS under
-   "margin_shard_partials" when a fused backend registers one;
+   cosine and its global index) over tiles of the gathered batch against the
+   shard, an autograd Function that saves O(N) per-row values and recomputes
+   each tile's logits in backward: no N_global x C_r tensor, scratch bounded by
+   sharded_partials.TILE_BYTES. It is eager PyTorch per tile for every
+   backend (the fused kernels expose no partials API yet), looked up in
+   dispatch.OPS under "margin_shard_partials" once a fused backend registers
+   one. reference.sharded holds the plain N x C_r oracle the tests compare to;
 4. partials are combined with all_reduce, MAX then SUM (insightface PartialFC),
    and every rank assembles the same global loss on the global batch.
 
-Communication is O(N) per row statistic plus O(N x D) for the features, in
-forward and backward; nothing N x C crosses ranks.
+Communication per step: the metadata all_gather (12 int64 per rank, plus an
+object all_gather only when some rank's input is invalid), the features
+all_gather (N x D) and the labels all_gather (N int64), all_reduce MAX of
+2 x N, all_reduce SUM of 2 x N, for elm an all_reduce MIN of N int64 (c*);
+backward one all_reduce SUM of N x D (the features' gradient). Nothing N x C
+crosses ranks.
 
 Gradient semantics. The loss is replicated: every rank holds the same value
 and every rank must call backward on it (the feature gather's backward is a
@@ -39,15 +48,25 @@ features.register_hook(lambda g: g * world_size), which is what insightface's
 AllGatherFunc does inside its backward (scaling the loss would scale W_r's
 gradient too).
 
-sample_rate < 1 (PartialFC): each rank keeps the classes of its shard that are
-targets in the global batch plus a uniform random sample of its other classes,
-max(positives, ceil(sample_rate * C_r)) in all; the softmax runs over the kept
-classes of all ranks, and only kept rows of W_r get a gradient (others are 0).
-This is the PartialFC estimator: the loss of a softmax over a subset, a
-biased (too small) estimate of the full loss. With sample_correction=True the
-sampled classes' logits get + log(1/q), q = (K - P) / (C_r - P) their inclusion
-probability, which makes the normaliser an unbiased estimate of the full one
-(its log, the loss, stays biased by Jensen's inequality, less so).
+sample_rate < 1 (PartialFC): each rank keeps the P classes of its shard that
+are targets in the global batch plus a uniform random sample, without
+replacement, of its C_r - P other classes, K = min(C_r, max(P,
+ceil(sample_rate * C_r))) in all; the softmax runs over the kept classes of all
+ranks, and only kept rows of W_r get a gradient (others are 0). This is the
+PartialFC estimator: the loss of a softmax over a subset, a biased (too small)
+estimate of the full loss.
+
+sample_correction=True adds log(1/q) to the logits of the sampled (non-
+positive) classes, q = (K - P) / (C_r - P) their inclusion probability, so that
+each shard's sum_kept exp(logit + offset) is the Horvitz-Thompson estimate of
+its full sum of exp: over the sampling, the estimated softmax normaliser of
+every row has expectation equal to the full normaliser (its log, the loss,
+stays biased low by Jensen's inequality, less so). That needs K > P wherever
+C_r > P: with K = P no negative is drawn and the shard's negatives would be
+estimated by 0. So under sample_correction=True each shard keeps at least one
+negative, K = min(C_r, max(P + 1, ceil(sample_rate * C_r))); with C_r = P every
+class is kept and the sum is exact. elm's c* is the best wrong cosine among the
+kept classes (no correction applies to it).
 """
 from __future__ import annotations
 
@@ -58,14 +77,27 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from . import checks, dispatch
+from . import checks, dispatch, sharded_partials
 from .reference import sharded
 from .reference.angular import _per_row, compute_dtype
 from .reference.reduction import reduce_loss
 
 __all__ = ["margin_cross_entropy", "sample_classes", "shard_range", "sharded_argmax"]
 
-_META = 10  # ok, N_r, D(features), D(weight), class_start, C_r, num_classes, fingerprint, grad, pad
+# metadata row per rank: ok, N_r, D(features), D(weight), class_start, C_r, num_classes,
+# fingerprint, grad, dtype codes of features, weight_shard, labels
+_META = 12
+
+
+def _dtype_code(t) -> int:
+    return zlib.crc32(str(t.dtype).encode()) if isinstance(t, torch.Tensor) else -1
+
+
+def _dtype_name(code: int) -> str:
+    for v in vars(torch).values():
+        if isinstance(v, torch.dtype) and zlib.crc32(str(v).encode()) == code:
+            return str(v).replace("torch.", "")
+    return "?"
 
 
 # --------------------------------------------------------- autograd collectives
@@ -148,11 +180,13 @@ def _exchange_metadata(features, weight_shard, labels, class_start, num_classes,
     world = dist.get_world_size(group)
     device = _comm_device(group, features, weight_shard)
     ok = local_error is None
-    row = [int(ok), -1, -1, -1, -1, -1, -1, _fingerprint(config), -1, 0]
+    row = [int(ok)] + [-1] * (_META - 1)
+    row[7] = _fingerprint(config)
     if ok:
         row[1:7] = [features.shape[0], features.shape[1], weight_shard.shape[1], class_start,
                     weight_shard.shape[0], num_classes]
         row[8] = int(torch.is_grad_enabled() and features.requires_grad)
+        row[9:12] = [_dtype_code(features), _dtype_code(weight_shard), _dtype_code(labels)]
     mine = torch.tensor(row, dtype=torch.int64, device=device)
     rows = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(rows, mine, group=group)
@@ -175,6 +209,11 @@ def _global_problem(meta: List[List[int]]) -> Optional[str]:
     dims = {r[2] for r in meta} | {r[3] for r in meta}
     if len(dims) > 1:
         return f"feature dimension D differs across ranks: {[(r[2], r[3]) for r in meta]}"
+    if len({tuple(r[9:12]) for r in meta}) > 1:
+        seen = ", ".join(f"rank {i}: " + "/".join(_dtype_name(c) for c in r[9:12])
+                         for i, r in enumerate(meta))
+        return ("dtypes (features/weight_shard/labels) differ across ranks, which the "
+                f"collectives cannot mix: {seen}")
     if len({r[8] for r in meta}) > 1:
         return ("features require grad on some ranks only; the gather's backward is a "
                 "collective, so every rank or none must differentiate")
@@ -224,10 +263,10 @@ def _local_problem(features, weight_shard, labels, *, class_start, num_classes, 
 
 def _partials_fn(backend: str, device: torch.device):
     """The per-shard partials: a fused backend's when dispatch.OPS registers
-    "margin_shard_partials", else eager PyTorch for every backend."""
+    "margin_shard_partials", else the tiled eager Function for every backend."""
     if "margin_shard_partials" in dispatch.OPS:
         return dispatch.resolve("margin_shard_partials", backend, device)
-    return sharded.margin_shard_partials
+    return sharded_partials.margin_shard_partials
 
 
 # ---------------------------------------------------------------- sampling
@@ -249,22 +288,41 @@ def _positive_mask(labels: torch.Tensor, class_start: int, shard_size: int,
 
 def sample_classes(labels: torch.Tensor, *, class_start: int, shard_size: int, sample_rate: float,
                    ignore_index: int = -100,
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                   generator: Optional[torch.Generator] = None,
+                   min_negatives: int = 0) -> torch.Tensor:
     """Sorted local indices of the classes a shard keeps under PartialFC sampling.
 
     Every class of [class_start, class_start + shard_size) that is a target in
-    `labels` (the global batch), plus a uniform random subset of the others,
-    max(positives, ceil(sample_rate * shard_size)) in all. The random scores
-    come from `generator` (its device), else the default generator of
-    labels' device; seed it per rank for independent choices.
+    `labels` (the global batch), P of them, plus a uniform random subset of the
+    others, min(shard_size, max(P + min_negatives, ceil(sample_rate *
+    shard_size))) in all (min_negatives=1 is what sample_correction needs). The
+    random scores come from `generator` (its device), else the default
+    generator of labels' device; seed it per rank for independent choices.
     """
     positive = _positive_mask(labels, class_start, shard_size, ignore_index)
-    n_keep = max(int(positive.sum()), math.ceil(sample_rate * shard_size - 1e-9))
+    n_keep = max(int(positive.sum()) + min_negatives,
+                 math.ceil(sample_rate * shard_size - 1e-9))
     n_keep = min(shard_size, n_keep)
     device = generator.device if generator is not None else labels.device
     score = torch.rand(shard_size, generator=generator, device=device).to(labels.device)
     score = torch.where(positive, torch.full_like(score, 2.0), score)
     return score.topk(n_keep).indices.sort().values
+
+
+def _sampled_shard(labels: torch.Tensor, *, class_start: int, shard_size: int,
+                   sample_rate: float, ignore_index: int, generator: Optional[torch.Generator],
+                   sample_correction: bool, dtype: torch.dtype, device: torch.device
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(kept local classes [K], their logit offsets [K] or None): the sampling
+    and the Horvitz-Thompson correction of the module docstring."""
+    keep = sample_classes(labels, class_start=class_start, shard_size=shard_size,
+                          sample_rate=sample_rate, ignore_index=ignore_index,
+                          generator=generator,
+                          min_negatives=1 if sample_correction else 0).to(device)
+    if not sample_correction:
+        return keep, None
+    positive = _positive_mask(labels, class_start, shard_size, ignore_index).to(device)
+    return keep, sharded.sampled_logit_offset(keep, positive, shard_size, dtype)
 
 
 # --------------------------------------------------------------------- loss
@@ -287,10 +345,11 @@ def margin_cross_entropy(features: torch.Tensor, weight_shard: torch.Tensor, lab
     the global batch (every rank's samples, in rank order), the same on every
     rank: a scalar for "mean"/"sum", [N_global] for "none". Every rank must call
     it (and backward) together; invalid input on any rank raises ValueError on
-    every rank. The shard's partials are eager PyTorch on an N_global x C_r
-    cosine tile whatever `backend` says (no fused partials kernel yet; `backend`
-    is validated and kept for when one registers). `generator` drives the class
-    sampling of sample_rate < 1. Gradients, sampling and costs: module docstring.
+    every rank. The shard's partials are eager PyTorch over tiles
+    (fused_margin.sharded_partials) whatever `backend` says (no fused partials
+    kernel yet; `backend` is validated and kept for when one registers).
+    `generator` drives the class sampling of sample_rate < 1. Gradients,
+    sampling and costs: module docstring.
     """
     if group is None:
         group = dist.group.WORLD
@@ -319,13 +378,11 @@ def margin_cross_entropy(features: torch.Tensor, weight_shard: torch.Tensor, lab
 
     keep = offset = None
     if sample_rate < 1:
-        keep = sample_classes(y, class_start=class_start, shard_size=shard_size,
-                              sample_rate=sample_rate, ignore_index=ignore_index,
-                              generator=generator).to(weight_shard.device)
-        if sample_correction:
-            positive = _positive_mask(y, class_start, shard_size, ignore_index)
-            offset = sharded.sampled_logit_offset(keep, positive, shard_size,
-                                                  compute_dtype(features.dtype))
+        keep, offset = _sampled_shard(y, class_start=class_start, shard_size=shard_size,
+                                      sample_rate=sample_rate, ignore_index=ignore_index,
+                                      generator=generator, sample_correction=sample_correction,
+                                      dtype=compute_dtype(features.dtype),
+                                      device=weight_shard.device)
 
     partials = _partials_fn(backend, features.device)
     p = partials(x, weight_shard, y, class_start=class_start, kind=kind, s=s, m=m, m1=m1, m2=m2,
@@ -380,13 +437,11 @@ def sharded_argmax(features: torch.Tensor, weight_shard: torch.Tensor, *, class_
     dist.all_gather(ns, n, group=group)
     sizes = [int(v) for v in torch.cat(ns).tolist()]
     x = _gather_rows(features, sizes, group)
-    y = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
-    p = sharded.margin_shard_partials(x, weight_shard, y, class_start=class_start,
-                                      kind="normface", s=1.0, ignore_index=-1)
-    best = p.wrong_cos.clone()
+    mine, index = sharded_partials.shard_argmax_partials(x, weight_shard,
+                                                         class_start=class_start)
+    best = mine.clone()
     dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
-    cand = torch.where(p.wrong_cos == best, p.wrong_index,
-                       torch.full_like(p.wrong_index, sharded.NO_CLASS))
+    cand = torch.where(mine == best, index, torch.full_like(index, sharded.NO_CLASS))
     dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
     start = sum(sizes[:rank])
     return cand[start:start + sizes[rank]]

@@ -27,7 +27,11 @@ import torch
 import fused_margin as fm
 from fused_margin import distributed as fd
 from fused_margin import nn as fnn
+from fused_margin import sharded_partials as sp
 from fused_margin.reference import angular as ref
+from fused_margin.reference import sharded as ref_sharded
+
+from conftest import AllocationRecorder
 
 # Tolerances, named once: sharded vs single-process, by dtype (the sums run in
 # another order, nothing else differs).
@@ -46,6 +50,12 @@ SAMPLED_C, SAMPLE_RATE = 40, 0.4
 # so elm is checked uncorrected only (its subset reference shifts cosines)
 SAMPLED = [("arcface", False), ("arcface", True), ("elm", False)]
 WORLDS = (2, 3)
+# the workers' tiles: 4 rows x 1 to 3 classes at these shard sizes, so every
+# distributed case runs sharded_partials over several row and column blocks
+WORKER_TILE_BYTES, WORKER_MIN_ROWS = 96, 4
+# the allocation check: classes, kinds, and one world only (the recorder's first use
+# imports torch._dynamo, about 2 s of CPU in each rank's process)
+ALLOC_C, ALLOC_KINDS, ALLOC_WORLD = 60, ("elm", "arcgrad"), 2
 
 
 # ------------------------------------------------------------------ the cases
@@ -154,7 +164,8 @@ def _run_sampled(rank, world):
         seed = 1000 + rank
         keep = fd.sample_classes(y, class_start=start, shard_size=size,
                                  sample_rate=SAMPLE_RATE, ignore_index=-1,
-                                 generator=torch.Generator().manual_seed(seed))
+                                 generator=torch.Generator().manual_seed(seed),
+                                 min_negatives=int(corrected))
         xr = x[rows_of(world, rank)].clone().requires_grad_()
         wr = w[start:start + size].clone().requires_grad_()
         loss = fd.margin_cross_entropy(
@@ -202,6 +213,8 @@ def _run_errors(rank, world):
         "config_mismatch": _attempt(lambda: call(m=0.4 if last else 0.5)),
         "bad_sample_rate": _attempt(lambda: call(sample_rate=1.5 if last else 1.0)),
         "shard_sized_margin": _attempt(lambda: call(kind="cosface", m=torch.full((size,), 0.2))),
+        "dtype_mismatch": _attempt(lambda: call(  # gloo itself would abort the process
+            xr=xr.float() if last else xr, wr=wr.float() if last else wr)),
     }
     out["after"] = call().detach()  # the group is still in step
     return out
@@ -226,15 +239,34 @@ def _run_module(rank, world):
                 reloaded_loss=other(xr, yr).detach(), pred=mod.predict(xr))
 
 
+def _run_allocations(rank, world):
+    """Largest tensor any op makes in one forward + backward, and N_global * C_r."""
+    x, w, y = inputs("alloc", world, c=ALLOC_C)
+    start, size = fd.shard_range(ALLOC_C, rank, world)
+    out = {}
+    for kind in ALLOC_KINDS:
+        xr = x[rows_of(world, rank)].clone().requires_grad_()
+        wr = w[start:start + size].clone().requires_grad_()
+        with AllocationRecorder() as rec:
+            loss = fd.margin_cross_entropy(xr, wr, y[rows_of(world, rank)], class_start=start,
+                                           num_classes=ALLOC_C, **dict(kinds(ALLOC_C))[kind])
+            loss.backward()
+        out[kind] = dict(largest=max(rec.sizes), n_by_c=x.shape[0] * size,
+                         ops=len(rec.allocs))
+    return out
+
+
 def _worker(out_dir):
     import torch.distributed as dist
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    sp.TILE_BYTES, sp.MIN_ROWS = WORKER_TILE_BYTES, WORKER_MIN_ROWS
     results = {"cases": {c.name: _run_case(c, rank, world) for c in cases()},
                "sampled": _run_sampled(rank, world),
                "errors": _run_errors(rank, world),
-               "module": _run_module(rank, world)}
+               "module": _run_module(rank, world),
+               "alloc": _run_allocations(rank, world) if world == ALLOC_WORLD else None}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -346,7 +378,9 @@ def test_sampled_softmax_keeps_positives_and_matches_subset_reference(group, wor
         keep = got["keep"]
         local_pos = {int(v) - start for v in y if start <= v < start + size}
         assert local_pos <= set(keep.tolist()), "a positive class was dropped"
-        assert keep.numel() == min(size, max(len(local_pos), math.ceil(SAMPLE_RATE * size)))
+        # the correction needs a negative on every shard that has one
+        assert keep.numel() == min(size, max(len(local_pos) + int(corrected),
+                                             math.ceil(SAMPLE_RATE * size)))
         assert keep.unique().numel() == keep.numel()
         dropped = torch.ones(size, dtype=torch.bool)
         dropped[keep] = False
@@ -384,7 +418,7 @@ def test_sampled_softmax_keeps_positives_and_matches_subset_reference(group, wor
 
 ERRORS = ["label_out_of_range", "negative_label", "shard_gap", "shards_short", "shard_overlap",
           "dim_mismatch", "requires_grad_mismatch", "config_mismatch", "bad_sample_rate",
-          "shard_sized_margin"]
+          "shard_sized_margin", "dtype_mismatch"]
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -396,6 +430,9 @@ def test_bad_input_raises_value_error_on_every_rank(group, world, error):
         assert msg.startswith("ValueError"), f"rank {rank}: {msg}"
     if error in ("label_out_of_range", "negative_label"):
         assert all(f"rank {world - 1}" in r["errors"][error] for r in results)
+    if error == "dtype_mismatch":
+        assert all(f"rank {world - 1}: float32/float32/int64" in r["errors"][error]
+                   for r in results)
     # and afterwards the group is still in step: a good call gives one loss everywhere
     x, w, y = inputs("errors", world)
     want = ref.margin_cross_entropy(x, w, y, kind="arcface", s=30.0)
@@ -431,7 +468,139 @@ def test_module_state_dict_round_trip(group, world):
         assert torch.equal(res["module"]["pred"], pred[rows_of(world, rank)])
 
 
+@pytest.mark.parametrize("kind", ALLOC_KINDS)
+def test_no_n_global_by_c_r_tensor(group, kind):
+    """Forward and backward on every rank make nothing of N_global x C_r elements
+    (chunks of one row here; the single-process test below shows the recorder
+    does see the reference's tile)."""
+    for rank, res in enumerate(group(ALLOC_WORLD)):
+        got = res["alloc"][kind]
+        assert got["ops"] > 0, "the recorder saw no op"
+        assert got["largest"] < got["n_by_c"], f"rank {rank}: {got}"
+
+
 # --------------------------------------------- single-process pieces (no group)
+
+def _shard_case(kind_kw, keep, dtype, seed=0):
+    """A gathered batch against one shard [4, 11) of C classes: rows at theta = 0
+    and pi from their targets, a zero row, a zero weight row, two equal weight
+    rows (a tie for elm's c*, across a column block of 3), an ignored row,
+    targets here and elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    n, start, size = 13, 4, 7
+    x = torch.randn(n, D, generator=g, dtype=torch.float64)
+    w = torch.randn(size, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (n,), generator=g)
+    y[0], y[1], y[4] = start + 1, start + 5, 0
+    w[3] = w[2]
+    x[0] = 1.5 * w[1]
+    x[1] = -0.5 * w[5]
+    x[2] = 0.0
+    w[size - 1] = 0.0
+    y[3] = -1
+    offset = None
+    if keep is not None:
+        keep = torch.tensor(keep)
+        offset = torch.rand(keep.numel(), generator=g, dtype=torch.float64)
+    up = torch.randn(2, n, generator=g, dtype=torch.float64)  # d loss / d (sum_exp, target)
+    return x.to(dtype), w.to(dtype), y, dict(kind_kw, class_start=start, ignore_index=-1,
+                                             keep=keep, logit_offset=offset), up.to(dtype)
+
+
+def _partials_and_grads(fn, x, w, y, kw, up, **extra):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    kw = {k: v for k, v in kw.items() if k != "elm_lambda"}
+    p = fn(x, w, y, **kw, **extra)
+    (p.sum_exp * up[0] + p.target * up[1]).sum().backward()
+    return p, x.grad, w.grad
+
+
+# (rows, columns) of a tile: row blocks over whole shard rows; several column blocks
+BLOCKS = {"rows": (3, 7), "tiles": (4, 3)}
+
+
+@pytest.mark.parametrize("block,dtype", [("rows", torch.float64), ("tiles", torch.float64),
+                                         ("tiles", torch.float32)],
+                         ids=["rows-f64", "tiles-f64", "tiles-f32"])
+@pytest.mark.parametrize("keep", [None, [0, 2, 3, 6]], ids=["full", "sampled"])
+@pytest.mark.parametrize("name", [k for k, _ in kinds()])
+def test_chunked_partials_match_reference(name, keep, block, dtype):
+    """sharded_partials (tiled, custom backward) equals the eager N x C_r
+    reference: every per-row statistic and both gradients."""
+    x, w, y, kw, up = _shard_case(dict(kinds())[name], keep, dtype)
+    want = _partials_and_grads(ref_sharded.margin_shard_partials, x, w, y, kw, up)
+    got = _partials_and_grads(sp.margin_shard_partials, x, w, y, kw, up, block=BLOCKS[block])
+    tol = TOL[dtype]
+    for field in ref_sharded.ShardPartials._fields:
+        torch.testing.assert_close(getattr(got[0], field), getattr(want[0], field), **tol,
+                                   msg=field)
+    torch.testing.assert_close(got[1], want[1], **tol, msg="features.grad")
+    torch.testing.assert_close(got[2], want[2], **tol, msg="weight_shard.grad")
+    if keep is not None:  # only kept classes get a gradient
+        dropped = torch.ones(w.shape[0], dtype=torch.bool)
+        dropped[torch.tensor(keep)] = False
+        assert bool((got[2][dropped] == 0).all())
+
+
+@pytest.mark.parametrize("kind", ["normface", "arcgrad"])
+def test_class_logit_backward_matches_autograd(kind):
+    """The hand-written derivative of reference.sharded.class_logit, at cosines
+    inside, on and outside the clamp."""
+    eps = ref.COS_EPS
+    cos = torch.tensor([[-1.0, -1 + eps, -1 + eps / 2, -0.3, 0.0, 0.7],
+                        [1 - 2 * eps, 1 - eps, 1 - eps / 2, 1.0, 0.999, -0.999]],
+                       dtype=torch.float64)
+    grad = torch.linspace(-2.0, 3.0, cos.numel(), dtype=torch.float64).reshape(cos.shape)
+    leaf = cos.clone().requires_grad_()
+    ref_sharded.class_logit(leaf, kind, 3.0).backward(grad)
+    got = sp.class_logit_backward_(cos.clone(), grad.clone(), kind, 3.0)
+    torch.testing.assert_close(got, leaf.grad, **TOL[torch.float64])
+
+
+def test_unit_backward_matches_autograd():
+    t = torch.randn(5, D, dtype=torch.float64)
+    t[1] = 0.0
+    grad = torch.randn(5, D, dtype=torch.float64)
+    leaf = t.clone().requires_grad_()
+    (leaf * ref.inv_norm(leaf)[:, None]).backward(grad)
+    torch.testing.assert_close(sp.unit_backward(t, grad, torch.float64), leaf.grad,
+                               **TOL[torch.float64])
+
+
+def test_tiling_bounds_the_tile():
+    mib8 = 8 << 20
+    # whole rows while that leaves min_rows rows a block
+    assert sp.tiling(8192, 4000, torch.float32, mib8, 256) == (mib8 // 16000, 4000)
+    assert sp.tiling(100, 4000, torch.float32, mib8, 256) == (100, 4000)
+    # a wide shard: min_rows rows, the columns split to fit
+    assert sp.tiling(8192, 125_000, torch.float32, mib8, 256) == (256, mib8 // (256 * 4))
+    assert sp.tiling(10, 10 ** 7, torch.float64, mib8, 256) == (10, mib8 // 80)
+    assert sp.tiling(8192, 10 ** 9, torch.float32, 64, 256) == (256, 1)  # never empty
+    for n, k in ((8192, 4000), (8192, 125_000), (3, 10 ** 7)):
+        rows, cols = sp.tiling(n, k, torch.float32, mib8, 256)
+        assert rows * cols * 4 <= mib8
+
+
+@pytest.mark.parametrize("keep", [None, list(range(0, 40, 2))], ids=["full", "sampled"])
+def test_chunked_partials_make_no_n_by_c_tensor(keep):
+    n, c_r, d = 16, 40, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g, requires_grad=True)
+    w = torch.randn(c_r, d, generator=g, requires_grad=True)
+    y = torch.randint(0, 2 * c_r, (n,), generator=g)
+    keep = None if keep is None else torch.tensor(keep)
+    k = c_r if keep is None else keep.numel()
+    for fn, extra in ((sp.margin_shard_partials, dict(block=(2, 5))),
+                      (ref_sharded.margin_shard_partials, {})):
+        with AllocationRecorder() as rec:
+            p = fn(x, w, y, class_start=c_r // 2, kind="arcgrad", s=4.0, keep=keep, **extra)
+            (p.sum_exp.sum() + p.target.sum()).backward()
+        if fn is sp.margin_shard_partials:
+            assert max(rec.sizes) <= max(n * d, c_r * d, 2 * 5), max(rec.shapes, key=math.prod)
+        else:  # the recorder does see the reference's tile
+            assert max(rec.sizes) >= n * k
+
+
 
 @pytest.mark.parametrize("rate", [0.01, 0.3, 0.5, 1.0])
 def test_sample_classes_keeps_positives_and_count(rate):
@@ -459,12 +628,91 @@ def test_sample_classes_is_uniform_over_the_others():
     assert bool(((hits[2:] - 500).abs() < 100).all()), hits
 
 
+NORMALISER_DRAWS = 3000
+NORMALISER_SIGMAS = 5.0  # |mean - truth| allowed, in standard errors of the mean over the draws
+
+
+def _normaliser_draws(labels, z, *, shard_size, rate, correction):
+    """The shard's estimated normaliser sum_kept exp(z + offset) per row, one row
+    of the result per draw (each with its own generator), by the code path
+    margin_cross_entropy takes."""
+    est = []
+    for seed in range(NORMALISER_DRAWS):
+        keep, offset = fd._sampled_shard(
+            labels, class_start=0, shard_size=shard_size, sample_rate=rate,
+            ignore_index=-100, generator=torch.Generator().manual_seed(seed),
+            sample_correction=correction, dtype=torch.float64, device=torch.device("cpu"))
+        zk = z[:, keep] + (0.0 if offset is None else offset[None, :])
+        est.append(torch.exp(zk).sum(dim=1))
+    return torch.stack(est)
+
+
+def _shard_logits(shard_size, n_rows=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return 2.0 * torch.randn(n_rows, shard_size, generator=g, dtype=torch.float64)
+
+
+def test_sample_correction_normaliser_is_unbiased():
+    """ceil(rate * C_r) > P: the corrected estimate averages to the full sum of
+    exp over the shard; the uncorrected (plain PartialFC) one falls short."""
+    c_r, rate = 50, 0.3
+    labels = torch.tensor([3, 3, 10, 17, 41, 49, 60, -100])  # P = 5 positives here, 60 elsewhere
+    z = _shard_logits(c_r)
+    truth = torch.exp(z).sum(dim=1)
+    est = _normaliser_draws(labels, z, shard_size=c_r, rate=rate, correction=True)
+    se = est.std(dim=0) / math.sqrt(est.shape[0])
+    assert bool(((est.mean(dim=0) - truth).abs() < NORMALISER_SIGMAS * se).all()), (
+        est.mean(dim=0), truth, se)
+    plain = _normaliser_draws(labels, z, shard_size=c_r, rate=rate, correction=False)
+    assert bool((truth - plain.mean(dim=0) > NORMALISER_SIGMAS * se).all())
+
+
+def test_sample_correction_keeps_a_negative_when_positives_fill_the_quota():
+    """ceil(rate * C_r) <= P: plain PartialFC keeps the positives only, so a
+    corrected normaliser would be the positives' sum whatever the draw (biased
+    low); sample_correction therefore keeps one negative, and is unbiased again."""
+    c_r, rate = 20, 0.1  # ceil(0.1 * 20) = 2 <= P = 5
+    labels = torch.tensor([0, 4, 4, 9, 13, 19])
+    positive = torch.zeros(c_r, dtype=torch.bool)
+    positive[labels] = True
+    z = _shard_logits(c_r, seed=1)
+    truth = torch.exp(z).sum(dim=1)
+    bare = fd.sample_classes(labels, class_start=0, shard_size=c_r, sample_rate=rate,
+                             generator=torch.Generator().manual_seed(0))
+    assert torch.equal(bare, positive.nonzero().squeeze(1))  # the degenerate draw
+    offset = ref_sharded.sampled_logit_offset(bare, positive, c_r, torch.float64)
+    degenerate = torch.exp(z[:, bare] + offset).sum(dim=1)
+    torch.testing.assert_close(degenerate, torch.exp(z[:, positive]).sum(dim=1))
+    assert bool((degenerate < truth).all())
+
+    est = _normaliser_draws(labels, z, shard_size=c_r, rate=rate, correction=True)
+    keep, _ = fd._sampled_shard(labels, class_start=0, shard_size=c_r, sample_rate=rate,
+                                ignore_index=-100, generator=torch.Generator().manual_seed(0),
+                                sample_correction=True, dtype=torch.float64,
+                                device=torch.device("cpu"))
+    assert keep.numel() == int(positive.sum()) + 1
+    se = est.std(dim=0) / math.sqrt(est.shape[0])
+    assert bool(((est.mean(dim=0) - truth).abs() < NORMALISER_SIGMAS * se).all()), (
+        est.mean(dim=0), truth, se)
+
+
+def test_sample_correction_keeps_every_class_when_all_are_positive():
+    labels = torch.arange(6)
+    keep, offset = fd._sampled_shard(labels, class_start=0, shard_size=6, sample_rate=0.2,
+                                     ignore_index=-100, generator=torch.Generator().manual_seed(0),
+                                     sample_correction=True, dtype=torch.float64,
+                                     device=torch.device("cpu"))
+    assert torch.equal(keep, labels) and bool((offset == 0).all())
+
+
 @pytest.mark.parametrize("spans,ok", [
     ([(0, 4), (4, 7)], True), ([(4, 7), (0, 4)], True), ([(0, 11), (11, 0)], True),
     ([(1, 4), (4, 7)], False), ([(0, 5), (4, 7)], False), ([(0, 4), (4, 6)], False),
     ([(0, 4), (5, 6)], False)])
 def test_tiling_check(spans, ok):
-    meta = [[1, 3, D, D, start, size, C, 0, 1, 0] for start, size in spans]
+    f64, i64 = (fd._dtype_code(torch.zeros(0, dtype=t)) for t in (torch.float64, torch.int64))
+    meta = [[1, 3, D, D, start, size, C, 0, 1, f64, f64, i64] for start, size in spans]
+    assert all(len(r) == fd._META for r in meta)
     problem = fd._global_problem(meta)
     assert (problem is None) == ok, problem
 
@@ -490,7 +738,9 @@ def _example_epoch(cmd, env):
 def test_torchrun_example_trains():
     """The torchrun example runs, learns, and its two ranks train exactly what one
     process trains (same global batches, same seeded init, summed backbone grads)."""
-    example = ["-m", "fused_margin.examples.sharded_train", "--epochs", "1"]
+    # --scale/--margin pass through torchrun (--s/--m were ambiguous prefixes of its own options)
+    example = ["-m", "fused_margin.examples.sharded_train", "--epochs", "1", "--scale", "16",
+               "--margin", "0.3"]
     env = loopback_env(2)
     two = _example_epoch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_addr={env['MASTER_ADDR']}",

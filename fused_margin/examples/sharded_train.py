@@ -1,6 +1,6 @@
 """Train a small MLP on scikit-learn's digits with a class-sharded margin loss.
 
-    torchrun --nproc_per_node=2 -m fused_margin.examples.sharded_train --epochs 2
+    torchrun --nproc_per_node=2 -m fused_margin.examples.sharded_train --epochs 2 --scale 16 --margin 0.3
     python -m fused_margin.examples.sharded_train --epochs 2      # one process
 
 Gloo on CPU (NCCL when CUDA is available and --device cuda). Every rank holds
@@ -33,8 +33,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split over ranks")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--kind", default="arcface")
-    p.add_argument("--s", type=float, default=16.0)
-    p.add_argument("--m", type=float, default=0.3)
+    # not --s / --m: torchrun takes any unambiguous prefix of its own options
+    # (--start-method, --max-restarts, ...) and would refuse these as ambiguous
+    p.add_argument("--scale", type=float, default=16.0, help="s, the logit scale")
+    p.add_argument("--margin", type=float, default=0.3, help="m, the kind's margin")
     p.add_argument("--embedding", type=int, default=32)
     p.add_argument("--sample-rate", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +95,7 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)  # the same backbone on every rank
     backbone = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, args.embedding))
-    head = ShardedMarginLoss(args.embedding, 10, kind=args.kind, s=args.s, m=args.m,
+    head = ShardedMarginLoss(args.embedding, 10, kind=args.kind, s=args.scale, m=args.margin,
                              sample_rate=args.sample_rate, init_seed=args.seed,
                              generator=torch.Generator().manual_seed(args.seed + rank))
     backbone.to(device)

@@ -13,9 +13,10 @@ the ranks combine into the global loss (fused_margin.distributed):
 
 The margin math is fused_margin.reference.angular's (cosine, target_transform,
 _per_row): the sharded loss equals the single-process one term by term. This
-eager version builds an N x C_r cosine tile; it is the piece a fused kernel
-replaces once the kernels expose a partials API (they do not yet). No custom
-autograd here: gradients come from PyTorch.
+eager version builds an N x C_r cosine tile and lets PyTorch's autograd keep
+several such tiles: it is the oracle the tests compare against, not what
+fused_margin.distributed runs (that is fused_margin.sharded_partials: tiles,
+O(N) saved state). No custom autograd here.
 """
 from __future__ import annotations
 
@@ -35,6 +36,23 @@ class ShardPartials(NamedTuple):
     target: torch.Tensor       # [N] differentiable, 0 where the target is elsewhere
     wrong_cos: torch.Tensor    # [N] detached, -inf where no wrong class is kept here
     wrong_index: torch.Tensor  # [N] int64 global class index, NO_CLASS where none
+
+
+def class_logit(cos: torch.Tensor, kind: str, s: float) -> torch.Tensor:
+    """The logit of a class without a margin: s*cos, or arcgrad's -s*theta
+    (which every class, the target too, gets)."""
+    if kind == "arcgrad":
+        return -s * torch.acos(cos.clamp(-1 + COS_EPS, 1 - COS_EPS))
+    return s * cos
+
+
+def target_logit(cos_y: torch.Tensor, y: torch.Tensor, *, kind: str, s: float,
+                 m: Union[float, torch.Tensor], m1: float, m2: float, m3: float) -> torch.Tensor:
+    """The target logit from the target cosine, without elm's lambda * m_{c*}
+    (angular.target_transform; arcgrad has no target transform)."""
+    if kind == "arcgrad":
+        return class_logit(cos_y, kind, s)
+    return s * target_transform(cos_y, kind, _per_row(m, y, cos_y), m1, m2, m3)
 
 
 def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
@@ -61,10 +79,7 @@ def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
     hit = (gid[None, :] == labels[:, None]) & valid[:, None]                # target column
     owner = hit.any(dim=1)
 
-    if kind == "arcgrad":
-        z = -s * torch.acos(cos.clamp(-1 + COS_EPS, 1 - COS_EPS))
-    else:
-        z = s * cos
+    z = class_logit(cos, kind, s)
     if logit_offset is not None:
         z = z + logit_offset.to(z.dtype)[None, :]
     z_wrong = z.masked_fill(hit, -math.inf)
@@ -83,10 +98,7 @@ def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
         target = cos.new_zeros(n) + z.sum(dim=1)  # empty: keeps the graph, value 0
     else:
         cos_y = cos.gather(1, col[:, None]).squeeze(1)
-        if kind == "arcgrad":
-            t = -s * torch.acos(cos_y.clamp(-1 + COS_EPS, 1 - COS_EPS))
-        else:
-            t = s * target_transform(cos_y, kind, _per_row(m, y, cos_y), m1, m2, m3)
+        t = target_logit(cos_y, y, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3)
         target = torch.where(owner, t, torch.zeros_like(t))
 
     others = cos.detach().masked_fill(hit, -math.inf)
