@@ -152,12 +152,13 @@ def _add_train(sub) -> argparse.ArgumentParser:
                         "chosen backend run the reference, and the report says which ran")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g.add_argument("--threads", type=_int, default=1,
-                   help="torch intra-op threads while training (default: 1; the model is tiny)")
+                   help="torch intra-op threads while training, 1 to 4 x the CPUs "
+                        "(default: 1; the model is tiny)")
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     g.add_argument("--plot", metavar="PATH",
-                   help="write a PNG of the test features (PCA unless --embedding-dim 2) "
-                        "with the class weight directions")
+                   help="write a PNG of the test features with the class weight directions "
+                        "(--embedding-dim 2: as is; 1: a strip per class; wider: PCA)")
     g.add_argument("--quiet", "-q", action="store_true",
                    help="no progress bar (it is also off when stderr is not a terminal)")
     return p
@@ -173,6 +174,18 @@ def _check_output(flag: str, path: Optional[str]) -> None:
         raise UsageError(f"{flag} {path!r}: directory {parent!r} does not exist")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{flag} {path!r}: directory {parent!r} is not writable")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()  # torch's CPU allocator and CUDA OOM are RuntimeErrors
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else exc.__class__.__name__)[:200]
 
 
 def _fmt(v, spec: str, none: str = "-") -> str:
@@ -239,6 +252,13 @@ def _run_train(args: argparse.Namespace) -> int:
         result = T.train(cfg, progress=not args.quiet and sys.stderr.isatty())
     except T.ConfigError as exc:
         raise UsageError(str(exc)) from None
+    except (MemoryError, RuntimeError) as exc:
+        # train() refuses sizes its estimate says cannot fit; this catches the rest
+        # (a device that is fuller than it looked), and only allocation failures
+        if not _is_out_of_memory(exc):
+            raise
+        raise UsageError(f"out of memory ({_first_line(exc)}); try a smaller --hidden-dim, "
+                         "--embedding-dim or --batch-size") from None
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result.report, f, indent=2)
@@ -276,8 +296,8 @@ def _add_bench(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip torch.compile of the reference (reported as n/a)")
     p.add_argument("--threads", type=_int, default=None,
-                   help="torch intra-op threads while timing (default: 1 with --quick, "
-                        "else torch's)")
+                   help="torch intra-op threads while timing, 1 to 4 x the CPUs (default: 1 "
+                        "with --quick, else torch's)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH",
                    help="write a PNG of time and memory against C for margin CE (arcface)")
@@ -289,8 +309,13 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     _check_output("--json", args.json)
     _check_output("--plot", args.plot)
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be a positive integer, got {args.threads}")
+    if args.threads is not None:
+        from .train import ConfigError, check_threads
+
+        try:
+            check_threads("--threads", args.threads)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
     try:
         ops = B.parse_ops(args.ops)
         device = B.check_device(args.device)

@@ -9,6 +9,7 @@ stays balanced, as in those papers, so per-class recall measures the tail.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -16,6 +17,10 @@ import numpy as np
 import torch
 
 DATASETS = ("digits", "iris", "wine", "breast_cancer")
+
+
+class DataError(ValueError):
+    """A split these options cannot make (the training CLI reports it as bad input)."""
 
 
 @dataclass
@@ -74,12 +79,34 @@ def long_tail_counts(counts, imbalance: float) -> List[int]:
             for c, have in enumerate(counts)]
 
 
+def split_sizes(name: str, n_samples: int, n_classes: int, test_size: float):
+    """(train, test) sizes of a stratified split, as scikit-learn rounds them.
+
+    Both sides need at least one sample per class; checked here so that a bad
+    --test-size is named with the range that works instead of failing inside
+    scikit-learn.
+    """
+    if not (math.isfinite(test_size) and 0 < test_size < 1):
+        raise DataError(f"test-size must lie in (0, 1), got {test_size}")
+    n_test = math.ceil(test_size * n_samples)
+    n_train = n_samples - n_test
+    if min(n_test, n_train) < n_classes:
+        # rounded inwards, so that both ends of the range work
+        lo = math.ceil(n_classes / n_samples * 1000) / 1000
+        hi = math.floor((1 - n_classes / n_samples) * 1000) / 1000
+        raise DataError(f"test-size {test_size:g} splits {name}'s {n_samples} samples into "
+                        f"{n_train} train / {n_test} test, but each side needs one sample "
+                        f"per class ({n_classes}): use a test-size in [{lo:g}, {hi:g}]")
+    return n_train, n_test
+
+
 def load_split(name: str = "digits", *, imbalance: Optional[float] = None,
                test_size: float = 0.25, seed: int = 0) -> Split:
     """The dataset `name` split train/test (stratified, `seed`), standardised, maybe long-tailed."""
     from sklearn.model_selection import train_test_split
 
     x, y, class_names = _load(name)
+    split_sizes(name, len(y), len(class_names), test_size)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, stratify=y,
                                               random_state=seed)
     n_classes = len(class_names)

@@ -7,7 +7,11 @@ order, shared by every loss), and compares them with paired differences
 across seeds: the claim "A beats B" reproduces when mean(A - B) - std(A - B)
 > 0, does not reproduce when mean(A - B) + std(A - B) < 0, and is
 inconclusive otherwise (std over seeds, ddof=1; one seed is always
-inconclusive). These are toy-scale re-runs (an MLP on 8x8 digits or UCI-size
+inconclusive). "A keeps B's accuracy" is kept only when the mean drop is both
+within the spread (mean + std >= 0) and small (at most KEEP_TOLERANCE, one
+accuracy point), lost when mean + std < 0, and otherwise inconclusive with
+the number of seeds on which A was lower: a large mean drop must not pass
+because its spread is larger still. These are toy-scale re-runs (an MLP on 8x8 digits or UCI-size
 tables, minutes on a laptop CPU), not the papers' CIFAR/ImageNet set-ups; the
 report says so and gives every setting.
 
@@ -44,6 +48,7 @@ CAMRI_IMPORTANT = 8  # fixed beforehand (the digit CE confuses most), not picked
 LT_IMBALANCE = 100.0
 TAIL_CLASSES = 3  # the rarest classes whose mean recall claim (b) also reports
 UCI_SETS = ("iris", "wine", "breast_cancer")
+KEEP_TOLERANCE = 0.01  # largest mean drop a "keeps" comparison may call kept: 1 accuracy point
 
 
 class ReproduceError(ValueError):
@@ -60,6 +65,7 @@ class Comparison:
     metric: str
     diffs: List[float]
     kind: str = "beats"  # "beats": A > B predicted; "keeps": A not below B
+    tolerance: float = KEEP_TOLERANCE  # "keeps": the largest mean drop still kept
 
     @property
     def mean(self) -> float:
@@ -78,7 +84,12 @@ class Comparison:
         tol = 1e-9 * max(1.0, abs(self.mean))
         lo, hi = self.mean - self.std - tol, self.mean + self.std + tol
         if self.kind == "keeps":
-            return "kept" if hi >= 0 else "lost"
+            if hi < 0:
+                return "lost"
+            if self.mean >= -self.tolerance - tol:
+                return "kept"
+            lower = sum(d < 0 for d in self.diffs)
+            return f"inconclusive: lower on {lower} of {len(self.diffs)} seeds"
         if lo > 0:
             return "reproduces"
         if hi < 0:
@@ -88,6 +99,7 @@ class Comparison:
     def as_dict(self) -> dict:
         return {"name": self.name, "better": self.better, "worse": self.worse,
                 "metric": self.metric, "kind": self.kind, "diffs": self.diffs,
+                "tolerance": self.tolerance if self.kind == "keeps" else None,
                 "mean": self.mean, "std": self.std, "verdict": self.verdict()}
 
 
@@ -168,6 +180,16 @@ def _compare(runs, name, a, b, metric, kind="beats") -> Comparison:
     return Comparison(name, a, b, metric, diffs, kind)
 
 
+def recall_and_accuracy_verdict(recall: Comparison, accuracy: Comparison) -> str:
+    """Claim (a) needs both halves: the recall gain, and the accuracy kept."""
+    v, a = recall.verdict(), accuracy.verdict()
+    if v != "reproduces" or a == "kept":
+        return v
+    if a == "lost":
+        return "does not reproduce (accuracy lost)"
+    return f"recall reproduces, accuracy {a}"
+
+
 def claim_a(r: _Runner) -> ClaimResult:
     k = CAMRI_IMPORTANT
     out = ClaimResult(
@@ -189,10 +211,7 @@ def claim_a(r: _Runner) -> ClaimResult:
         rec = _compare(out.runs, f"recall vs {base}", "camri", base, "important_recall")
         acc = _compare(out.runs, f"accuracy vs {base}", "camri", base, "accuracy", "keeps")
         out.comparisons += [rec, acc]
-        v = rec.verdict()
-        if v == "reproduces" and acc.verdict() == "lost":
-            v = "does not reproduce (accuracy lost)"
-        verdicts.append(f"vs {base}: {v}")
+        verdicts.append(f"vs {base}: {recall_and_accuracy_verdict(rec, acc)}")
     out.verdict = "; ".join(verdicts)
     out.note = (f"important_angle_std_deg is the std of the angle between the class-{k} test "
                 f"features and that class's weight direction (CAMRI's Table II measure; for "
@@ -411,15 +430,48 @@ def plot_claim(res: ClaimResult, path: str) -> None:
     plt.close(fig)
 
 
+def _source_revision() -> Optional[str]:
+    """The git commit the package was run from, "+ uncommitted changes" when the tree
+    differs from it; None outside a git checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rev = f"commit {head.stdout.strip()}"
+    return rev + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_report(results: List[ClaimResult], out_dir: str, *, seeds: int, quick: bool,
                  total_s: float) -> str:
     os.makedirs(out_dir, exist_ok=True)
     n_seeds = 1 if quick else seeds
+    rev = _source_revision()
     head = [
         "# Reproducing the seed papers' headline claims, small scale", "",
         f"Generated by `fused-margin reproduce{' --quick' if quick else ''} --seeds {seeds}` "
+        f"{'at ' + rev + ' ' if rev else ''}"
         f"on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{platform.machine()} with {os.cpu_count()} CPU cores (shared with other jobs), "
+        f"{platform.machine()} ({_cpu_name()}) with {os.cpu_count()} CPU cores (shared with "
+        f"other jobs), "
         f"torch {torch.__version__}; {total_s / 60:.1f} min in all.", "",
         "Every run is `fused-margin train`'s loop (fused_margin.train): an MLP input -> 64 -> "
         "ReLU -> 32-d embedding, the loss head, Adam lr 0.01, batch 64, one intra-op thread, "
@@ -428,9 +480,11 @@ def write_report(results: List[ClaimResult], out_dir: str, *, seeds: int, quick:
         "shared by the losses compared, so differences are paired per seed.", "",
         "Verdict rule, for \"A beats B\": reproduces if mean(A - B) - std(A - B) > 0, does not "
         "reproduce if mean + std < 0, else inconclusive (std over seeds, ddof = 1). For \"A "
-        "does not lose accuracy\": kept unless mean + std < 0. Values are mean ± std over "
-        "seeds. These are toy-scale checks of the direction of each claim, not replications "
-        "of the papers' CNN experiments.", "",
+        "does not lose accuracy\": lost if mean + std < 0; kept only if also the mean drop "
+        f"is at most {KEEP_TOLERANCE * 100:g} accuracy point; otherwise inconclusive, with "
+        "the number of seeds on which A was lower. Values are mean ± std over seeds. These "
+        "are toy-scale checks of the direction of each claim, not replications of the "
+        "papers' CNN experiments.", "",
         "| claim | verdict |", "|---|---|"]
     for r in results:
         head.append(f"| ({r.key}) {r.title} | {r.verdict} |")

@@ -19,6 +19,7 @@ head's weight rows as the class directions.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from torch.nn import functional as torch_F
 
 from . import functional as F
 from . import nn as fm_nn
-from .data import DATASETS, Split, load_split
+from .data import DATASETS, DataError, Split, load_split
 from .dispatch import BACKENDS, OPS, resolve
 
 MARGIN_LOSSES = ("normface", "arcface", "cosface", "sphereface", "combined", "camri", "arcgrad",
@@ -57,6 +58,20 @@ SINKHORN_EPS, SINKHORN_ITERS = 0.1, 50
 
 class ConfigError(ValueError):
     """A bad training option: the CLI prints it as one line and exits with status 2."""
+
+
+def max_threads() -> int:
+    """The most intra-op threads accepted: 4 x the CPUs. torch takes any count and an absurd
+    one (1e5) crashes the process when its thread pool starts."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_threads(flag: str, n) -> None:
+    """A thread count in 1..max_threads(), else ConfigError naming `flag`."""
+    top = max_threads()
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= top:
+        raise ConfigError(f"{flag} must be an integer in 1..{top} (4 x the {os.cpu_count()} "
+                          f"CPUs here), got {n!r}")
 
 
 @dataclass
@@ -121,7 +136,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "embedding_dim", "hidden_dim"):
         _positive_int(name.replace("_", "-"), getattr(cfg, name))
     if cfg.threads is not None:
-        _positive_int("threads", cfg.threads)
+        check_threads("threads", cfg.threads)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed!r}")
     _finite("lr", cfg.lr, positive=True)
@@ -169,6 +184,43 @@ def _check_device(backend: str, device: str) -> None:
         resolve("margin_cross_entropy", backend, dev)
     except (RuntimeError, ValueError, NotImplementedError) as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _available_bytes(device: torch.device) -> Optional[int]:
+    """Memory free for new tensors on `device` (CPU: MemAvailable), None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(cfg: TrainConfig, split: Split, device: torch.device) -> None:
+    """Refuse model sizes that cannot fit before allocating them.
+
+    A lazily committed allocation that is too large need not fail in malloc: it
+    can instead bring in the kernel's OOM killer part-way through
+    initialisation, so the estimate runs first. Counted in fp32: the weights
+    (embedder, head, centres) four times (value, gradient, Adam's two moments)
+    and the activations of the largest forward (a batch or the test split).
+    """
+    f, h, d, c = split.num_features, cfg.hidden_dim, cfg.embedding_dim, split.num_classes
+    params = f * h + h + h * d + d + 2 * (c * d + c)
+    rows = max(min(cfg.batch_size, int(split.y_train.numel())), int(split.y_test.numel()))
+    need = 4 * (4 * params + 3 * rows * (h + d + c))
+    have = _available_bytes(device)
+    if have is not None and need > have:
+        raise ConfigError(f"--hidden-dim {h} with --embedding-dim {d} needs about "
+                          f"{need / 2 ** 30:.3g} GiB (weights, gradients, Adam state, "
+                          f"activations) but {have / 2 ** 30:.3g} GiB is free on {device}")
 
 
 def _check_split(cfg: TrainConfig, split: Split) -> None:
@@ -501,10 +553,14 @@ def train(cfg: TrainConfig, *, progress: bool = False, split: Optional[Split] = 
 def _train(cfg: TrainConfig, progress: bool, split: Optional[Split]) -> TrainResult:
     t_start = time.perf_counter()
     if split is None:
-        split = load_split(cfg.dataset, imbalance=cfg.imbalance, test_size=cfg.test_size,
-                           seed=cfg.seed)
+        try:
+            split = load_split(cfg.dataset, imbalance=cfg.imbalance, test_size=cfg.test_size,
+                               seed=cfg.seed)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
     _check_split(cfg, split)
     device = torch.device(cfg.device)
+    _check_memory(cfg, split, device)
     torch.manual_seed(cfg.seed)
     c = split.num_classes
     model = Embedder(split.num_features, cfg.hidden_dim, cfg.embedding_dim).to(device)
@@ -590,7 +646,8 @@ def plot_features(result: TrainResult, path: str) -> None:
 
     The margin losses compare features by angle only, so their features are
     drawn L2-normalised (as in the CAMRI paper's Fig. 2); the others raw. A
-    2-D embedding is drawn as is, a wider one on its first two principal axes.
+    2-D embedding is drawn as is, a wider one on its first two principal axes,
+    a 1-D one as a strip of raw values per class.
     """
     import matplotlib
 
@@ -601,6 +658,9 @@ def plot_features(result: TrainResult, path: str) -> None:
     rep = result.report
     feats = result.test_features.double()
     dirs = result.directions.double()
+    if feats.shape[1] == 1:
+        _plot_strips(result, path, plt)
+        return
     normalised = rep["loss"]["name"] in MARGIN_LOSSES
     if normalised:
         feats = torch_F.normalize(feats, dim=1)
@@ -642,6 +702,47 @@ def plot_features(result: TrainResult, path: str) -> None:
                  f"(accuracy {rep['accuracy']:.3f}): {what}, arrows W_j", fontsize=10)
     ax.legend(fontsize=7, markerscale=1.5, loc="upper right", ncol=2 if c > 5 else 1,
               framealpha=0.8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def _plot_strips(result: TrainResult, path: str, plt) -> None:
+    """A 1-D embedding: one jittered strip of raw feature values per class, W_j's sign as arrows.
+
+    Normalising a 1-D feature leaves only its sign (cos is +-1), so the raw
+    values are drawn; the arrow on each class's strip points the way its
+    weight W_j does, which is all a margin loss can compare against.
+    """
+    rep = result.report
+    z = result.test_features.double()[:, 0]
+    w = result.directions.double()[:, 0]
+    labels = result.test_labels
+    c = rep["dataset"]["num_classes"]
+    cmap = plt.get_cmap("tab10" if c <= 10 else "tab20")
+    # frame the bulk (99% of |z|) so that a few outliers do not squash the strips
+    lim = 1.15 * max(float(z.abs().quantile(0.99)), 1e-6)
+    jitter = (torch.rand(z.shape[0], generator=torch.Generator().manual_seed(0)) - 0.5) * 0.5
+    fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.5 * c + 1.5)), dpi=110)
+    ax.axvline(0, color="0.85", lw=0.8, zorder=0)
+    for j in range(c):
+        sel = labels == j
+        colour = cmap(j % cmap.N)
+        ax.scatter(z[sel], j + jitter[sel], s=10, alpha=0.6, color=colour, zorder=2)
+        sign = 1.0 if float(w[j]) >= 0 else -1.0
+        ax.annotate("", xy=(sign * 0.8 * lim, j), xytext=(0.0, j), zorder=1,
+                    arrowprops=dict(arrowstyle="-|>", color=colour, lw=2.0, alpha=0.45))
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(c - 0.5, -0.5)
+    ax.set_yticks(range(c))
+    ax.set_yticklabels([str(result.class_names[j]) if j < len(result.class_names) else str(j)
+                        for j in range(c)], fontsize=8)
+    ax.set_xlabel("z1 (raw)")
+    note = (" (a margin loss sees only the sign: cos(x, W_j) = +-1)"
+            if rep["loss"]["name"] in MARGIN_LOSSES else "")
+    ax.set_title(f"{rep['loss']['name']} on {rep['dataset']['name']} "
+                 f"(accuracy {rep['accuracy']:.3f}): 1-D test features\n"
+                 f"arrows: sign(W_j){note}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

@@ -122,9 +122,26 @@ def test_reproduce_quick_writes_report(tmp_path, capsys):
     ([0.01], "beats", "inconclusive: one seed"),
     ([-0.001, 0.002, -0.002], "keeps", "kept"),
     ([-0.03, -0.02, -0.025], "keeps", "lost"),
+    ([-0.008, -0.009, -0.007], "keeps", "lost"),  # small but on every seed
+    ([0.0, 0.0, 0.0], "keeps", "kept"),
+    ([0.012, -0.02, -0.012], "keeps", "kept"),  # mean drop 0.67 pts, within the spread
+    # a large mean drop hidden by a larger spread (sigma2r's -5.6 +- 8.0 pts) is not kept
+    ([0.03, -0.14, -0.06], "keeps", "inconclusive: lower on 2 of 3 seeds"),
+    ([0.01], "keeps", "inconclusive: one seed"),
 ])
 def test_verdict_rule(diffs, kind, verdict):
     assert reproduce.Comparison("x", "A", "B", "accuracy", diffs, kind).verdict() == verdict
+
+
+@pytest.mark.parametrize("acc,verdict", [
+    ([0.001, -0.002, 0.0], "reproduces"),
+    ([-0.03, -0.02, -0.025], "does not reproduce (accuracy lost)"),
+    ([0.03, -0.14, -0.06], "recall reproduces, accuracy inconclusive: lower on 2 of 3 seeds"),
+])
+def test_claim_a_needs_the_accuracy_kept(acc, verdict):
+    rec = reproduce.Comparison("r", "camri", "ce", "important_recall", [0.05, 0.06, 0.04])
+    keep = reproduce.Comparison("a", "camri", "ce", "accuracy", acc, "keeps")
+    assert reproduce.recall_and_accuracy_verdict(rec, keep) == verdict
 
 
 def test_intra_class_eq12_matches_formula():
@@ -141,7 +158,8 @@ def test_intra_class_eq12_matches_formula():
     (["bench", "--ops", "nope"], "unknown op 'nope'"),
     (["bench", "--device", "meta"], "device must be cpu or cuda"),
     (["bench", "--json", "/no/such/dir/x.json"], "does not exist"),
-    (["bench", "--threads", "0"], "--threads must be a positive integer"),
+    (["bench", "--threads", "0"], "--threads must be an integer in 1.."),
+    (["bench", "--threads", "100000"], "--threads must be an integer in 1.."),
     (["reproduce", "--claims", "a,z"], "unknown claim 'z'"),
     (["reproduce", "--seeds", "0"], "--seeds must be a positive integer"),
     (["reproduce", "--seeds", "two"], "not an integer"),

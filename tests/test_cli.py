@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fused_margin import cli
-from fused_margin.data import load_split, long_tail_counts
+from fused_margin.data import DataError, load_split, long_tail_counts
 from fused_margin.train import LOSSES, angle_statistics, classification_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -199,7 +199,7 @@ def test_classification_metrics():
 
 # ------------------------------------------------------------------ plot
 
-@pytest.mark.parametrize("dim", [2, 8])
+@pytest.mark.parametrize("dim", [1, 2, 8])
 def test_plot_is_a_png(tmp_path, dim):
     png = tmp_path / "features.png"
     assert cli.main(["train", "--quiet", "--dataset", "iris", "--epochs", "1",
@@ -233,7 +233,13 @@ BAD_INPUTS = {
     "bad device": ["--device", "tpu"],
     "missing json dir": ["--json", "/nonexistent-dir/x/report.json"],
     "test size": ["--test-size", "1.5"],
+    "test split without every class": ["--test-size", "0.001"],
+    "train split without every class": ["--test-size", "0.999"],
+    "iris test split too small": ["--dataset", "iris", "--test-size", "0.01"],
     "zero threads": ["--threads", "0"],
+    "absurd threads": ["--threads", "100000"],
+    "model larger than memory": ["--hidden-dim", "10000000000"],
+    "embedding larger than memory": ["--embedding-dim", "10000000000"],
 }
 
 
@@ -247,6 +253,43 @@ def test_bad_input_exits_2_with_one_line(capsys, args):
     assert err.startswith("fused-margin") and "error:" in err
     assert err.endswith("\n") and err.count("\n") == 1, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("name,bad", [("iris", 0.01), ("iris", 0.99), ("digits", 0.001),
+                                      ("wine", 0.999)])
+def test_test_size_error_names_a_range_that_works(name, bad):
+    with pytest.raises(DataError, match=r"use a test-size in \[") as exc:
+        load_split(name, test_size=bad)
+    lo, hi = (float(v) for v in str(exc.value).rsplit("[", 1)[1].rstrip("]").split(", "))
+    for ok in (lo, hi):  # both ends split, with every class on both sides
+        s = load_split(name, test_size=ok)
+        assert min(s.train_counts) >= 1 and min(s.test_counts) >= 1
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+    "tried to allocate 160000000000 bytes.\nmore")])
+def test_allocation_failure_exits_2_with_one_line(monkeypatch, capsys, exc):
+    from fused_margin import train as T
+
+    def fail(*a, **k):
+        raise exc
+    monkeypatch.setattr(T, "train", fail)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--quiet"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--hidden-dim" in err and err.count("\n") == 1
+
+
+def test_other_runtime_errors_are_not_hidden(monkeypatch):
+    from fused_margin import train as T
+
+    def fail(*a, **k):
+        raise RuntimeError("a kernel bug")
+    monkeypatch.setattr(T, "train", fail)
+    with pytest.raises(RuntimeError, match="a kernel bug"):
+        cli.main(["train", "--quiet"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
