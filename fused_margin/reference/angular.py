@@ -41,14 +41,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def inv_norm(x: torch.Tensor) -> torch.Tensor:
     """1/||x_i|| per row, 0 where ||x_i|| <= NORM_EPS (safe under autograd).
-    The squares are summed in float64 (float32's overflow at |x| ~ 1.8e19 would
-    make a finite row look infinite) and the result rounded once to x's dtype."""
-    xd = x.double()
-    sq = (xd * xd).sum(dim=1)
-    big = sq > NORM_EPS * NORM_EPS
-    inv = torch.where(big, torch.rsqrt(torch.where(big, sq, torch.ones_like(sq))),
-                      torch.zeros_like(sq))
-    return inv.to(x.dtype)
+    Each row is divided by its largest |entry| before squaring, so rows past
+    sqrt(float32 max) ~ 1.8e19 stay finite; the scale is detached because the
+    value does not depend on it."""
+    if x.shape[1] == 0:
+        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    a = x.detach().abs().amax(dim=1)
+    a = torch.where(a > 0, a, torch.ones_like(a))
+    sq = ((x / a[:, None]) ** 2).sum(dim=1)
+    big = a * sq.detach().sqrt() > NORM_EPS
+    return torch.where(big, torch.rsqrt(torch.where(big, sq, torch.ones_like(sq))) / a,
+                       torch.zeros_like(sq))
 
 
 def cosine(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
