@@ -319,7 +319,7 @@ class Objective(nn.Module):
         m = cfg.margin if cfg.margin is not None else DEFAULT_MARGIN.get(cfg.loss)
         loss = cfg.loss
         if loss in MARGIN_LOSSES:
-            ops = ["margin_cross_entropy"] + (["adacos_scale"] if loss == "adacos" else [])
+            ops = ["margin_cross_entropy"] + (["adacos_loss"] if loss == "adacos" else [])
             mb = _module_backend(ops, b, device)
             if loss == "normface":
                 self.head = fm_nn.NormFace(d, c, s=s, backend=mb)

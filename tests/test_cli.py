@@ -129,7 +129,7 @@ def test_adacos_mixes_backends(tmp_path, backend):
                     "--backend", backend)
     used = rep["loss"]["backends"]
     assert used["margin_cross_entropy"] == backend
-    assert used["adacos_scale"] in {backend, "reference"}
+    assert used["adacos_loss"] in {backend, "reference"}
     s0 = math.sqrt(2) * math.log(2)
     assert rep["loss"]["final_scale"] != pytest.approx(s0)  # the scale adapted
 
