@@ -14,15 +14,21 @@
 // - triplet: per anchor the mining is a sweep over its row. Semi-hard sorts the
 //   anchor's positives (few) and sweeps its negatives once, a binary search per
 //   negative plus a suffix minimum giving each positive its closest strictly
-//   farther negative; batch-hard is an arg-max/arg-min; "all" sorts both sets
-//   and counts per (a, p) the negatives with a positive term (binary search +
-//   prefix sums) and per (a, n) the positives, never forming the N^3 terms
+//   farther negative (an anchor without any negative, in a single-class batch,
+//   takes its self-distance: TF-Addons' row minimum); batch-hard is an
+//   arg-max/arg-min; "all" sorts both sets and counts per (a, p) the negatives
+//   with a positive term (binary search + prefix sums) and per (a, n) the
+//   positives, never forming the N^3 terms
 //   unless reduction="none" asks for them. Forward saves index lists only
 //   (O(#pairs)); backward scatters the distance gradients over pair lists
 //   (a, b, weight) with thread-private accumulators.
 // - k-NN: per row a running sorted top-k over same-class samples on exact
 //   squared differences (ties to the lower index); only indices come back, the
 //   O(N k D) std math stays in PyTorch.
+// - NaN: clamps and relus keep a NaN, arg-extrema prefer it (as torch's),
+//   semi-hard sorts it last, "all" gives a row holding one a NaN sum without
+//   sorting it, k-NN ranks it as +inf: a NaN feature row gives a NaN loss as in
+//   the reference, and no comparator ever sees an unordered value.
 // - centre losses: per-sample terms; the contrastive denominator is swept over
 //   blocks of centres (GEMM x @ C_blk^T into an [N, block] scratch), forward
 //   saves own distance and denominator per row, backward recomputes the block.
@@ -49,20 +55,37 @@ namespace {
 enum Distance : int64_t { L2 = 0, SQUARED_L2 = 1, COSINE = 2 };
 
 
-// Soft NN forward, row i: Gram row -> logits -d_ij / T (-inf at j = i); returns their max.
+// NaN-propagating clamp at 0 and relu: `v > 0 ? v : 0` would turn a NaN into
+// 0 and hide a NaN feature row; the reference's clamp_min / relu keep it.
+template <typename T>
+FM_INLINE T clamp0(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+template <typename T>
+FM_INLINE bool is_nan(T v) {
+  return v != v;
+}
+
+// Soft NN forward, row i: Gram row -> logits -d_ij / T (-inf at j = i); returns
+// their max, NaN if any logit is NaN (std::max and the simd max drop NaNs).
 template <typename T>
 FM_INLINE T snn_logits_t(T* row, int64_t i, int64_t n, const T* sq, T temp) {
   const T sqi = sq[i];
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const T raw = sqi + sq[j] - T(2) * row[j];
-    row[j] = -(raw > 0 ? raw : T(0)) / temp;
+    row[j] = -clamp0(raw) / temp;
   }
   row[i] = -std::numeric_limits<T>::infinity();
   T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, row[j]);
-  return mx;
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+  for (int64_t j = 0; j < n; ++j) {
+    mx = std::max(mx, row[j]);
+    nan |= row[j] != row[j];
+  }
+  return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
 }
 
 template <typename T>
@@ -242,11 +265,11 @@ inline void gram_to_distance(T* row, int64_t i, int64_t n, int64_t distance, con
   }
   for (int64_t j = 0; j < n; ++j) {
     const T raw = sq[i] + sq[j] - T(2) * row[j];
-    row[j] = raw > 0 ? raw : T(0);
+    row[j] = clamp0(raw);
   }
   row[i] = 0;
-  if (distance == L2)
-    for (int64_t j = 0; j < n; ++j) row[j] = row[j] > 0 ? std::sqrt(row[j]) : T(0);
+  if (distance == L2)  // 0 and NaN stay as they are
+    for (int64_t j = 0; j < n; ++j) row[j] = row[j] > 0 ? std::sqrt(row[j]) : row[j];
 }
 
 // Rows per block: at most `block`, and few enough that every thread gets one.
@@ -439,10 +462,8 @@ std::vector<at::Tensor> triplet_semihard_fwd(const at::Tensor& x_, const at::Ten
   auto x = x_.contiguous();
   const int64_t n = x.size(0), d = x.size(1);
   Classes cls(labels);
-  auto off = offsets(n, [&](int64_t i) {
-    const int64_t s = cls.size_of(i);
-    return s < n ? s - 1 : int64_t(0);  // an anchor needs a negative
-  });
+  // every positive pair, also those of an anchor without negatives (TF-Addons)
+  auto off = offsets(n, [&](int64_t i) { return cls.size_of(i) - 1; });
   const int64_t total = off[n];
   auto per = at::empty({total}, x.options());
   auto ia = at::empty({total}, labels.options());
@@ -468,16 +489,25 @@ std::vector<at::Tensor> triplet_semihard_fwd(const at::Tensor& x_, const at::Ten
         pos.push_back({row[p], slot++});
         pidx.push_back(p);
       }
-      std::sort(pos.begin(), pos.end(), [](const Cand<T>& u, const Cand<T>& v) { return u.d < v.d; });
+      // NaN distances last: `<` alone is no strict weak order with NaNs
+      std::sort(pos.begin(), pos.end(), [](const Cand<T>& u, const Cand<T>& v) {
+        return u.d < v.d || (is_nan(v.d) && !is_nan(u.d));
+      });
       std::vector<T> pd(pos.size());
       for (size_t r = 0; r < pos.size(); ++r) pd[r] = pos[r].d;
       // best[r]: the closest negative farther than exactly the r + 1 nearest positives
       std::vector<Cand<T>> best(pos.size(), Cand<T>{T(0), -1});
-      Cand<T> far{T(0), -1};
+      // no negative at all (one class in the batch): TF-Addons' masked maximum
+      // over an empty mask is the row minimum, the self-distance
+      Cand<T> far{row[i], i};
+      bool have_neg = false;
       for (int64_t j = 0; j < n; ++j) {
         if (cls.id[j] == ci) continue;
         const T dj = row[j];
-        if (far.idx < 0 || dj > far.d) far = {dj, j};  // ascending j: ties keep the lower index
+        // ascending j: ties keep the lower index; the first NaN wins, as argmax's
+        if (!have_neg || dj > far.d || (is_nan(dj) && !is_nan(far.d))) far = {dj, j};
+        have_neg = true;
+        // a NaN dj is farther than no positive: it is nobody's candidate
         const int64_t k = count_less(pd.data(), int64_t(pd.size()), dj);
         if (k > 0) {
           Cand<T>& b = best[k - 1];
@@ -495,8 +525,7 @@ std::vector<at::Tensor> triplet_semihard_fwd(const at::Tensor& x_, const at::Ten
       for (size_t r = 0; r < pos.size(); ++r) {
         const Cand<T>& choice = best[r].idx >= 0 ? best[r] : far;
         const int64_t t = off[i] + pos[r].idx;
-        const T v = (pos[r].d - choice.d) + m;
-        pper[t] = v > 0 ? v : T(0);
+        pper[t] = clamp0((pos[r].d - choice.d) + m);
         pa[t] = i;
         pp[t] = pidx[pos[r].idx];
         pn[t] = choice.idx;
@@ -531,16 +560,17 @@ std::vector<at::Tensor> triplet_hard_fwd(const at::Tensor& x_, const at::Tensor&
       if (s < 2 || s == n) return;
       gram_to_distance(row, i, n, distance, sq.data(), inv.data());
       const int64_t ci = cls.id[i];
+      // the first NaN wins either arg-extremum, as torch's argmax / argmin
       int64_t bp = -1, bn = -1;
       for (int64_t j = 0; j < n; ++j) {
+        const T dj = row[j];
         if (cls.id[j] == ci) {
-          if (j != i && (bp < 0 || row[j] > row[bp])) bp = j;
-        } else if (bn < 0 || row[j] < row[bn]) {
+          if (j != i && (bp < 0 || dj > row[bp] || (is_nan(dj) && !is_nan(row[bp])))) bp = j;
+        } else if (bn < 0 || dj < row[bn] || (is_nan(dj) && !is_nan(row[bn]))) {
           bn = j;
         }
       }
-      const T v = (row[bp] - row[bn]) + m;
-      pper[i] = v > 0 ? v : T(0);
+      pper[i] = clamp0((row[bp] - row[bn]) + m);
       pv[i] = true;
       pp[i] = bp;
       pn[i] = bn;
@@ -606,10 +636,24 @@ std::vector<at::Tensor> triplet_all_fwd(const at::Tensor& x_, const at::Tensor& 
       if (terms) {
         T* po = out.data_ptr<T>() + off[i];
         for (int64_t p : pos)
-          for (int64_t q : neg) {
-            const T v = (row[p] - row[q]) + m;
-            *po++ = v > 0 ? v : T(0);
+          for (int64_t q : neg) *po++ = clamp0((row[p] - row[q]) + m);
+        return;
+      }
+      int64_t* ppa = pa.data_ptr<int64_t>() + off[i];
+      int64_t* ppb = pb.data_ptr<int64_t>() + off[i];
+      int64_t* ppw = pw.data_ptr<int64_t>() + off[i];
+      bool nan = false;
+      for (int64_t j = 0; j < n; ++j) nan = nan || is_nan(row[j]);
+      if (nan) {
+        // a NaN term makes the sum NaN, as in the reference; NaNs cannot be
+        // sorted, and the gradient of a NaN loss is not defined: weights 0
+        for (const auto* set : {&pos, &neg})
+          for (int64_t j : *set) {
+            *ppa++ = i;
+            *ppb++ = j;
+            *ppw++ = 0;
           }
+        row_sum[i] = std::numeric_limits<double>::quiet_NaN();
         return;
       }
       // the term (d_ap - d_an) + m is monotone in each distance, so the set
@@ -622,9 +666,6 @@ std::vector<at::Tensor> triplet_all_fwd(const at::Tensor& x_, const at::Tensor& 
       std::sort(pdist.begin(), pdist.end());
       std::vector<double> prefix(nd.size() + 1, 0.0);
       for (size_t k = 0; k < nd.size(); ++k) prefix[k + 1] = prefix[k] + double(nd[k]);
-      int64_t* ppa = pa.data_ptr<int64_t>() + off[i];
-      int64_t* ppb = pb.data_ptr<int64_t>() + off[i];
-      int64_t* ppw = pw.data_ptr<int64_t>() + off[i];
       double s = 0.0, c = 0.0;
       for (int64_t p : pos) {
         const T dp = row[p];
@@ -774,6 +815,8 @@ void knn_rows(const T* q, int64_t nq, const T* x, int64_t d, int64_t k,
             const T diff = qr[c] - xj[c];
             s += diff * diff;
           }
+          // a NaN ranks as +inf (the reference's rule): `<` cannot order it
+          if (is_nan(s)) s = std::numeric_limits<T>::infinity();
           if (int64_t(top.size()) == k && !(s < top.back().d)) continue;
           // after equal distances: candidates come in index order
           auto where = std::upper_bound(top.begin(), top.end(), s,
@@ -932,7 +975,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_center_fwd(
             for (int64_t j = 0; j < cb; ++j) {
               if (c0 + j == y[i]) continue;
               const T raw = sq[i] + csq[c0 + j] - T(2) * pg[i * cb + j];
-              acc += raw > 0 ? raw : T(0);
+              acc += clamp0(raw);
             }
             pden[i] += acc;
           }

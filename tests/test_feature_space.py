@@ -137,10 +137,13 @@ def loop_triplet(x, y, margin, mining, distance, reduction):
         neg = [k for k in range(n) if y[k] != y[a]]
         if mining == "semihard":
             for p in pos:
-                if not neg:
-                    continue
                 outside = [d[a][k] for k in neg if d[a][k] > d[a][p]]
-                d_an = min(outside) if outside else max(d[a][k] for k in neg)
+                if outside:
+                    d_an = min(outside)
+                elif neg:
+                    d_an = max(d[a][k] for k in neg)
+                else:  # one class in the batch: TF-Addons takes the row minimum
+                    d_an = min(d[a])
                 terms.append(max(0.0, d[a][p] - d_an + margin))
         elif mining == "hard":
             if pos and neg:
@@ -400,11 +403,14 @@ def test_one_class():
     x, y, _ = make((6, 3, 1, [0] * 6), requires_grad=True)
     c = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
     losses, w_k = _all_losses(x, y, c)
-    # no negatives: no triplet; every other sample is a partner: snn term log(1) = 0
+    # no negatives: no "hard" or "all" triplet; every other sample is a partner:
+    # snn term log(1) = 0; "semihard" (TF-Addons) takes d_an = 0 for every pair
     for name, loss in losses.items():
-        if name.startswith("triplet") or name == "snn":
+        if name.startswith(("triplet_hard", "triplet_all")) or name == "snn":
             assert loss.item() == pytest.approx(0.0, abs=1e-12), name
         _grads_finite(x, c, w_k, loss)
+    want = (torch.cdist(x, x)[~torch.eye(6, dtype=torch.bool)] + 0.2).mean()
+    torch.testing.assert_close(losses["triplet_semihard_l2"], want, **EXACT)
     # one class: the contrastive denominator is delta alone
     got = fm.contrastive_center_loss(x, y, c, delta=2.0, **REF)
     torch.testing.assert_close(got, (0.25 * ((x - c[0]) ** 2).sum(1)).mean(), **EXACT)
@@ -564,6 +570,118 @@ def test_modules_own_parameters_and_match_functional():
     snn = fnn.SoftNearestNeighborLoss(temperature=0.5, backend="reference")
     torch.testing.assert_close(snn(x, y), fm.soft_nearest_neighbor_loss(x, y, temperature=0.5,
                                                                         **REF))
+
+
+# ------------------------------------------------------------ TF-Addons semi-hard
+
+def tfa_semihard(pdist, labels, margin):
+    """A port of TensorFlow-Addons' triplet_semihard_loss (losses/triplet.py) on a
+    given [N, N] distance matrix: the [N * N, N] tiled mask, the masked minimum /
+    maximum by its shift-by-the-row-extremum trick, the mean over every positive
+    pair. Where an anchor has no negative, the masked maximum over an empty mask
+    returns the row minimum."""
+    n = labels.shape[0]
+
+    def masked_minimum(data, mask):
+        top = data.max(1, keepdim=True).values
+        return ((data - top) * mask).min(1, keepdim=True).values + top
+
+    def masked_maximum(data, mask):
+        low = data.min(1, keepdim=True).values
+        return ((data - low) * mask).max(1, keepdim=True).values + low
+
+    adjacency = labels[:, None] == labels[None, :]
+    adjacency_not = ~adjacency
+    pdist_tile = pdist.repeat(n, 1)
+    mask = adjacency_not.repeat(n, 1) & (pdist_tile > pdist.T.reshape(-1, 1))
+    mask_final = (mask.double().sum(1, keepdim=True) > 0).reshape(n, n).T
+    outside = masked_minimum(pdist_tile, mask.double()).reshape(n, n).T
+    inside = masked_maximum(pdist, adjacency_not.double()).repeat(1, n)
+    semi_hard = torch.where(mask_final, outside, inside)
+    loss_mat = margin + pdist - semi_hard
+    mask_positives = adjacency.double() - torch.eye(n, dtype=torch.float64)
+    return torch.clamp(loss_mat * mask_positives, min=0).sum() / mask_positives.sum()
+
+
+def _pdist(x, distance):
+    """[N, N] distances from explicit differences (not the expansion the library
+    uses), the diagonal a constant 0 (a differentiable sqrt(0) has no gradient)."""
+    if distance == "cosine":
+        u = x / x.norm(dim=1, keepdim=True)
+        return 1 - u @ u.T
+    sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    off = ~torch.eye(x.shape[0], dtype=torch.bool)
+    sq = torch.where(off, sq, torch.zeros_like(sq))
+    if distance == "squared_l2":
+        return sq
+    return torch.where(off, torch.sqrt(torch.where(off, sq, torch.ones_like(sq))), sq)
+
+
+SEMIHARD_BACKENDS = [pytest.param("reference", id="reference")] + fused_backends(
+    "triplet_margin_loss")
+
+
+@pytest.mark.parametrize("backend", SEMIHARD_BACKENDS)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("labels", [[3] * 6, [0, 0, 0, 0, 1, 1, 2, 0, 1]],
+                         ids=["one_class", "sizes_1_2_5"])
+def test_semihard_matches_tf_addons(labels, distance, backend):
+    # loss and gradient; the single-class batch is where "no negative" matters:
+    # every pair gives relu(d_ap - 0 + margin) and counts in the mean
+    dev = device_for(backend)
+    y = torch.tensor(labels)
+    x0 = torch.randn(len(labels), 5, dtype=torch.float64)
+    margin = 0.3 if distance == "cosine" else 1.0
+    results = []
+    for fn in (lambda a: tfa_semihard(_pdist(a, distance), y, margin),
+               lambda a: fm.triplet_margin_loss(a.to(dev), y.to(dev), margin=margin,
+                                                mining="semihard", distance=distance,
+                                                backend=backend).cpu()):
+        x = x0.clone().requires_grad_(True)
+        loss = fn(x)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (want, want_g), (got, got_g) = results
+    torch.testing.assert_close(got, want, **EXACT)
+    torch.testing.assert_close(got_g, want_g, **EXACT)
+    if len(set(labels)) == 1 and distance != "cosine":
+        d = _pdist(x0, distance)[~torch.eye(len(labels), dtype=torch.bool)]
+        torch.testing.assert_close(got, (d + margin).mean(), **EXACT)
+
+
+# ---------------------------------------------------------------------------- NaN
+
+NAN_OPS = ("center_loss", "contrastive_center_loss", "knn_std", "sigma2r_loss",
+           "soft_nearest_neighbor_loss", "triplet_margin_loss")
+NAN_PARAMS = [pytest.param(op, "reference", id=f"{op}-reference") for op in NAN_OPS] + [
+    pytest.param(op, p.values[0], marks=p.marks, id=f"{op}-{p.id}")
+    for op in NAN_OPS for p in fused_backends(op)]
+
+
+@pytest.mark.parametrize("op,backend", NAN_PARAMS)
+def test_nan_feature_row_gives_nan_loss(op, backend):
+    # a clamp `v > 0 ? v : 0`, a NaN-dropping max or a comparison-based sqrt
+    # would turn the NaN into a finite loss
+    dev = device_for(backend)
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 0, 1], device=dev)
+    x = torch.randn(10, 4, dtype=torch.float64, device=dev)
+    x[4, 2] = float("nan")
+    c = torch.randn(3, 4, dtype=torch.float64, device=dev)
+    w_k = torch.zeros(3, dtype=torch.float64, device=dev)
+    b = dict(backend=backend)
+    if op == "knn_std":
+        sx, sc = fm.knn_std(x, y, c, n_neighbors=2, **b)
+        # the NaN sample's own std; every other sample has two finite neighbours
+        assert torch.isnan(sx[4]) and torch.isfinite(sx[torch.arange(10) != 4]).all()
+        return
+    outs = {"center_loss": lambda: [fm.center_loss(x, y, c, **b)],
+            "contrastive_center_loss": lambda: [fm.contrastive_center_loss(x, y, c, **b)],
+            "sigma2r_loss": lambda: [fm.sigma2r_loss(x, y, c, w_k, n_neighbors=2, **b)],
+            "soft_nearest_neighbor_loss": lambda: [fm.soft_nearest_neighbor_loss(x, y, **b)],
+            "triplet_margin_loss": lambda: [
+                fm.triplet_margin_loss(x, y, mining=m, distance=d, **b)
+                for m in MININGS for d in DISTANCES]}[op]()
+    assert all(torch.isnan(o) for o in outs), outs
 
 
 # ------------------------------------------------ fused backends vs the reference

@@ -111,13 +111,19 @@ def test_far_from_origin_float32():
 
 
 def test_non_contiguous_inputs():
+    # column-major features and centres, and labels a strided view (every other
+    # entry of a longer tensor whose other entries are out of range): loss and
+    # gradients as for packed inputs
     x, y, c = inputs(13, 9, 12, torch.float32)
     xt, ct = x.t().contiguous().t(), c.t().contiguous().t()
-    assert not xt.is_contiguous()
+    yt = torch.stack([y, torch.full_like(y, 10 ** 6)], 1)[:, 0]
+    assert not (xt.is_contiguous() or ct.is_contiguous() or yt.is_contiguous())
     for name in ("center_loss", "contrastive_center_loss"):
-        got = getattr(tc, name)(xt, y, ct, reduction="none")
-        want = getattr(ref, name)(x, y, c, reduction="none")
-        torch.testing.assert_close(got, want, **OUT_TOL[torch.float32])
+        got = loss_and_grads(lambda a, l, b, r: getattr(tc, name)(a, l, b, reduction=r),
+                             xt, yt, ct, "none")
+        want = loss_and_grads(lambda a, l, b, r: getattr(ref, name)(a, l, b, reduction=r),
+                              x, y, c, "none")
+        compare(got, want, torch.float32)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -233,31 +233,62 @@ def test_empty_and_single_sample(n):
 
 # --------------------------------------------------------------------------- memory
 
+# N = 40, D = 12 >= N / 4, four classes of ten: P = 360 positive pairs, so that
+# P x D (4320) and N^3 lie above N^2 (1600) and every bound below is the N^2 one
+MEM_N, MEM_D, MEM_K, MEM_NB = 40, 12, 4, 5
+
+
+def _mem_run(op, x, y, c, w_k, mod):
+    return {
+        "snn": lambda: mod.soft_nearest_neighbor_loss(x, y),
+        "knn_std": lambda: sum(s.sum() for s in mod.knn_std(x, y, c, n_neighbors=MEM_NB)),
+        "sigma2r": lambda: mod.sigma2r_loss(x, y, c, w_k, n_neighbors=MEM_NB),
+        "hard": lambda: mod.triplet_margin_loss(x, y, mining="hard"),
+        "semihard": lambda: mod.triplet_margin_loss(x, y, mining="semihard"),
+        "all": lambda: mod.triplet_margin_loss(x, y, mining="all"),
+    }[op]
+
+
 @pytest.mark.parametrize("op", ["snn", "knn_std", "sigma2r", "hard", "semihard", "all"])
 def test_no_n_by_n_allocation(op):
-    n, d, k = 64, 3, 8
+    n, d, k = MEM_N, MEM_D, MEM_K
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g).to(DEV).requires_grad_(True)
     c = torch.randn(k, d, generator=g).to(DEV).requires_grad_(True)
     w_k = torch.zeros(k, device=DEV, requires_grad=True)
-    y = torch.randint(0, k, (n,), generator=g).to(DEV)
-    run = {
-        "snn": lambda: tfs.soft_nearest_neighbor_loss(x, y),
-        "knn_std": lambda: sum(s.sum() for s in tfs.knn_std(x, y, c, n_neighbors=5)),
-        "sigma2r": lambda: tfs.sigma2r_loss(x, y, c, w_k, n_neighbors=5),
-        "hard": lambda: tfs.triplet_margin_loss(x, y, mining="hard"),
-        "semihard": lambda: tfs.triplet_margin_loss(x, y, mining="semihard"),
-        "all": lambda: tfs.triplet_margin_loss(x, y, mining="all"),
-    }[op]
+    y = (torch.arange(n) % k).to(DEV)
+    pairs = k * (n // k) * (n // k - 1)
+    assert n * n < pairs * d < n ** 3
+
+    def big(rec):
+        # the k-NN stds are formed on the gathered [rows, n_neighbors, D] neighbours
+        # (O(N k D) by design); nothing else may reach N^2 elements
+        return [s for s in rec.shapes if torch.Size(s).numel() >= n * n
+                and not (op in ("knn_std", "sigma2r") and tuple(s[-2:]) == (MEM_NB, d))]
+
     with AllocationRecorder() as rec:
-        run().backward()
+        _mem_run(op, x, y, c, w_k, tfs)().backward()
     assert rec.shapes, "nothing recorded"
-    big = [s for s in rec.shapes if torch.Size(s).numel() >= n * n]
-    assert not big, f"{op} allocated N x N-sized tensors: {big}"
-    # the same recorder does see the reference's N x N matrices
+    assert not big(rec), f"{op} allocated N^2-sized (or larger) tensors: {big(rec)}"
+    # the same recorder and rule catch the reference: [N, N] distances, the [P, N]
+    # semi-hard rows, the [N, N, N] "all" terms
     with AllocationRecorder() as rec:
-        ref.soft_nearest_neighbor_loss(x, y).backward()
-    assert (n, n) in rec.shapes
+        _mem_run(op, x, y, c, w_k, ref)().backward()
+    assert big(rec)
+
+
+@pytest.mark.parametrize("mining,distance", [("semihard", "l2"), ("all", "cosine")])
+def test_triplet_positive_chunks(mining, distance):
+    # classes of up to 12 samples with 4 positives per chunk: several chunks per
+    # anchor, anchor blocks mixing classes, the last chunk partly empty
+    x, y, _ = inputs("37x19c5", torch.float64)
+    y = torch.tensor([0] * 12 + [1] * 9 + [2] * 2 + [3] * 13 + [4], device=DEV)[
+        torch.randperm(37, generator=torch.Generator().manual_seed(4))]
+    kw = dict(margin=1.0, mining=mining, distance=distance, reduction="sum")
+    got = grads(lambda a: tfs.triplet(a, y, blocks=tfs.Blocks(m=16, n=16, d=16, do=16, p=4),
+                                      **kw), x)
+    want = grads(lambda a: ref.triplet_margin_loss(a, y, **kw), x)
+    assert_matches(got, want, torch.float64)
 
 
 def test_strided_inputs():

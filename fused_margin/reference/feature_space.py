@@ -11,7 +11,8 @@ Conventions every backend follows:
   made under no_grad and held fixed for the gradient. k-NN neighbours are chosen
   on exact squared differences, ties to the lower index;
 - square roots are "safe": sqrt(v) is 0 with gradient 0 where v <= 0, so
-  identical points give no NaN;
+  identical points give no NaN; a NaN stays NaN (a NaN feature row gives a NaN
+  loss in every loss here, never a silent 0);
 - "mean" over an empty set (no samples, no sample with a same-class partner, no
   valid triplet) is 0 with zero gradients, never NaN.
 """
@@ -32,10 +33,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def safe_sqrt(v: torch.Tensor) -> torch.Tensor:
-    """sqrt(v) where v > 0, else 0 with zero gradient (not inf * 0 = NaN)."""
+    """sqrt(v) where v > 0, else 0 with zero gradient (not inf * 0 = NaN); NaN
+    passes through (a comparison alone would turn it into 0)."""
     pos = v > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))),
-                       torch.zeros_like(v))
+    rest = torch.where(torch.isnan(v), v, torch.zeros_like(v))
+    return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), rest)
 
 
 def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor, *,
@@ -64,11 +66,17 @@ def _exact_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _nearest(dist: torch.Tensor, allowed: torch.Tensor,
              k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per row, the indices of the k nearest allowed columns (ties to the lower
-    index) and a mask of which of those k slots hold an allowed column."""
+    index) and a mask of which of those k slots hold an allowed column. A NaN
+    distance ranks as +inf: after every number, still before any column that is
+    not allowed."""
     k = min(k, dist.shape[1])
-    key = dist.masked_fill(~allowed, float("inf"))
-    # a stable sort keeps equal distances in index order
-    order = torch.sort(key, dim=1, stable=True).indices[:, :k]
+    key = dist.masked_fill(torch.isnan(dist), float("inf"))
+    # stable sorts: by distance (equal ones stay in index order), then allowed
+    # columns first, so that an allowed column at +inf is never displaced by one
+    # that is not allowed
+    order = torch.sort(key, dim=1, stable=True).indices
+    barred = (~allowed).gather(1, order).to(torch.uint8)
+    order = order.gather(1, torch.sort(barred, dim=1, stable=True).indices)[:, :k]
     have = allowed.sum(1, keepdim=True)
     slot = torch.arange(k, device=dist.device)[None, :]
     return order, slot < have
@@ -224,10 +232,14 @@ def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margi
                         reduction: str = "mean") -> torch.Tensor:
     """relu(d(a, p) - d(a, n) + margin) over in-batch triplets.
 
-    - "semihard" (TensorFlow-Addons TripletSemiHardLoss): one term per positive
-      pair (a, p), a != p, of an anchor that has a negative; n is the closest
-      negative with d(a, n) > d(a, p), else the farthest negative (lower index
-      on ties). "none" returns the [P] pair terms, pairs in row-major (a, p) order.
+    - "semihard" (TensorFlow-Addons triplet_semihard_loss): one term per positive
+      pair (a, p), a != p; n is the closest negative with d(a, n) > d(a, p), else
+      the farthest negative (lower index on ties). An anchor with no negative at
+      all (only in a batch of one class) takes d_an = the minimum of its distance
+      row, which is its self-distance d(a, a) (0; for "cosine" 1 - |u_a|^2), held
+      constant, as TF-Addons' masked maximum over an empty mask does: its pairs
+      give relu(d_ap - d(a, a) + margin) and count in the mean. "none" returns
+      the [P] pair terms, pairs in row-major (a, p) order.
     - "hard" (batch-hard): one term per anchor with a positive and a negative,
       relu(max_p d(a, p) - min_n d(a, n) + margin). "none" returns [N] with 0 for
       anchors without a positive or a negative; "mean" averages over the others.
@@ -250,15 +262,17 @@ def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margi
         return reduce_loss(empty, torch.zeros_like(empty), reduction)
 
     if mining == "semihard":
-        a, p = torch.nonzero(pos & neg.any(1, keepdim=True), as_tuple=True)
+        a, p = torch.nonzero(pos, as_tuple=True)
         d_ap = d[a, p]
         with torch.no_grad():
             row, row_neg = d[a], neg[a]
             outside = row_neg & (row > d_ap[:, None])
             closest = row.masked_fill(~outside, float("inf")).argmin(1)
             farthest = row.masked_fill(~row_neg, float("-inf")).argmax(1)
-            choice = torch.where(outside.any(1), closest, farthest)
-        per = torch.relu(d_ap - d[a, choice] + margin)
+            has_neg = row_neg.any(1)
+            choice = torch.where(outside.any(1), closest, torch.where(has_neg, farthest, a))
+        d_an = torch.where(has_neg, d[a, choice], d[a, a].detach())
+        per = torch.relu(d_ap - d_an + margin)
         return reduce_loss(per, torch.ones_like(per), reduction)
 
     if mining == "hard":

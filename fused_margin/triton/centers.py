@@ -55,10 +55,11 @@ def _acc(dt: torch.dtype):
 
 
 @triton.jit
-def _own_sq(x_ptr, c_ptr, lab_ptr, rows, rmask, stride_xn, stride_xd, stride_cn, stride_cd, D,
-            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """||x_i - c_{y_i}||^2 from explicit differences, and the labels."""
-    y = tl.load(lab_ptr + rows, mask=rmask, other=0)
+def _own_sq(x_ptr, c_ptr, lab_ptr, rows, rmask, stride_xn, stride_xd, stride_cn, stride_cd,
+            stride_l, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """||x_i - c_{y_i}||^2 from explicit differences, and the labels (read by
+    their stride: a strided view must not be read as if packed)."""
+    y = tl.load(lab_ptr + rows.to(tl.int64) * stride_l, mask=rmask, other=0)
     own = tl.zeros((BLOCK_M,), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
@@ -74,24 +75,24 @@ def _own_sq(x_ptr, c_ptr, lab_ptr, rows, rmask, stride_xn, stride_xd, stride_cn,
 
 @triton.jit
 def _center_fwd_kernel(x_ptr, c_ptr, lab_ptr, per_ptr, N, D, stride_xn, stride_xd, stride_cn,
-                       stride_cd, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       stride_cd, stride_l, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                        ACC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     own, y = _own_sq(x_ptr, c_ptr, lab_ptr, rows, rmask, stride_xn, stride_xd, stride_cn,
-                     stride_cd, D, BLOCK_M, BLOCK_D, ACC)
+                     stride_cd, stride_l, D, BLOCK_M, BLOCK_D, ACC)
     tl.store(per_ptr + rows, 0.5 * own, mask=rmask)
 
 
 @triton.jit
 def _contrastive_fwd_kernel(x_ptr, c_ptr, lab_ptr, xn_ptr, cn_ptr, delta_ptr, per_ptr, own_ptr,
                             den_ptr, N, C, D, stride_xn, stride_xd, stride_cn, stride_cd,
-                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                            stride_l, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     own, y = _own_sq(x_ptr, c_ptr, lab_ptr, rows, rmask, stride_xn, stride_xd, stride_cn,
-                     stride_cd, D, BLOCK_M, BLOCK_D, ACC)
+                     stride_cd, stride_l, D, BLOCK_M, BLOCK_D, ACC)
     xn = tl.load(xn_ptr + rows, mask=rmask, other=0.0)
     others = tl.zeros((BLOCK_M,), dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
@@ -107,7 +108,8 @@ def _contrastive_fwd_kernel(x_ptr, c_ptr, lab_ptr, xn_ptr, cn_ptr, delta_ptr, pe
                         mask=cmask[:, None] & dmask[None, :], other=0.0)
             dot = tl.dot(a, tl.trans(b), dot, input_precision="ieee", out_dtype=ACC)
         cn = tl.load(cn_ptr + cols, mask=cmask, other=0.0)
-        d = tl.maximum(xn[:, None] + cn[None, :] - 2 * dot, 0.0)
+        # the clamp keeps a NaN (the default maximum may return the other operand)
+        d = tl.maximum(xn[:, None] + cn[None, :] - 2 * dot, 0.0, propagate_nan=tl.PropagateNan.ALL)
         keep = cmask[None, :] & (cols[None, :] != y[:, None])
         others += tl.sum(tl.where(keep, d, 0.0), axis=1)
     delta = tl.load(delta_ptr)
@@ -125,7 +127,7 @@ def center_fwd(x: torch.Tensor, labels: torch.Tensor, c: torch.Tensor) -> torch.
     bm, _, bd, warps = _blocks(x.dtype, d)
     _center_fwd_kernel[(triton.cdiv(n, bm),)](
         x, c, labels, per, n, d, x.stride(0), x.stride(1), c.stride(0), c.stride(1),
-        BLOCK_M=bm, BLOCK_D=bd, ACC=_acc(x.dtype), num_warps=warps)
+        labels.stride(0), BLOCK_M=bm, BLOCK_D=bd, ACC=_acc(x.dtype), num_warps=warps)
     return per
 
 
@@ -142,8 +144,8 @@ def contrastive_center_fwd(x: torch.Tensor, labels: torch.Tensor, c: torch.Tenso
     delta_t = torch.tensor([float(delta)], dtype=x.dtype, device=x.device)
     _contrastive_fwd_kernel[(triton.cdiv(n, bm),)](
         x, c, labels, xn, cn, delta_t, per, own, den, n, c.shape[0], d, x.stride(0), x.stride(1),
-        c.stride(0), c.stride(1), BLOCK_M=bm, BLOCK_C=bc, BLOCK_D=bd, ACC=_acc(x.dtype),
-        num_warps=warps)
+        c.stride(0), c.stride(1), labels.stride(0), BLOCK_M=bm, BLOCK_C=bc, BLOCK_D=bd,
+        ACC=_acc(x.dtype), num_warps=warps)
     return per, own, den
 
 

@@ -20,26 +20,41 @@
 #   (distance, index) minimum, which is the reference's stable-sort tie rule.
 # - triplet "hard": a running arg-max over positives and arg-min over negatives
 #   per row (strict comparisons across tiles, lowest index within a tile).
-#   "semihard": one row per positive pair (a, p), built from the label sort; a
-#   first sweep picks up d(a, p) from the same tile arithmetic plus the farthest
-#   negative, a second the closest negative strictly farther than p.
-#   "all" ("mean" / "sum"): one row per positive pair; the forward sums the live
-#   terms relu(d_ap - d_an + margin) and counts them; the backward gives d_ap its
-#   count (through PyTorch) and the d_an part by two kernels, one over pair rows
-#   (the anchor's side, [P, D], index_add-ed onto the anchors) and one over sample
-#   rows sweeping the pairs (the negative's side): again no atomics. "all" with
-#   "none" returns the [T] terms themselves and is left to the reference.
-# The discrete choices (neighbour, hardest / semi-hard indices) come back as
-# [rows, k] index tensors and the differentiable part is evaluated in PyTorch on
-# the gathered O(N x k x D) rows, with the reference's own std math.
+# - triplet "semihard" and "all": rows are blocks of anchors taken in label order
+#   (so a block's anchors mostly share a class and a positive count); the P
+#   positive pairs are never listed: anchor a's pairs are slots first[a] + rank,
+#   row-major, from O(N) ints of the label sort. Sweep 1 computes each d(a, j) once
+#   per (anchor, column) and scatters d_ap into the pair slots (plus, per anchor,
+#   the farthest negative and the self-distance). Sweep 2 runs one program per
+#   (anchor block, chunk of BLOCK_P positives per anchor): the chunk's d_ap stay in
+#   registers while the column tiles stream by, and a [BLOCK_M, BLOCK_P, BLOCK_N]
+#   comparison keeps per pair the running (distance, index) minimum over negatives
+#   with d_an > d_ap ("semihard"; ties to the lower index) or the sum and count of
+#   the terms (d_ap - d_an) + margin > 0 ("all"). Backward is one more sweep, one
+#   program per (row block, D chunk): for row i and column j the total weight on
+#   d(i, j) from the positive pairs (i, j), (j, i) (read from their slots) and from
+#   the pairs of anchor i with negative j and of anchor j with negative i
+#   (re-derived from the saved choices, or for "all" recounted from d_ap), then
+#   dL/dx_i = sum_j S_ij d(d_ij)/d(x_i) by one tl.dot per tile: no atomics, no
+#   [P, D] gather. The distance products cost O(N^2 D) per positive chunk
+#   (one chunk when a class has at most BLOCK_P + 1 members), the comparisons
+#   O(P N). An anchor without negatives (a single-class batch) takes its
+#   self-distance for d_an ("semihard", TF-Addons). "all" with "none" returns the
+#   [T] terms themselves (T ~ N^3 / C) and is left to the reference.
+# The k-NN neighbours and the batch-hard indices come back as [rows, k] index
+# tensors and the differentiable part is evaluated in PyTorch on the gathered
+# O(N x k x D) rows, with the reference's own std math.
+# NaN: a NaN feature row gives a NaN loss, as in the reference (clamps keep NaN,
+# arg-extrema prefer it as torch's do, k-NN ranks a NaN distance as +inf).
 #
 # Saved for backward: soft NN saves x (in the compute dtype), its labels, the
-# squared row norms and per-row lse_all, lse_same, has-a-partner [N]; "all" saves
-# x, the pairs' anchors and d_ap [P] and their live-term counts [P]; the other ops
-# leave their (gathered, O(N x k x D) or O(P x D)) graphs to autograd.
+# squared row norms and per-row lse_all, lse_same, has-a-partner [N]; "semihard" /
+# "all" save x, the O(N) layout and O(P) per-pair scalars (the term and the chosen
+# negative, or d_ap and the live-term count); k-NN and "hard" leave their
+# gathered O(N x k x D) graphs to autograd.
 #
-# Offsets into the [N, D] operands are int64 (N * D may pass 2^31); row indices
-# and the index sentinels stay int32.
+# Offsets into the [N, D] operands and the pair slots are int64 (N * D and P may
+# pass 2^31); column indices and the index sentinels stay int32.
 #
 # Precision: float32 compute for float32 / float16 / bfloat16 inputs (a 16-bit
 # input is upcast once, O(N x D)), float64 for float64; products in IEEE
@@ -74,18 +89,23 @@ def _interpreted() -> bool:
 @dataclass
 class Blocks:
     """Tile sizes: BLOCK_M rows per program, BLOCK_N columns per step, BLOCK_D of D
-    per product step, BLOCK_DO of D per soft-NN gradient program."""
+    per product step, BLOCK_DO of D per gradient program, BLOCK_P positive pairs
+    per anchor on chip (triplet "semihard" / "all")."""
     m: int
     n: int
     d: int
     do: int
     num_warps: int = 4
+    p: int = 16
 
 
-def default_blocks(dtype: torch.dtype, D: int, *, selection: bool = False) -> Blocks:
+def default_blocks(dtype: torch.dtype, D: int, *, selection: bool = False,
+                   pairs: bool = False) -> Blocks:
     do = max(16, min(64 if dtype == torch.float64 else 128, triton.next_power_of_2(max(D, 1))))
     if _interpreted():  # numpy underneath: few, large steps are what is cheap
-        return Blocks(m=32, n=32, d=32, do=do)
+        return Blocks(m=32, n=32, d=32, do=do, p=32)
+    if pairs:  # [BLOCK_M, BLOCK_P, BLOCK_N] comparison tiles live in registers
+        return Blocks(m=16, n=32, d=16 if dtype == torch.float64 else 32, do=do, p=16)
     if selection:  # [BLOCK_M, BLOCK_N, BLOCK_D] difference tiles live in registers
         return Blocks(m=32, n=32, d=8, do=do)
     if dtype == torch.float64:
@@ -159,7 +179,9 @@ def _snn_fwd_kernel(x_ptr, nrm_ptr, lab_ptr, t_ptr, per_ptr, lse_all_ptr, lse_sa
         yc = tl.load(lab_ptr + cols * stride_l, mask=cmask, other=-2)
         dot = _dot_tile(x_ptr, x_ptr, rows, cols, rmask, cmask, stride_n, stride_d, stride_n,
                         stride_d, D, BLOCK_M, BLOCK_N, BLOCK_D, ACC)
-        logit = -tl.maximum(nr[:, None] + nc[None, :] - 2 * dot, 0.0) / temp
+        # the clamp keeps a NaN (the default maximum may return the other operand)
+        logit = -tl.maximum(nr[:, None] + nc[None, :] - 2 * dot, 0.0,
+                            propagate_nan=tl.PropagateNan.ALL) / temp
         other = cmask[None, :] & (rows[:, None] != cols[None, :])
         same = other & (yr[:, None] == yc[None, :])
         m_all, s_all = _lse_update(logit, other, m_all, s_all)
@@ -317,6 +339,8 @@ def _knn_kernel(q_ptr, qlab_ptr, x_ptr, lab_ptr, out_ptr, M, N, D, K_OUT,
                         mask=cmask[:, None] & dmask[None, :], other=0.0)
             diff = a[:, None, :] - b[None, :, :]
             dist += tl.sum(diff * diff, axis=2)
+        # a NaN ranks as +inf (the reference's rule): the merge below cannot order it
+        dist = tl.where(dist != dist, float("inf"), dist)
         allowed = cmask[None, :] & (yr[:, None] == yc[None, :])
         if EXCLUDE_SELF:
             allowed = allowed & (rows[:, None] != cols[None, :])
@@ -421,7 +445,7 @@ def _dist_tile(x_ptr, nrm_ptr, rows, cols, rmask, cmask, stride_n, stride_d, D,
     else:
         nr = tl.load(nrm_ptr + rows, mask=rmask, other=0.0)
         nc = tl.load(nrm_ptr + cols, mask=cmask, other=0.0)
-        d = tl.maximum(nr[:, None] + nc[None, :] - 2 * dot, 0.0)
+        d = tl.maximum(nr[:, None] + nc[None, :] - 2 * dot, 0.0, propagate_nan=tl.PropagateNan.ALL)
         d = tl.where(rows[:, None] == cols[None, :], 0.0, d)
         if DIST == L2:
             d = tl.sqrt(d)
@@ -431,17 +455,24 @@ def _dist_tile(x_ptr, nrm_ptr, rows, cols, rmask, cmask, stride_n, stride_d, D,
 @triton.jit
 def _arg_update(d, mask, cols, best, idx, LARGEST: tl.constexpr):
     """Running arg-max (LARGEST) / arg-min over the masked entries of each row:
-    lowest index within the tile, strict comparison against earlier tiles."""
+    lowest index within the tile, strict comparison against earlier tiles. A NaN
+    beats every number and the first NaN stays, as torch's argmax / argmin."""
+    nan = mask & (d != d)
+    num = mask & ~nan
     if LARGEST:
-        v = tl.where(mask, d, float("-inf"))
+        v = tl.where(num, d, float("-inf"))
         t = tl.max(v, axis=1)
         take = t > best
     else:
-        v = tl.where(mask, d, float("inf"))
+        v = tl.where(num, d, float("inf"))
         t = tl.min(v, axis=1)
         take = t < best
-    it = tl.min(tl.where(mask & (v == t[:, None]), cols[None, :], 2147483647), axis=1)
-    return tl.where(take, t, best), tl.where(take, it, idx)
+    it = tl.min(tl.where(num & (v == t[:, None]), cols[None, :], 2147483647), axis=1)
+    it_nan = tl.min(tl.where(nan, cols[None, :], 2147483647), axis=1)
+    fresh_nan = (it_nan < 2147483647) & (best == best)
+    best = tl.where(fresh_nan, float("nan"), tl.where(take, t, best))
+    idx = tl.where(fresh_nan, it_nan, tl.where(take, it, idx))
+    return best, idx
 
 
 @triton.jit
@@ -472,138 +503,217 @@ def _triplet_hard_kernel(x_ptr, nrm_ptr, lab_ptr, pos_ptr, neg_ptr, N, D,
 
 
 @triton.jit
-def _triplet_semihard_kernel(x_ptr, nrm_ptr, lab_ptr, a_ptr, p_ptr, neg_ptr, P, N, D,
-                             stride_n, stride_d, stride_l,
-                             DIST: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # rows are (anchor, positive) pairs; the tiles are the anchors' distance rows
-    prs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pmask = prs < P
-    ra = tl.load(a_ptr + prs, mask=pmask, other=0)
-    rp = tl.load(p_ptr + prs, mask=pmask, other=0)
-    yr = tl.load(lab_ptr + ra * stride_l, mask=pmask, other=-1)
-    # sweep 1: d(a, p) from the same tile arithmetic as the negatives (so that
-    # equal distances compare equal), and the farthest negative
-    d_ap = tl.zeros((BLOCK_M,), ACC)
+def _pair_slot(first, rank_anchor, rank_other):
+    """Row-major slot of the positive pair (anchor, other): the anchor's first
+    slot plus the other's place among the anchor's positives (its class rank,
+    less one past the anchor itself)."""
+    return first + rank_other - (rank_other > rank_anchor).to(tl.int64)
+
+
+@triton.jit
+def _triplet_pairs_kernel(u_ptr, nrm_ptr, lab_ptr, order_ptr, rank_ptr, first_ptr, dap_ptr,
+                          far_d_ptr, far_i_ptr, self_d_ptr, N, D, stride_n, stride_d, stride_l,
+                          DIST: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # sweep 1, rows = a block of anchors in label order: d(a, p) of every positive
+    # pair into its slot, the farthest negative and the self-distance per anchor
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < N
+    rows = tl.load(order_ptr + r, mask=rmask, other=0)
+    yr = tl.load(lab_ptr + rows * stride_l, mask=rmask, other=-1)
+    rank_r = tl.load(rank_ptr + rows, mask=rmask, other=0)
+    first_r = tl.load(first_ptr + rows, mask=rmask, other=0)
     far = tl.full((BLOCK_M,), float("-inf"), ACC)
     far_i = tl.full((BLOCK_M,), -1, tl.int32)
+    self_d = tl.zeros((BLOCK_M,), ACC)
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         cmask = cols < N
         yc = tl.load(lab_ptr + cols * stride_l, mask=cmask, other=-2)
-        d = _dist_tile(x_ptr, nrm_ptr, ra, cols, pmask, cmask, stride_n, stride_d, D,
+        rank_c = tl.load(rank_ptr + cols, mask=cmask, other=0)
+        d = _dist_tile(u_ptr, nrm_ptr, rows, cols, rmask, cmask, stride_n, stride_d, D,
                        DIST, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
-        d_ap += tl.sum(tl.where(cols[None, :] == rp[:, None], d, 0.0), axis=1)
-        neg = cmask[None, :] & (yr[:, None] != yc[None, :])
-        far, far_i = _arg_update(d, neg, cols, far, far_i, True)
-    # sweep 2: the closest negative strictly farther than the positive
-    near = tl.full((BLOCK_M,), float("inf"), ACC)
-    near_i = tl.full((BLOCK_M,), -1, tl.int32)
-    for c0 in range(0, N, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        yc = tl.load(lab_ptr + cols * stride_l, mask=cmask, other=-2)
-        d = _dist_tile(x_ptr, nrm_ptr, ra, cols, pmask, cmask, stride_n, stride_d, D,
-                       DIST, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
-        outside = cmask[None, :] & (yr[:, None] != yc[None, :]) & (d > d_ap[:, None])
-        near, near_i = _arg_update(d, outside, cols, near, near_i, False)
-    choice = tl.where(near_i >= 0, near_i, far_i)
-    tl.store(neg_ptr + prs, choice.to(tl.int64), mask=pmask)
+        valid = rmask[:, None] & cmask[None, :]
+        same = yr[:, None] == yc[None, :]
+        pos = valid & same & (rows[:, None] != cols[None, :])
+        slot = _pair_slot(first_r[:, None], rank_r[:, None], rank_c[None, :])
+        tl.store(dap_ptr + slot, d, mask=pos)
+        far, far_i = _arg_update(d, valid & ~same, cols, far, far_i, True)
+        self_d += tl.sum(tl.where(valid & (rows[:, None] == cols[None, :]), d, 0.0), axis=1)
+    tl.store(far_d_ptr + rows, far, mask=rmask)
+    tl.store(far_i_ptr + rows, far_i.to(tl.int64), mask=rmask)
+    tl.store(self_d_ptr + rows, self_d, mask=rmask)
 
 
 @triton.jit
-def _triplet_all_fwd_kernel(u_ptr, nrm_ptr, lab_ptr, a_ptr, dap_ptr, m_ptr, sum_ptr, cnt_ptr,
-                            P, N, D, stride_n, stride_d, stride_l,
-                            DIST: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # rows are (anchor, positive) pairs: the sum and the number of positive terms
-    # relu(d_ap - d_an + margin) over the anchor's negatives n
-    prs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pmask = prs < P
-    ra = tl.load(a_ptr + prs, mask=pmask, other=0)
-    dap = tl.load(dap_ptr + prs, mask=pmask, other=0.0)
+def _triplet_sweep_kernel(u_ptr, nrm_ptr, lab_ptr, order_ptr, first_ptr, npos_ptr, dap_ptr,
+                          m_ptr, out_v_ptr, out_i_ptr, N, D, stride_n, stride_d, stride_l,
+                          MINING: tl.constexpr, DIST: tl.constexpr, ACC: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_P: tl.constexpr):
+    # sweep 2, program (anchor block, chunk k of BLOCK_P positives per anchor): the
+    # chunk's d_ap [BLOCK_M, BLOCK_P] stay on chip while the negatives stream by.
+    # SEMIHARD: per pair the running (distance, index) minimum over negatives with
+    # d_an > d_ap, strict across tiles and the lowest index within one, the
+    # reference's tie rule. ALL: per pair the sum and the number of the terms
+    # (d_ap - d_an) + margin that are > 0.
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < N
+    rows = tl.load(order_ptr + r, mask=rmask, other=0)
+    yr = tl.load(lab_ptr + rows * stride_l, mask=rmask, other=-1)
+    first_r = tl.load(first_ptr + rows, mask=rmask, other=0)
+    npos_r = tl.load(npos_ptr + rows, mask=rmask, other=0)
+    t = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pv = rmask[:, None] & (t[None, :] < npos_r[:, None])
+    slots = first_r[:, None] + t[None, :]
+    dap = tl.load(dap_ptr + slots, mask=pv, other=0.0)
     margin = tl.load(m_ptr)
-    yr = tl.load(lab_ptr + ra * stride_l, mask=pmask, other=-1)
-    total = tl.zeros((BLOCK_M,), ACC)
-    count = tl.zeros((BLOCK_M,), ACC)
-    for c0 in range(0, N, BLOCK_N):
+    best = tl.full((BLOCK_M, BLOCK_P), float("inf"), ACC)
+    best_i = tl.full((BLOCK_M, BLOCK_P), -1, tl.int32)
+    total = tl.zeros((BLOCK_M, BLOCK_P), ACC)
+    count = tl.zeros((BLOCK_M, BLOCK_P), ACC)
+    # a block whose anchors all have fewer positives than this chunk starts: no sweep
+    hi = tl.where(tl.max(tl.where(rmask, npos_r, 0), axis=0) > tl.program_id(1) * BLOCK_P, N, 0)
+    for c0 in range(0, hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         cmask = cols < N
         yc = tl.load(lab_ptr + cols * stride_l, mask=cmask, other=-2)
-        d = _dist_tile(u_ptr, nrm_ptr, ra, cols, pmask, cmask, stride_n, stride_d, D,
+        d = _dist_tile(u_ptr, nrm_ptr, rows, cols, rmask, cmask, stride_n, stride_d, D,
                        DIST, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
-        v = (dap[:, None] - d) + margin  # the reference's order of operations
-        live = pmask[:, None] & cmask[None, :] & (yr[:, None] != yc[None, :]) & (v > 0)
-        total += tl.sum(tl.where(live, v, 0.0), axis=1)
-        count += tl.sum(tl.where(live, 1.0, 0.0), axis=1)
-    tl.store(sum_ptr + prs, total, mask=pmask)
-    tl.store(cnt_ptr + prs, count, mask=pmask)
+        neg = cmask[None, :] & (yr[:, None] != yc[None, :])
+        live = pv[:, :, None] & neg[:, None, :]  # [BLOCK_M, BLOCK_P, BLOCK_N]
+        d3 = d[:, None, :]
+        if MINING == 0:
+            live = live & (d3 > dap[:, :, None])
+            v = tl.where(live, d3, float("inf"))
+            t_min = tl.min(v, axis=2)
+            t_i = tl.min(tl.where(live & (v == t_min[:, :, None]), cols[None, None, :],
+                                  2147483647), axis=2)
+            take = t_min < best
+            best = tl.where(take, t_min, best)
+            best_i = tl.where(take, t_i, best_i)
+        else:
+            v = (dap[:, :, None] - d3) + margin  # the reference's order of operations
+            # a NaN term is not counted but makes the sum NaN, as the reference's
+            total += tl.sum(tl.where(live & ((v > 0) | (v != v)), v, 0.0), axis=2)
+            count += tl.sum(tl.where(live & (v > 0), 1.0, 0.0), axis=2)
+    if MINING == 0:
+        tl.store(out_v_ptr + slots, best, mask=pv)
+        tl.store(out_i_ptr + slots, best_i.to(tl.int64), mask=pv)
+    else:
+        tl.store(out_v_ptr + slots, total, mask=pv)
+        tl.store(out_i_ptr + slots, count, mask=pv)
 
 
 @triton.jit
-def _triplet_all_grad_kernel(x_ptr, u_ptr, nrm_ptr, rinv_ptr, lab_ptr, a_ptr, dap_ptr, m_ptr,
-                             out_ptr, M, L, D, stride_n, stride_d, stride_l, stride_on,
-                             stride_od, SIDE: tl.constexpr, DIST: tl.constexpr,
-                             ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
-    # sum over the live (pair r = (a, p), negative n) terms of d(d_an)/d(x_own):
-    # SIDE 0, own = a, one row per pair r, sweeping the negatives n;
-    # SIDE 1, own = n, one row per sample, sweeping the pairs r (their anchors
-    # gathered). The caller scales by -dL/dterm.
-    rid = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rid < M
-    if SIDE == 0:
-        own = tl.load(a_ptr + rid, mask=rmask, other=0)
-        dap_r = tl.load(dap_ptr + rid, mask=rmask, other=0.0)
-    else:
-        own = rid
+def _negative_weights(d, rows_or_cols, first, npos, pmask, w_ptr, aux_ptr, margin, kmax,
+                      ANCHOR_AXIS: tl.constexpr, MINING: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] sums, per (row i, column j) of the tile, of the pair
+    weights w that reach d(anchor, negative) for anchor = i (ANCHOR_AXIS 0) or j
+    (ANCHOR_AXIS 1), the other being the negative: SEMIHARD, the anchor's pairs
+    whose chosen negative (aux) is the other; ALL, its pairs whose term
+    (d_ap - d_an) + margin is > 0 (aux = d_ap). The anchors' pairs are read in
+    BLOCK_P chunks from their first slot."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    for k0 in range(0, kmax, BLOCK_P):
+        t = k0 + tl.arange(0, BLOCK_P)
+        pv = pmask[:, None] & (t[None, :] < npos[:, None])  # [anchors, BLOCK_P]
+        sl = first[:, None] + t[None, :]
+        w = tl.load(w_ptr + sl, mask=pv, other=0.0)
+        if MINING == 0:
+            aux = tl.load(aux_ptr + sl, mask=pv, other=-1)
+        else:
+            aux = tl.load(aux_ptr + sl, mask=pv, other=0.0)
+        if ANCHOR_AXIS == 0:  # [BLOCK_M, BLOCK_P, BLOCK_N]
+            if MINING == 0:
+                hit = aux[:, :, None] == rows_or_cols[None, None, :]
+            else:
+                hit = (aux[:, :, None] - d[:, None, :]) + margin > 0
+            acc += tl.sum(tl.where(pv[:, :, None] & hit, w[:, :, None], 0.0), axis=1)
+        else:  # [BLOCK_M, BLOCK_N, BLOCK_P]
+            if MINING == 0:
+                hit = aux[None, :, :] == rows_or_cols[:, None, None]
+            else:
+                hit = (aux[None, :, :] - d[:, :, None]) + margin > 0
+            acc += tl.sum(tl.where(pv[None, :, :] & hit, w[None, :, :], 0.0), axis=2)
+    return acc
+
+
+@triton.jit
+def _triplet_grad_kernel(x_ptr, u_ptr, nrm_ptr, rinv_ptr, lab_ptr, order_ptr, rank_ptr,
+                         first_ptr, npos_ptr, cpos_ptr, w_ptr, aux_ptr, m_ptr, dx_ptr, N, D,
+                         stride_n, stride_d, stride_l, stride_dxn, stride_dxd,
+                         MINING: tl.constexpr, DIST: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_DO: tl.constexpr):
+    # the backward sweep, program (block of rows i in label order, chunk of D): for
+    # every column j the total weight S_ij on d(i, j) = d(j, i), from both roles:
+    # positive pairs (i, j) and (j, i) (their weights cpos read from the two
+    # slots) minus the pairs of anchor i with negative j and of anchor j with
+    # negative i (_negative_weights). Then dL/dx_i = sum_j S_ij d(d_ij)/d(x_i):
+    # k_ij (x_i - x_j) for the Euclidean forms, -r_i (u_j - cos_ij u_i) for cosine.
+    # Each row gathers its own gradient: no atomics, no [P, D] buffer.
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < N
+    rows = tl.load(order_ptr + r, mask=rmask, other=0)
     do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     domask = do < D
+    yr = tl.load(lab_ptr + rows * stride_l, mask=rmask, other=-1)
+    rank_r = tl.load(rank_ptr + rows, mask=rmask, other=0)
+    first_r = tl.load(first_ptr + rows, mask=rmask, other=0)
+    npos_r = tl.load(npos_ptr + rows, mask=rmask, other=0)
+    kmax_r = tl.max(tl.where(rmask, npos_r, 0), axis=0)
     margin = tl.load(m_ptr)
-    yo = tl.load(lab_ptr + own * stride_l, mask=rmask, other=-1)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC)
     rowsum = tl.zeros((BLOCK_M,), ACC)
-    for c0 in range(0, L, BLOCK_N):
-        cid = c0 + tl.arange(0, BLOCK_N)
-        cmask = cid < L
-        if SIDE == 0:
-            oth = cid
-            v_ap = dap_r[:, None]
-        else:
-            oth = tl.load(a_ptr + cid, mask=cmask, other=0)
-            v_ap = tl.load(dap_ptr + cid, mask=cmask, other=0.0)[None, :]
-        yt = tl.load(lab_ptr + oth * stride_l, mask=cmask, other=-2)
-        d = _dist_tile(u_ptr, nrm_ptr, own, oth, rmask, cmask, stride_n, stride_d, D,
+    for c0 in range(0, N, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        yc = tl.load(lab_ptr + cols * stride_l, mask=cmask, other=-2)
+        rank_c = tl.load(rank_ptr + cols, mask=cmask, other=0)
+        first_c = tl.load(first_ptr + cols, mask=cmask, other=0)
+        npos_c = tl.load(npos_ptr + cols, mask=cmask, other=0)
+        kmax_c = tl.max(tl.where(cmask, npos_c, 0), axis=0)
+        d = _dist_tile(u_ptr, nrm_ptr, rows, cols, rmask, cmask, stride_n, stride_d, D,
                        DIST, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
-        live = rmask[:, None] & cmask[None, :] & (yo[:, None] != yt[None, :]) \
-            & ((v_ap - d) + margin > 0)
-        # d(d)/d(x_own) = k (x_own - x_oth) for the Euclidean forms (0 where the
-        # clamp or the safe sqrt cuts the gradient); -r_own (u_oth - cos u_own) for cosine
+        valid = rmask[:, None] & cmask[None, :]
+        same = yr[:, None] == yc[None, :]
+        pos = valid & same & (rows[:, None] != cols[None, :])
+        s_ij = _pair_slot(first_r[:, None], rank_r[:, None], rank_c[None, :])
+        s_ji = _pair_slot(first_c[None, :], rank_c[None, :], rank_r[:, None])
+        w_pos = tl.load(cpos_ptr + s_ij, mask=pos, other=0.0) \
+            + tl.load(cpos_ptr + s_ji, mask=pos, other=0.0)
+        w_neg = _negative_weights(d, cols, first_r, npos_r, rmask, w_ptr, aux_ptr, margin,
+                                  kmax_r, 0, MINING, ACC, BLOCK_M, BLOCK_N, BLOCK_P) \
+            + _negative_weights(d, rows, first_c, npos_c, cmask, w_ptr, aux_ptr, margin,
+                                kmax_c, 1, MINING, ACC, BLOCK_M, BLOCK_N, BLOCK_P)
+        # each term is +d_ap - d_an: the negatives' weight enters with a minus
+        s = tl.where(pos, w_pos, 0.0) - tl.where(valid & ~same, w_neg, 0.0)
+        # (0 where the clamp or the safe sqrt cuts the gradient)
         if DIST == SQUARED_L2:
-            k = tl.where(live & (d > 0), 2.0, 0.0)
+            s = tl.where(d > 0, 2.0 * s, 0.0)
         elif DIST == L2:
-            k = tl.where(live & (d > 0), 1.0 / tl.where(d > 0, d, 1.0), 0.0)
-        else:
-            k = tl.where(live, 1.0, 0.0)
+            s = tl.where(d > 0, s / tl.where(d > 0, d, 1.0), 0.0)
         if DIST == COSINE:
-            rowsum += tl.sum(k * (1 - d), axis=1)
-            xo = tl.load(u_ptr + oth[:, None].to(tl.int64) * stride_n + do[None, :] * stride_d,
+            rowsum += tl.sum(s * (1 - d), axis=1)
+            xo = tl.load(u_ptr + cols[:, None].to(tl.int64) * stride_n + do[None, :] * stride_d,
                          mask=cmask[:, None] & domask[None, :], other=0.0)
         else:
-            rowsum += tl.sum(k, axis=1)
-            xo = tl.load(x_ptr + oth[:, None].to(tl.int64) * stride_n + do[None, :] * stride_d,
+            rowsum += tl.sum(s, axis=1)
+            xo = tl.load(x_ptr + cols[:, None].to(tl.int64) * stride_n + do[None, :] * stride_d,
                          mask=cmask[:, None] & domask[None, :], other=0.0)
-        acc = tl.dot(k.to(xo.dtype), xo, acc, input_precision="ieee", out_dtype=ACC)
+        acc = tl.dot(s.to(xo.dtype), xo, acc, input_precision="ieee", out_dtype=ACC)
     if DIST == COSINE:
-        uo = tl.load(u_ptr + own[:, None].to(tl.int64) * stride_n + do[None, :] * stride_d,
+        uo = tl.load(u_ptr + rows[:, None].to(tl.int64) * stride_n + do[None, :] * stride_d,
                      mask=rmask[:, None] & domask[None, :], other=0.0)
-        r = tl.load(rinv_ptr + own, mask=rmask, other=0.0)
-        g = -r[:, None] * (acc - rowsum[:, None] * uo)
+        ri = tl.load(rinv_ptr + rows, mask=rmask, other=0.0)
+        g = -ri[:, None] * (acc - rowsum[:, None] * uo)
     else:
-        xw = tl.load(x_ptr + own[:, None].to(tl.int64) * stride_n + do[None, :] * stride_d,
+        xw = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_n + do[None, :] * stride_d,
                      mask=rmask[:, None] & domask[None, :], other=0.0)
         g = rowsum[:, None] * xw - acc
-    tl.store(out_ptr + rid[:, None].to(tl.int64) * stride_on + do[None, :] * stride_od, g,
+    tl.store(dx_ptr + rows[:, None].to(tl.int64) * stride_dxn + do[None, :] * stride_dxd, g,
              mask=rmask[:, None] & domask[None, :])
 
 
@@ -643,41 +753,6 @@ def hardest_indices(x: torch.Tensor, labels: torch.Tensor, distance: str,
     return pos, neg
 
 
-@torch.no_grad()
-def positive_pairs(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(a, p), a != p, same label, a with at least one negative, in row-major
-    order, built from the label sort (O(P), no N x N mask)."""
-    N = labels.shape[0]
-    order = torch.sort(labels, stable=True).indices  # class members in index order
-    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    size = counts[inverse]
-    start = (torch.cumsum(counts, 0) - counts)[inverse]  # a's class segment in `order`
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(N, device=labels.device)
-    rank = rank - start  # a's place within its class
-    npos = torch.where(size < N, size - 1, torch.zeros_like(size))
-    a = torch.repeat_interleave(torch.arange(N, device=labels.device), npos)
-    first = torch.cumsum(npos, 0) - npos
-    k = torch.arange(a.shape[0], device=labels.device) - first[a]
-    k = k + (k >= rank[a]).long()  # skip a itself
-    return a, order[start[a] + k]
-
-
-@torch.no_grad()
-def semihard_negatives(x: torch.Tensor, labels: torch.Tensor, a: torch.Tensor, p: torch.Tensor,
-                       distance: str, blocks: Optional[Blocks] = None) -> torch.Tensor:
-    P = a.shape[0]
-    neg = torch.empty(P, dtype=torch.int64, device=x.device)
-    if P == 0:
-        return neg
-    blocks = blocks or default_blocks(x.dtype, x.shape[1])
-    u, nrm, consts = _launch_args(x, labels, distance, blocks)
-    _triplet_semihard_kernel[(triton.cdiv(P, blocks.m),)](
-        u, nrm, labels, a, p, neg, P, x.shape[0], x.shape[1], u.stride(0), u.stride(1),
-        labels.stride(0), **consts)
-    return neg
-
-
 def _inv_norms(x: torch.Tensor) -> torch.Tensor:
     sq = (x * x).sum(1)
     big = sq > 0
@@ -685,57 +760,117 @@ def _inv_norms(x: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(sq))
 
 
-class AllTripletFunction(torch.autograd.Function):
-    """(x, d_ap [P]) -> the "mean" / "sum" of relu(d_ap - d_an + margin) over every
-    (positive pair, negative); d_ap comes in differentiable (from PyTorch on the P
-    gathered pairs), d_an never exists outside a tile."""
+@dataclass
+class PairLayout:
+    """The positive pairs (a, p), a != p, same label, in row-major order, without
+    listing them: anchor a's pairs are slots first[a] .. first[a] + npos[a] - 1, p's
+    place among them its rank in its class (skipping a). order: the samples sorted
+    by label (stable), which the kernels sweep as their rows. All O(N) int64."""
+    order: torch.Tensor
+    rank: torch.Tensor
+    first: torch.Tensor
+    npos: torch.Tensor
+    has_neg: torch.Tensor
+    P: int
+    max_npos: int
+
+
+@torch.no_grad()
+def pair_layout(labels: torch.Tensor) -> PairLayout:
+    N = labels.shape[0]
+    ar = torch.arange(N, device=labels.device)
+    order = torch.sort(labels, stable=True).indices  # class members in index order
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    size = counts[inverse]
+    start = (torch.cumsum(counts, 0) - counts)[inverse]  # the class's segment in `order`
+    rank = torch.empty_like(order)
+    rank[order] = ar
+    npos = size - 1
+    first = torch.cumsum(npos, 0) - npos
+    P = int(npos.sum()) if N else 0
+    return PairLayout(order, rank - start, first, npos, size < N, P,
+                      int(npos.max()) if N else 0)
+
+
+class TripletPairsFunction(torch.autograd.Function):
+    """x (compute dtype) -> per positive pair: "semihard" its term [P]; "all" the
+    sum of its terms over the anchor's negatives and how many are > 0 ([P] each).
+
+    Memory: O(N) ints for the layout and O(P) per-pair scalars (d_ap, the semihard
+    choice and term, or the "all" sums and counts), P the number of positive pairs;
+    no [P, D] gather, no [N, N] or [P, N] tensor. Work: the N x N x D distance
+    products once per positive chunk (BLOCK_P pairs per anchor) and O(P x N)
+    comparisons, in each of the forward and the backward."""
 
     @staticmethod
-    def forward(ctx, x, d_ap, labels, a, margin: float, distance: str, reduction: str,
+    def forward(ctx, x, labels, margin: float, mining: str, distance: str,
                 blocks: Optional[Blocks]):
         N, D = x.shape
-        P = a.shape[0]
-        blocks = blocks or default_blocks(x.dtype, D)
+        lay = pair_layout(labels)
+        blocks = blocks or default_blocks(x.dtype, D, pairs=True)
         u, nrm, consts = _launch_args(x, labels, distance, blocks)
         m = _scalar(margin, x.dtype, x.device)
-        dap = d_ap.detach().contiguous()
-        sums = torch.zeros(P, dtype=x.dtype, device=x.device)
-        counts = torch.zeros_like(sums)
-        if P and D:
-            _triplet_all_fwd_kernel[(triton.cdiv(P, blocks.m),)](
-                u, nrm, labels, a, dap, m, sums, counts, P, N, D, u.stride(0), u.stride(1),
-                labels.stride(0), **consts)
-        total, count = sums.sum(), counts.sum()
-        ctx.save_for_backward(x, dap, labels, a, m, counts, count)
-        ctx.cfg = (distance, reduction, blocks)
-        if reduction == "sum":
-            return total
-        return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), total * 0)
+        P = lay.P
+        dap = torch.empty(P, dtype=x.dtype, device=x.device)
+        far_d, self_d = torch.empty(N, dtype=x.dtype, device=x.device), torch.empty_like(nrm)
+        far_i = torch.empty(N, dtype=torch.int64, device=x.device)
+        v = torch.zeros(P, dtype=x.dtype, device=x.device)
+        idx = (torch.full((P,), -1, dtype=torch.int64, device=x.device) if mining == "semihard"
+               else torch.zeros_like(v))
+        mining_code = 0 if mining == "semihard" else 1
+        if P:
+            grid = (triton.cdiv(N, blocks.m),)
+            _triplet_pairs_kernel[grid](
+                u, nrm, labels, lay.order, lay.rank, lay.first, dap, far_d, far_i, self_d, N, D,
+                u.stride(0), u.stride(1), labels.stride(0), **consts)
+            _triplet_sweep_kernel[grid + (triton.cdiv(lay.max_npos, blocks.p),)](
+                u, nrm, labels, lay.order, lay.first, lay.npos, dap, m, v, idx, N, D,
+                u.stride(0), u.stride(1), labels.stride(0), MINING=mining_code,
+                BLOCK_P=blocks.p, **consts)
+        ctx.blocks, ctx.cfg = blocks, (mining_code, distance)
+        if mining == "all":
+            ctx.save_for_backward(x, labels, m, dap, idx, *_layout_tensors(lay))
+            ctx.mark_non_differentiable(idx)
+            return v, idx
+        # no closer negative farther than d_ap: the farthest; no negative at all:
+        # the self-distance (TF-Addons' row minimum), which has no gradient
+        a = torch.repeat_interleave(torch.arange(N, device=x.device), lay.npos)
+        near = idx >= 0
+        d_an = torch.where(near, v, torch.where(lay.has_neg[a], far_d[a], self_d[a]))
+        choice = torch.where(near, idx, torch.where(lay.has_neg[a], far_i[a], -1))
+        per = torch.relu(dap - d_an + margin)
+        ctx.save_for_backward(x, labels, m, per, choice, *_layout_tensors(lay))
+        return per
 
     @staticmethod
-    def backward(ctx, g):
-        x, dap, labels, a, m, counts, count = ctx.saved_tensors
-        distance, reduction, blocks = ctx.cfg
+    def backward(ctx, g, *_):
+        x, labels, m, saved, aux, *layout = ctx.saved_tensors
+        order, rank, first, npos = layout
+        mining_code, distance = ctx.cfg
+        if g is None or x.numel() == 0 or saved.numel() == 0:  # nothing to launch over
+            return torch.zeros_like(x), None, None, None, None, None
         g = g.to(x.dtype)
-        if reduction == "mean":
-            g = torch.where(count > 0, g / torch.where(count > 0, count, 1.0), g * 0)
+        if mining_code == 0:  # saved = the terms: relu passes no gradient at <= 0
+            w = torch.where(saved > 0, g, torch.zeros_like(g)).contiguous()
+            cpos = w
+            aux_in = aux
+        else:  # d_ap's weight is its number of live terms (aux); saved = d_ap
+            w = g.contiguous()
+            cpos = (g * aux).contiguous()
+            aux_in = saved
+        blocks = ctx.blocks
         N, D = x.shape
-        P = a.shape[0]
-        dx = torch.zeros_like(x)
-        if P and D:
-            u, nrm, consts = _launch_args(x, labels, distance, blocks)
-            rinv = _inv_norms(x)
-            side_a = torch.empty(P, D, dtype=x.dtype, device=x.device)
-            side_n = torch.empty_like(x)
-            for side, out, rows, cols in ((0, side_a, P, N), (1, side_n, N, P)):
-                _triplet_all_grad_kernel[(triton.cdiv(rows, blocks.m),
-                                          triton.cdiv(D, blocks.do))](
-                    x, u, nrm, rinv, labels, a, dap, m, out, rows, cols, D, x.stride(0),
-                    x.stride(1), labels.stride(0), out.stride(0), out.stride(1), SIDE=side,
-                    BLOCK_DO=blocks.do, **consts)
-            # each live term is +d_ap - d_an: d_an's gradient enters with a minus
-            dx = -g * side_n.index_add_(0, a, side_a)
-        return dx, g * counts, None, None, None, None, None, None
+        u, nrm, consts = _launch_args(x, labels, distance, blocks)
+        dx = torch.empty_like(x)
+        _triplet_grad_kernel[(triton.cdiv(N, blocks.m), triton.cdiv(D, blocks.do))](
+            x, u, nrm, _inv_norms(x), labels, order, rank, first, npos, cpos, w, aux_in, m, dx,
+            N, D, x.stride(0), x.stride(1), labels.stride(0), dx.stride(0), dx.stride(1),
+            MINING=mining_code, BLOCK_P=blocks.p, BLOCK_DO=blocks.do, **consts)
+        return dx, None, None, None, None, None
+
+
+def _layout_tensors(lay: PairLayout):
+    return lay.order, lay.rank, lay.first, lay.npos
 
 
 def pair_distances(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
@@ -757,18 +892,14 @@ def triplet(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float, mi
     if mining not in ("hard", "semihard", "all"):
         raise ValueError(f"unknown mining {mining!r}")
     x = _prep(embeddings)
-    if mining == "all":
-        a, p = positive_pairs(labels)
-        d_ap = pair_distances(x[a], x[p], distance)
-        return AllTripletFunction.apply(x, d_ap, labels, a, float(margin), distance, reduction,
-                                        blocks)
     if mining == "semihard":
-        a, p = positive_pairs(labels)
-        n = semihard_negatives(x.detach(), labels, a, p, distance, blocks)
-        xa = x[a]
-        per = torch.relu(pair_distances(xa, x[p], distance) - pair_distances(xa, x[n], distance)
-                         + margin)
+        per = TripletPairsFunction.apply(x, labels, float(margin), mining, distance, blocks)
         return reduce_loss(per, torch.ones_like(per), reduction)
+    if mining == "all":
+        sums, counts = TripletPairsFunction.apply(x, labels, float(margin), mining, distance,
+                                                  blocks)
+        # "mean" over the terms that are > 0, as the reference
+        return reduce_loss(sums, counts, reduction)
     hp, hn = hardest_indices(x.detach(), labels, distance, blocks)
     valid = (hp >= 0) & (hn >= 0)
     rows = torch.arange(x.shape[0], device=x.device)
