@@ -1,21 +1,27 @@
 // Angular / cosine margin softmax cross-entropy on the CPU, never holding N x C.
 //
 // cos_ij = rx_i * rw_j * (x_i . W_j), rx/rw the per-row inverse norms (0 for rows
-// of norm <= NORM_EPS), so no normalised copy of x or W is made. Classes are
-// tiled in blocks of `block`: per block one ATen GEMM writes the raw dots
-// x @ W_blk^T into an [N, block] scratch, then a row loop (at::parallel_for)
-// folds the block into a running log-sum-exp over the non-target classes; the
-// target logit, which needs the whole row for ELM's c*, is added at the end.
-// Forward saves per row: lse and c* (ELM). Backward recomputes each block's
-// dots, overwrites them with H = dL/d(dot) and issues gX += H @ W_blk and
-// gW_blk = H^T @ x; the normalisation Jacobian is applied once at the end as
-// g - r^2 (g . v) v (x_i . A_i = sum_j H_ij dot_ij, so no extra reduction).
+// of norm <= NORM_EPS), so no normalised copy of x or W is made. Class-tiled
+// path (no gradients, reduction="none"): rows in chunks of `row_block` x classes
+// in blocks of `block`; per tile one ATen GEMM writes the raw dots
+// x_chunk @ W_blk^T into one [row_block, block] scratch (bounded whatever N and
+// C), then a row loop (at::parallel_for) folds the tile into a running
+// log-sum-exp over the non-target classes; the target logit, which needs the
+// whole row for ELM's c*, is added at the end. Forward saves per row: lse and c*
+// (ELM), and returns AdaCos's statistics (the non-target log-sum-exp and cos_y).
+// Backward recomputes each tile's dots, overwrites them with H = dL/d(dot) and
+// issues gX_chunk += H @ W_blk and gW_blk += H^T @ x_chunk; the normalisation
+// Jacobian is applied once at the end as g - r^2 (g . v) v (x_i . A_i = sum_j
+// H_ij dot_ij, so no extra reduction).
 // The fused variant (forward with gradients, scalar reductions only) tiles rows
-// instead: [rows, C] dots per chunk, lse, H in place, the two gradient GEMMs,
+// only: [rows, C] dots per chunk, lse, H in place, the two gradient GEMMs,
 // saving the recompute GEMM (3 GEMMs instead of 4; measured faster, see
 // bench/bench_angular.py). Float32 rows use a branch-free exp that GCC
 // vectorises in the avx512f clone (target_clones; the avx2 and default clones
 // stay scalar); float64 and arcgrad's acos use libm (gradcheck runs in float64).
+// NaN and inf propagate as in the reference: ignored rows and rows of weight 0
+// are computed too and multiplied by 0, so their gradient is NaN where the
+// reference's 0 * softmax is.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -59,6 +65,11 @@ FM_INLINE T clamp_cos(T c) {
 
 template <typename T>
 FM_INLINE bool in_clamp(T c) { return c >= T(-1.0 + kCosEps) && c <= T(1.0 - kCosEps); }
+
+// The kinds whose target logit is a function of the clamped cosine (reference THETA_KINDS).
+FM_INLINE bool theta_kind(int64_t k) {
+  return k == ARCFACE || k == COMBINED || k == SPHEREFACE || k == ARCGRAD;
+}
 
 // Non-target logit and its derivative in the cosine (arcgrad: -s*theta).
 template <typename T>
@@ -112,10 +123,17 @@ void target_of(T cos, T my, const Cfg& g, T* val, T* der) {
 
 // ------------------------------------------------------------ row kernels
 // Each folds one row segment [0, cb) minus the target column yl (-1: none) into
-// the running (M, S) of sum_j exp(logit_j - M).
+// the running (M, S): M the largest logit folded so far, S = sum_j exp(logit_j - shift(M)).
+// shift(M) = M, or 0 where M is infinite, as torch.logsumexp does: a +inf logit gives
+// lse = +inf, and a NaN logit reaches S through exp (the max passes skip NaN, so the
+// shift stays finite and the NaN is not lost); S == 0 means nothing folded yet.
+
+template <typename T>
+FM_INLINE T shift_of(T m) { return std::isfinite(m) ? m : T(0); }
 
 FM_CLONES void fwd_block_f32(const float* dot, int64_t cb, int64_t yl, float rx, const float* rw,
                              float s, float* M, float* S) {
+  if (cb - (yl >= 0 ? 1 : 0) == 0) return;  // nothing but the target here
   float mx = -std::numeric_limits<float>::infinity(), mn = std::numeric_limits<float>::infinity();
   const int64_t segs[2][2] = {{0, yl < 0 ? cb : yl}, {yl < 0 ? cb : yl + 1, cb}};
   for (auto& sg : segs) {
@@ -126,14 +144,14 @@ FM_CLONES void fwd_block_f32(const float* dot, int64_t cb, int64_t yl, float rx,
       mn = std::min(mn, c);
     }
   }
-  if (!(mx >= mn)) return;  // nothing but the target here
   const float nm = std::max(*M, std::max(s * mx, s * mn));
+  const float sh = shift_of(nm);
   float acc = 0.0f;
   for (auto& sg : segs) {
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = sg[0]; j < sg[1]; ++j) acc += exp_f32(s * cos_of(dot[j], rx, rw[j]) - nm);
+    for (int64_t j = sg[0]; j < sg[1]; ++j) acc += exp_f32(s * cos_of(dot[j], rx, rw[j]) - sh);
   }
-  *S = *S * exp_f32(*M - nm) + acc;
+  *S = (*S == 0.0f ? 0.0f : *S * exp_f32(shift_of(*M) - sh)) + acc;
   *M = nm;
 }
 
@@ -154,6 +172,7 @@ void fwd_block(const T* dot, int64_t cb, int64_t yl, T rx, const T* rw, T s, boo
   if constexpr (std::is_same_v<T, float>) {
     if (!arcgrad) return fwd_block_f32(dot, cb, yl, rx, rw, s, M, S);
   }
+  if (cb - (yl >= 0 ? 1 : 0) == 0) return;
   T mx = -std::numeric_limits<T>::infinity(), mn = std::numeric_limits<T>::infinity();
   const int64_t segs[2][2] = {{0, yl < 0 ? cb : yl}, {yl < 0 ? cb : yl + 1, cb}};
   for (auto& sg : segs)
@@ -162,14 +181,14 @@ void fwd_block(const T* dot, int64_t cb, int64_t yl, T rx, const T* rw, T s, boo
       mx = std::max(mx, c);
       mn = std::min(mn, c);
     }
-  if (!(mx >= mn)) return;
   // every logit is monotone in the cosine, so its maximum sits at mx or mn
   const T nm = std::max(*M, std::max(logit_of(mx, s, arcgrad), logit_of(mn, s, arcgrad)));
+  const T sh = shift_of(nm);
   T acc = 0;
   for (auto& sg : segs)
     for (int64_t j = sg[0]; j < sg[1]; ++j)
-      acc += std::exp(logit_of(cos_of(dot[j], rx, rw[j]), s, arcgrad) - nm);
-  *S = *S * std::exp(*M - nm) + acc;
+      acc += std::exp(logit_of(cos_of(dot[j], rx, rw[j]), s, arcgrad) - sh);
+  *S = (*S == T(0) ? T(0) : *S * std::exp(shift_of(*M) - sh)) + acc;
   *M = nm;
 }
 
@@ -181,7 +200,12 @@ void bwd_block(const T* dot, T* out, int64_t cb, T rx, const T* rw, T s, bool ar
   }
   for (int64_t j = 0; j < cb; ++j) {
     const T c = cos_of(dot[j], rx, rw[j]);
-    out[j] = coef * std::exp(logit_of(c, s, arcgrad) - lse) * dlogit_of(c, s, arcgrad) * rx * rw[j];
+    // outside the clamp (NaN included) arcgrad's gradient is 0, not 0 * a NaN softmax:
+    // torch.clamp's backward selects
+    out[j] = (arcgrad && !in_clamp(c))
+                 ? T(0)
+                 : coef * std::exp(logit_of(c, s, arcgrad) - lse) * dlogit_of(c, s, arcgrad) * rx *
+                       rw[j];
   }
 }
 
@@ -204,6 +228,10 @@ struct Rows {
 
   T m_at(int64_t c) const { return marg[marg_n == 1 ? 0 : c]; }
   bool valid(int64_t i) const { return y[i] != g.ignore_index; }
+  // the target's column in block [c0, c0 + cb), -1 if elsewhere or the row is ignored
+  int64_t local_target(int64_t i, int64_t c0, int64_t cb) const {
+    return (valid(i) && y[i] >= c0 && y[i] < c0 + cb) ? y[i] - c0 : -1;
+  }
 
   void init(int64_t n) {
     M.assign(n, -std::numeric_limits<T>::infinity());
@@ -213,13 +241,14 @@ struct Rows {
     cstar.assign(n, -1);
   }
 
-  // One row, one class block [c0, c0 + cb) whose dots start at `dot`.
+  // One row, one class block [c0, c0 + cb) whose dots start at `dot`. An ignored
+  // row still folds every column (plain logits, as in the reference): its loss is
+  // 0, but its gradient is 0 * softmax, NaN wherever the reference's is.
   void forward(int64_t i, const T* dot, int64_t c0, int64_t cb) {
-    if (!valid(i)) return;
-    const int64_t yl = (y[i] >= c0 && y[i] < c0 + cb) ? y[i] - c0 : -1;
+    const int64_t yl = local_target(i, c0, cb);
     if (yl >= 0) cy[i] = cos_of(dot[yl], rx[i], rw[c0 + yl]);
     fwd_block<T>(dot, cb, yl, rx[i], rw + c0, T(g.s), g.kind == ARCGRAD, &M[i], &S[i]);
-    if (g.kind == ELM) {
+    if (g.kind == ELM && valid(i)) {
       T b = best[i];
       int64_t at = cstar[i];
       for (int64_t j = 0; j < cb; ++j) {
@@ -237,33 +266,39 @@ struct Rows {
     if (g.kind == ELM && C > 1 && cst >= 0) *val += T(g.elm_lambda) * m_at(cst);
   }
 
-  // loss_i = w_i * (lse_i - s * t_i); returns lse_i.
+  // log sum over the classes folded so far (the non-target ones for a valid row).
+  T lse_folded(int64_t i) const { return shift_of(M[i]) + std::log(S[i]); }
+
+  // loss_i = w_i * (lse_i - s * t_i) (0 for ignored rows); returns lse_i.
   T finish(int64_t i, T* loss) const {
-    if (!valid(i)) { *loss = T(0); return T(0); }
+    if (!valid(i)) { *loss = T(0); return lse_folded(i); }
     T t, der;
     target(i, cy[i], cstar[i], &t, &der);
     const T lt = T(g.s) * t;
     const T nm = std::max(M[i], lt);
-    const T lse = nm + std::log(S[i] * std::exp(M[i] - nm) + std::exp(lt - nm));
+    const T sh = shift_of(nm);
+    const T rest = S[i] == T(0) ? T(0) : S[i] * std::exp(shift_of(M[i]) - sh);
+    const T lse = sh + std::log(rest + std::exp(lt - sh));
     *loss = roww[i] * (lse - lt);
     return lse;
   }
 
-  // dL/d(dot) for one row, one block, written to out (may alias dot).
+  // dL/d(dot) for one row, one block, written to out (may alias dot). No shortcut
+  // for coef == 0: 0 * a NaN softmax is NaN in the reference too.
   void backward(int64_t i, const T* dot, T* out, int64_t c0, int64_t cb, T lse, int64_t cst,
                 T coef) const {
-    if (!valid(i) || coef == T(0)) {
-      std::fill(out, out + cb, T(0));
-      return;
-    }
-    const int64_t yl = (y[i] >= c0 && y[i] < c0 + cb) ? y[i] - c0 : -1;
+    const int64_t yl = local_target(i, c0, cb);
     const T dy = yl >= 0 ? dot[yl] : T(0);
     bwd_block<T>(dot, out, cb, rx[i], rw + c0, T(g.s), g.kind == ARCGRAD, lse, coef);
     if (yl >= 0) {
       T t, der;
-      target(i, cos_of(dy, rx[i], rw[c0 + yl]), cst, &t, &der);
+      const T cos_y = cos_of(dy, rx[i], rw[c0 + yl]);
+      target(i, cos_y, cst, &t, &der);
       const T p = std::exp(T(g.s) * t - lse);
-      out[yl] = coef * (p - T(1)) * T(g.s) * der * rx[i] * rw[c0 + yl];
+      // the theta kinds clamp cos_y first: a select, so 0 there even when p is NaN
+      out[yl] = (theta_kind(g.kind) && !in_clamp(cos_y))
+                    ? T(0)
+                    : coef * (p - T(1)) * T(g.s) * der * rx[i] * rw[c0 + yl];
     }
   }
 };
@@ -301,6 +336,14 @@ void check_xw(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "margin_cross_entropy: CPU tensors only");
 }
 
+// c* comes back from Python into the backward, which reads margin[c*]: -1 or a class.
+void check_cstar(const at::Tensor& cstar, int64_t c) {
+  const int64_t* p = cstar.data_ptr<int64_t>();
+  for (int64_t i = 0, n = cstar.size(0); i < n; ++i)
+    TORCH_CHECK(p[i] >= -1 && p[i] < c, "margin_cross_entropy backward: cstar ", p[i], " at row ",
+                i, " is outside [-1, ", c, ")");
+}
+
 Cfg make_cfg(int64_t kind, double s, double m1, double m2, double m3, double elm_lambda,
              double th, double offset, int64_t ignore_index) {
   TORCH_CHECK(kind >= NORMFACE && kind <= ARCGRAD, "margin_cross_entropy: unknown kind ", kind);
@@ -333,7 +376,13 @@ void project_rows(at::Tensor& grad, const at::Tensor& v, const at::Tensor& r) {
     for (int64_t i = b; i < e; ++i) {
       T* gi = pg + i * d;
       const T* vi = pv + i * d;
-      if (pr[i] == T(0)) { std::fill(gi, gi + d, T(0)); continue; }
+      if (pr[i] == T(0)) {
+        // r = 0 for a zero row and for a NaN or inf one: the gradient is then what the
+        // reference's autograd forms, g * 0 + v * 0 (the derivative of r is 0 there):
+        // 0 for a zero row, NaN wherever g or v is NaN or inf
+        for (int64_t k = 0; k < d; ++k) gi[k] = gi[k] * T(0) + vi[k] * T(0);
+        continue;
+      }
       T dotv = 0;
       for (int64_t k = 0; k < d; ++k) dotv += gi[k] * vi[k];
       const T a = pr[i] * pr[i] * dotv;
@@ -344,10 +393,27 @@ void project_rows(at::Tensor& grad, const at::Tensor& v, const at::Tensor& r) {
 
 // ------------------------------------------------------------ ops: features + weight
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> angular_ce_fwd(
+// Fills the per-row outputs once every class has been folded: loss, lse, c*, and
+// AdaCos's statistics lse_other (the non-target log-sum-exp, read off the running
+// state before the target joins it, so no cancellation) and cos_y.
+template <typename T>
+void finish_rows(const Rows<T>& rows, int64_t b, int64_t e, T* pl, T* ps, int64_t* pc, T* po,
+                 T* py) {
+  for (int64_t i = b; i < e; ++i) {
+    po[i] = rows.lse_folded(i);
+    py[i] = rows.cy[i];
+    ps[i] = rows.finish(i, pl + i);
+    pc[i] = rows.cstar[i];
+  }
+}
+
+// Class-tiled forward: row chunks of row_block x class blocks of `block`, one
+// [row_block, block] scratch whatever N and C.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> angular_ce_fwd(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, const at::Tensor& row_weight,
     const at::Tensor& margin, int64_t kind, double s, double m1, double m2, double m3,
-    double elm_lambda, double th, double offset, int64_t ignore_index, int64_t block) {
+    double elm_lambda, double th, double offset, int64_t ignore_index, int64_t block,
+    int64_t row_block) {
   check_xw(x, w);
   const int64_t n = x.size(0), c = w.size(0);
   check_common(labels, row_weight, margin, n, c, ignore_index);
@@ -357,40 +423,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> angular_ce_fwd(
   auto lab = labels.contiguous();
   auto roww = row_weight.to(ct).contiguous(), marg = margin.to(ct).contiguous();
   auto loss = at::zeros({n}, xc.options()), lse = at::zeros({n}, xc.options());
+  auto lse_other = at::zeros({n}, xc.options()), cos_y = at::zeros({n}, xc.options());
   auto cstar = at::full({n}, -1, lab.options());
-  if (n == 0) return {loss, lse, cstar};
+  if (n == 0) return {loss, lse, cstar, lse_other, cos_y};
   auto rx = row_inv_norm_cpu(xc, kNormEps), rw = row_inv_norm_cpu(wc, kNormEps);
   const int64_t bs = std::max<int64_t>(1, std::min(block, c));
-  auto buf = at::empty({n * bs}, xc.options());
+  const int64_t rb = std::max<int64_t>(1, std::min(row_block, n));
+  auto buf = at::empty({rb * bs}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "angular_ce_fwd", [&] {
     auto rows = make_rows<scalar_t>(lab, roww, marg, rx, rw, g, c);
     rows.init(n);
     for (int64_t c0 = 0; c0 < c; c0 += bs) {
       const int64_t cb = std::min(bs, c - c0);
-      auto dots = buf.narrow(0, 0, n * cb).view({n, cb});
-      at::mm_out(dots, xc, wc.narrow(0, c0, cb).t());
-      const scalar_t* pd = dots.data_ptr<scalar_t>();
-      at::parallel_for(0, n, grain_rows(cb), [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) rows.forward(i, pd + i * cb, c0, cb);
-      });
+      auto wb = wc.narrow(0, c0, cb);
+      for (int64_t r0 = 0; r0 < n; r0 += rb) {
+        const int64_t nr = std::min(rb, n - r0);
+        auto dots = buf.narrow(0, 0, nr * cb).view({nr, cb});
+        at::mm_out(dots, xc.narrow(0, r0, nr), wb.t());
+        const scalar_t* pd = dots.data_ptr<scalar_t>();
+        at::parallel_for(0, nr, grain_rows(cb), [&](int64_t b, int64_t e) {
+          for (int64_t k = b; k < e; ++k) rows.forward(r0 + k, pd + k * cb, c0, cb);
+        });
+      }
     }
-    scalar_t* pl = loss.data_ptr<scalar_t>();
-    scalar_t* ps = lse.data_ptr<scalar_t>();
-    int64_t* pc = cstar.data_ptr<int64_t>();
-    for (int64_t i = 0; i < n; ++i) {
-      ps[i] = rows.finish(i, pl + i);
-      pc[i] = rows.cstar[i];
-    }
+    finish_rows<scalar_t>(rows, 0, n, loss.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                          cstar.data_ptr<int64_t>(), lse_other.data_ptr<scalar_t>(),
+                          cos_y.data_ptr<scalar_t>());
   });
-  return {loss, lse, cstar};
+  return {loss, lse, cstar, lse_other, cos_y};
 }
 
+// Recomputing backward over the same tiles: per class block and row chunk, the dots
+// again, H = dL/d(dot) in their place, gX_chunk += H @ W_blk, gW_blk += H^T @ x_chunk.
 std::tuple<at::Tensor, at::Tensor> angular_ce_bwd(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
     const at::Tensor& row_weight, const at::Tensor& margin, const at::Tensor& lse,
     const at::Tensor& cstar, int64_t kind, double s, double m1, double m2, double m3,
-    double elm_lambda, double th, double offset, int64_t ignore_index, int64_t block, bool need_x,
-    bool need_w) {
+    double elm_lambda, double th, double offset, int64_t ignore_index, int64_t block,
+    int64_t row_block, bool need_x, bool need_w) {
   check_xw(x, w);
   const int64_t n = x.size(0), c = w.size(0);
   check_common(labels, row_weight, margin, n, c, ignore_index);
@@ -401,13 +471,15 @@ std::tuple<at::Tensor, at::Tensor> angular_ce_bwd(
   const auto ct = compute_type(x);
   auto xc = x.to(ct).contiguous(), wc = w.to(ct).contiguous();
   auto lab = labels.contiguous(), cst = cstar.contiguous();
+  check_cstar(cst, c);
   auto roww = row_weight.to(ct).contiguous(), marg = margin.to(ct).contiguous();
   auto gr = grad.to(ct).contiguous(), ls = lse.to(ct).contiguous();
   auto gx = at::zeros_like(xc), gw = at::zeros_like(wc);
   if (n > 0 && (need_x || need_w)) {
     auto rx = row_inv_norm_cpu(xc, kNormEps), rw = row_inv_norm_cpu(wc, kNormEps);
     const int64_t bs = std::max<int64_t>(1, std::min(block, c));
-    auto buf = at::empty({n * bs}, xc.options());
+    const int64_t rb = std::max<int64_t>(1, std::min(row_block, n));
+    auto buf = at::empty({rb * bs}, xc.options());
     AT_DISPATCH_FLOATING_TYPES(ct, "angular_ce_bwd", [&] {
       auto rows = make_rows<scalar_t>(lab, roww, marg, rx, rw, g, c);
       const scalar_t* pg = gr.data_ptr<scalar_t>();
@@ -415,18 +487,29 @@ std::tuple<at::Tensor, at::Tensor> angular_ce_bwd(
       const int64_t* pc = cst.data_ptr<int64_t>();
       for (int64_t c0 = 0; c0 < c; c0 += bs) {
         const int64_t cb = std::min(bs, c - c0);
-        auto dots = buf.narrow(0, 0, n * cb).view({n, cb});
         auto wb = wc.narrow(0, c0, cb);
-        at::mm_out(dots, xc, wb.t());
-        scalar_t* pd = dots.data_ptr<scalar_t>();
-        at::parallel_for(0, n, grain_rows(cb), [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i)
-            rows.backward(i, pd + i * cb, pd + i * cb, c0, cb, pls[i], pc[i], pg[i] * rows.roww[i]);
-        });
-        if (need_x) gx.addmm_(dots, wb);
-        if (need_w) {
-          auto gwb = gw.narrow(0, c0, cb);
-          at::mm_out(gwb, dots.t(), xc);
+        for (int64_t r0 = 0; r0 < n; r0 += rb) {
+          const int64_t nr = std::min(rb, n - r0);
+          auto dots = buf.narrow(0, 0, nr * cb).view({nr, cb});
+          auto xb = xc.narrow(0, r0, nr);
+          at::mm_out(dots, xb, wb.t());
+          scalar_t* pd = dots.data_ptr<scalar_t>();
+          at::parallel_for(0, nr, grain_rows(cb), [&](int64_t b, int64_t e) {
+            for (int64_t k = b; k < e; ++k) {
+              const int64_t i = r0 + k;
+              rows.backward(i, pd + k * cb, pd + k * cb, c0, cb, pls[i], pc[i],
+                            pg[i] * rows.roww[i]);
+            }
+          });
+          if (need_x) gx.narrow(0, r0, nr).addmm_(dots, wb);
+          if (need_w) {
+            auto gwb = gw.narrow(0, c0, cb);
+            if (r0 == 0) {
+              at::mm_out(gwb, dots.t(), xb);
+            } else {
+              gwb.addmm_(dots.t(), xb);
+            }
+          }
         }
       }
       if (need_x) project_rows<scalar_t>(gx, xc, rx);
@@ -438,8 +521,9 @@ std::tuple<at::Tensor, at::Tensor> angular_ce_bwd(
 
 // Forward with gradients (scalar reductions): rows tiled, each chunk's [rows, C]
 // dots computed once. row_weight already holds the reduction's scale; the
-// caller multiplies gx, gw by the incoming scalar gradient.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> angular_ce_fused(
+// caller multiplies gx, gw by the incoming scalar gradient. Also returns the
+// per-row AdaCos statistics (lse_other, cos_y) of this same sweep.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> angular_ce_fused(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, const at::Tensor& row_weight,
     const at::Tensor& margin, int64_t kind, double s, double m1, double m2, double m3,
     double elm_lambda, double th, double offset, int64_t ignore_index, int64_t row_block,
@@ -453,8 +537,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> angular_ce_fused(
   auto lab = labels.contiguous();
   auto roww = row_weight.to(ct).contiguous(), marg = margin.to(ct).contiguous();
   auto loss = at::zeros({n}, xc.options());
+  auto lse_other = at::zeros({n}, xc.options()), cos_y = at::zeros({n}, xc.options());
   auto gx = at::zeros_like(xc), gw = at::zeros_like(wc);
-  if (n == 0) return {loss, gx, gw};
+  if (n == 0) return {loss, gx, gw, lse_other, cos_y};
   auto rx = row_inv_norm_cpu(xc, kNormEps), rw = row_inv_norm_cpu(wc, kNormEps);
   const int64_t rb = std::max<int64_t>(1, std::min(row_block, n));
   auto buf = at::empty({rb * c}, xc.options());
@@ -462,6 +547,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> angular_ce_fused(
     auto rows = make_rows<scalar_t>(lab, roww, marg, rx, rw, g, c);
     rows.init(n);
     scalar_t* pl = loss.data_ptr<scalar_t>();
+    scalar_t* po = lse_other.data_ptr<scalar_t>();
+    scalar_t* py = cos_y.data_ptr<scalar_t>();
     for (int64_t r0 = 0; r0 < n; r0 += rb) {
       const int64_t nr = std::min(rb, n - r0);
       auto dots = buf.narrow(0, 0, nr * c).view({nr, c});
@@ -472,6 +559,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> angular_ce_fused(
         for (int64_t k = b; k < e; ++k) {
           const int64_t i = r0 + k;
           rows.forward(i, pd + k * c, 0, c);
+          po[i] = rows.lse_folded(i);
+          py[i] = rows.cy[i];
           const scalar_t lse = rows.finish(i, pl + i);
           rows.backward(i, pd + k * c, pd + k * c, 0, c, lse, rows.cstar[i], rows.roww[i]);
         }
@@ -485,7 +574,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> angular_ce_fused(
     if (need_x) project_rows<scalar_t>(gx, xc, rx);
     if (need_w) project_rows<scalar_t>(gw, wc, rw);
   });
-  return {loss, gx.to(x.scalar_type()), gw.to(w.scalar_type())};
+  return {loss, gx.to(x.scalar_type()), gw.to(w.scalar_type()), lse_other, cos_y};
 }
 
 // ------------------------------------------------------------ ops: precomputed cosines
@@ -541,6 +630,7 @@ at::Tensor cosine_ce_bwd(const at::Tensor& grad, const at::Tensor& cos, const at
   const auto ct = compute_type(cos);
   auto cc = cos.to(ct).contiguous();
   auto lab = labels.contiguous(), cst = cstar.contiguous();
+  check_cstar(cst, c);
   auto roww = row_weight.to(ct).contiguous(), marg = margin.to(ct).contiguous();
   auto gr = grad.to(ct).contiguous(), ls = lse.to(ct).contiguous();
   auto out = at::empty_like(cc);
@@ -566,18 +656,21 @@ at::Tensor cosine_ce_bwd(const at::Tensor& grad, const at::Tensor& cos, const at
 TORCH_LIBRARY_FRAGMENT(fused_margin, m) {
   // kind: 0 normface, 1 arcface, 2 cosface, 3 sphereface, 4 combined, 5 ldam, 6 elm, 7 arcgrad.
   // row_weight: class weight of each row's target, 0 for ignored rows; margin: [1] or [C];
-  // (th, offset): reference.angular.combined_fallback(m1, m2). Returns per-row loss, lse, c*.
+  // (th, offset): reference.angular.combined_fallback(m1, m2). angular_ce_fwd returns per-row
+  // loss, lse, c*, lse_other, cos_y; angular_ce_fused loss, gx, gw, lse_other, cos_y
+  // (lse_other = log sum_{j != y} exp(logit_j), cos_y the target cosine: AdaCos's statistics).
   m.def("angular_ce_fwd(Tensor x, Tensor w, Tensor labels, Tensor row_weight, Tensor margin, "
         "int kind, float s, float m1, float m2, float m3, float elm_lambda, float th, "
-        "float offset, int ignore_index, int block) -> (Tensor, Tensor, Tensor)");
+        "float offset, int ignore_index, int block, int row_block) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("angular_ce_bwd(Tensor grad, Tensor x, Tensor w, Tensor labels, Tensor row_weight, "
         "Tensor margin, Tensor lse, Tensor cstar, int kind, float s, float m1, float m2, "
         "float m3, float elm_lambda, float th, float offset, int ignore_index, int block, "
-        "bool need_x, bool need_w) -> (Tensor, Tensor)");
+        "int row_block, bool need_x, bool need_w) -> (Tensor, Tensor)");
   m.def("angular_ce_fused(Tensor x, Tensor w, Tensor labels, Tensor row_weight, Tensor margin, "
         "int kind, float s, float m1, float m2, float m3, float elm_lambda, float th, "
         "float offset, int ignore_index, int row_block, bool need_x, bool need_w) "
-        "-> (Tensor, Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cosine_ce_fwd(Tensor cos, Tensor labels, Tensor row_weight, Tensor margin, int kind, "
         "float s, float m1, float m2, float m3, float elm_lambda, float th, float offset, "
         "int ignore_index) -> (Tensor, Tensor, Tensor)");

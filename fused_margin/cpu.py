@@ -29,27 +29,37 @@ def row_inv_norm(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
 import os  # noqa: E402
 from typing import Optional, Union  # noqa: E402
 
-from .reference.angular import combined_fallback, compute_dtype  # noqa: E402
+from .reference.angular import (adacos_scale_from_stats, combined_fallback,  # noqa: E402
+                                compute_dtype)
 from .reference.reduction import reduce_loss  # noqa: E402
 from torch.autograd.function import once_differentiable  # noqa: E402
 
 KIND_CODES = {"normface": 0, "arcface": 1, "cosface": 2, "sphereface": 3, "combined": 4,
               "ldam": 5, "elm": 6, "arcgrad": 7}
-# Classes per GEMM block (scratch N x CLASS_BLOCK); tests shrink it to exercise tiling.
+# Class-tiled path (no gradients, reduction="none", or FUSED off): classes per GEMM
+# block; tests shrink it to exercise tiling.
 CLASS_BLOCK = int(os.environ.get("FUSED_MARGIN_CPU_CLASS_BLOCK", "4096"))
-# Forward with gradients (scalar reductions): rows per chunk, scratch ROW_BLOCK x C;
-# None sizes the chunk to ROW_SCRATCH_BYTES (fewer chunks = less gW read-modify-write).
-# FUSED_MARGIN_CPU_FUSED=0 switches it off (forward, then a recomputing backward).
+# Rows per chunk on both paths: scratch ROW_BLOCK x C (fused) or ROW_BLOCK x
+# min(CLASS_BLOCK, C) (class-tiled), whatever N. None sizes the chunk to
+# ROW_SCRATCH_BYTES with at least 8 rows (fewer chunks = less gW read-modify-write).
+# FUSED_MARGIN_CPU_FUSED=0 switches the fused path off (forward, then a recomputing backward).
 ROW_BLOCK: Optional[int] = (int(os.environ["FUSED_MARGIN_CPU_ROW_BLOCK"])
                             if "FUSED_MARGIN_CPU_ROW_BLOCK" in os.environ else None)
 ROW_SCRATCH_BYTES = 16 << 20
 FUSED = os.environ.get("FUSED_MARGIN_CPU_FUSED", "1") != "0"
 
 
-def _row_block(num_classes: int, elem_bytes: int) -> int:
+def _row_block(row_len: int, elem_bytes: int) -> int:
+    """Rows per chunk for a scratch of rows x row_len elements of elem_bytes."""
     if ROW_BLOCK is not None:
         return ROW_BLOCK
-    return max(8, ROW_SCRATCH_BYTES // max(1, num_classes * elem_bytes))
+    return max(8, ROW_SCRATCH_BYTES // max(1, row_len * elem_bytes))
+
+
+def _tiles(num_classes: int, elem_bytes: int):
+    """(class block, row chunk) of the class-tiled path."""
+    block = max(1, min(CLASS_BLOCK, num_classes))
+    return block, _row_block(block, elem_bytes)
 
 
 def _prepare(x: torch.Tensor, labels: torch.Tensor, kind: str, m, m1: float, m2: float,
@@ -71,20 +81,26 @@ def _prepare(x: torch.Tensor, labels: torch.Tensor, kind: str, m, m1: float, m2:
 
 
 class _MarginCrossEntropy(torch.autograd.Function):
+    """Per-row losses, plus AdaCos's row statistics (lse_other, cos_y) of the same sweep
+    as outputs without gradient."""
+
     @staticmethod
     def forward(ctx, features, weight, labels, row_w, marg, args):
-        loss, lse, cstar = ops.angular_ce_fwd(features, weight, labels, row_w, marg, *args,
-                                              CLASS_BLOCK)
+        block, rows = _tiles(weight.shape[0], row_w.element_size())
+        loss, lse, cstar, lse_other, cos_y = ops.angular_ce_fwd(
+            features, weight, labels, row_w, marg, *args, block, rows)
         ctx.save_for_backward(features, weight, labels, row_w, marg, lse, cstar)
         ctx.args = args
-        return loss
+        ctx.mark_non_differentiable(lse_other, cos_y)
+        return loss, lse_other, cos_y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, _lse_other, _cos_y):
         features, weight, labels, row_w, marg, lse, cstar = ctx.saved_tensors
+        block, rows = _tiles(weight.shape[0], row_w.element_size())
         gx, gw = ops.angular_ce_bwd(grad, features, weight, labels, row_w, marg, lse, cstar,
-                                    *ctx.args, CLASS_BLOCK, ctx.needs_input_grad[0],
+                                    *ctx.args, block, rows, ctx.needs_input_grad[0],
                                     ctx.needs_input_grad[1])
         return (gx if ctx.needs_input_grad[0] else None,
                 gw if ctx.needs_input_grad[1] else None, None, None, None, None)
@@ -92,27 +108,29 @@ class _MarginCrossEntropy(torch.autograd.Function):
 
 class _MarginCrossEntropyFused(torch.autograd.Function):
     """Scalar reductions only: gradients are formed in the forward pass for a unit
-    upstream gradient (row weights carry the mean's 1/sum(w)) and scaled here."""
+    upstream gradient (row weights carry the mean's 1/sum(w)) and scaled here.
+    Also returns the sweep's (lse_other, cos_y), without gradient."""
 
     @staticmethod
     def forward(ctx, features, weight, labels, row_w, marg, args):
-        loss, gx, gw = _fused(features, weight, labels, row_w, marg, args,
-                              features.requires_grad, weight.requires_grad)
+        loss, gx, gw, lse_other, cos_y = _fused(features, weight, labels, row_w, marg, args,
+                                                features.requires_grad, weight.requires_grad)
         # held on ctx, not saved: the first backward hands them over (autograd then
         # adopts them as .grad without a C x D copy); a later backward through a
         # retained graph recomputes them from the saved inputs
         ctx.grads = (gx, gw)
         ctx.save_for_backward(features, weight, labels, row_w, marg)
         ctx.args = args
-        return loss.sum()
+        ctx.mark_non_differentiable(lse_other, cos_y)
+        return loss.sum(), lse_other, cos_y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, _lse_other, _cos_y):
         if ctx.grads is None:
             features, weight, labels, row_w, marg = ctx.saved_tensors
-            _, gx, gw = _fused(features, weight, labels, row_w, marg, ctx.args,
-                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            _, gx, gw, _, _ = _fused(features, weight, labels, row_w, marg, ctx.args,
+                                     ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         else:
             gx, gw = ctx.grads
             ctx.grads = None
@@ -127,12 +145,9 @@ def _fused(features, weight, labels, row_w, marg, args, need_x, need_w):
                                 _row_block(weight.shape[0], row_w.element_size()), need_x, need_w)
 
 
-def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         kind: str = "arcface", s: float = 64.0,
-                         m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0, m2: float = 0.0,
-                         m3: float = 0.0, elm_lambda: float = 0.5,
-                         class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                         reduction: str = "mean") -> torch.Tensor:
+def _margin_ce(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda, class_weight,
+               ignore_index, reduction):
+    """(reduced loss, lse_other [N], cos_y [N]) from one sweep on whichever path applies."""
     w, marg, th, offset = _prepare(features, labels, kind, m, m1, m2, class_weight, ignore_index)
     args = (KIND_CODES[kind], float(s), float(m1), float(m2), float(m3), float(elm_lambda),
             float(th), float(offset), int(ignore_index))
@@ -145,8 +160,30 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
             safe = torch.where(denom > 0, denom, torch.ones_like(denom))
             scale = torch.where(denom > 0, 1 / safe, torch.zeros_like(denom))
         return _MarginCrossEntropyFused.apply(features, weight, labels, w * scale, marg, args)
-    per = _MarginCrossEntropy.apply(features, weight, labels, w, marg, args)
-    return reduce_loss(per, w, reduction)
+    per, lse_other, cos_y = _MarginCrossEntropy.apply(features, weight, labels, w, marg, args)
+    return reduce_loss(per, w, reduction), lse_other, cos_y
+
+
+def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         kind: str = "arcface", s: float = 64.0,
+                         m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0, m2: float = 0.0,
+                         m3: float = 0.0, elm_lambda: float = 0.5,
+                         class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                         reduction: str = "mean") -> torch.Tensor:
+    return _margin_ce(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda, class_weight,
+                      ignore_index, reduction)[0]
+
+
+def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, *,
+                class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                reduction: str = "mean"):
+    """(normface margin cross-entropy at scale s, AdaCos's next scale): the scale is
+    Eq. 10 of the ArcGrad paper from the per-row statistics the loss's own C++ sweep
+    returns (no second pass over the classes); a 0-d float32 tensor without gradient."""
+    loss, lse_other, cos_y = _margin_ce(features, weight, labels, "normface", s, 0.0, 1.0, 0.0,
+                                        0.0, 0.0, class_weight, ignore_index, reduction)
+    next_s = adacos_scale_from_stats(lse_other, cos_y, labels != ignore_index, float(s))
+    return loss, next_s.to(torch.float32)
 
 
 class _MarginCrossEntropyFromCosine(torch.autograd.Function):
@@ -369,20 +406,25 @@ def contrastive_center_loss(features: torch.Tensor, labels: torch.Tensor, center
 
 # ----------------------------------------------------------- cost-sensitive
 # weighted_cross_entropy / crwwce_loss / sinkhorn / wasserstein_loss
-# (csrc/sinkhorn.cpp). The CE kernels return per-row losses and, when a
-# gradient is needed, dloss/dlogits for a unit upstream gradient (saved, scaled
-# by the per-row grad_output in backward). Sinkhorn returns the log potentials
-# F, G (scaled by 1/eps) of the reference's iteration and, on request, the
-# plans; the Wasserstein costs and backward's plans are formed from F, G. Gradients of the Wasserstein loss (distribution targets)
-# are implicit, not unrolled: entropic=True: the envelope theorem, d/dh = eps F,
-# d/db = eps G, d/dC = T; entropic=False (<T, C>, T the entropic plan):
-# implicit differentiation of the optimality conditions (_ot_cost_grads). Only
-# the tangent part of d/dh, d/db is defined (both marginals are on a simplex):
-# h's reaches the logits through the softmax Jacobian, which drops the rest;
-# the target's is returned centred over its support. They equal the
-# reference's unrolled gradients once Sinkhorn has converged. `sinkhorn` called
-# with inputs that need gradients runs the reference (unrolled iterations): the
-# kernel has no backward of the plans.
+# (csrc/sinkhorn.cpp). The CE kernels take the logits in their own dtype (half
+# is converted in registers, no float32 copy) and return per-row losses in the
+# compute dtype and, when a gradient is needed, dloss/dlogits for a unit
+# upstream gradient in the logits' dtype (held, then scaled in place by the
+# per-row grad_output and handed over in backward: so backward runs once per
+# forward, and a second one through a retained graph is a clear error).
+# Sinkhorn returns the log potentials F, G (scaled by 1/eps) of the reference's
+# iteration and, on request, the plans; the Wasserstein costs and backward's
+# plans are formed from F, G. Gradients of the Wasserstein loss (distribution
+# targets) are implicit, not unrolled: entropic=True: the envelope theorem,
+# d/dh = eps F, d/db = eps G, d/dC = T; entropic=False (<T, C>, T the entropic
+# plan): implicit differentiation of the optimality conditions (reference
+# ot_cost_grads, the helper the triton backend uses too: one answer, plans that
+# decouple into blocks included). Only the tangent part of d/dh, d/db is
+# defined (both marginals are on a simplex): h's reaches the logits through the
+# softmax Jacobian, which drops the rest; the target's is returned centred over
+# its support. They equal the reference's unrolled gradients once Sinkhorn has
+# converged. `sinkhorn` called with inputs that need gradients runs the
+# reference (unrolled iterations): the kernel has no backward of the plans.
 
 from .reference import cost_sensitive as _cs  # noqa: E402
 
@@ -392,6 +434,16 @@ def _class_grad(per_row: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
     y = torch.where(valid, labels, torch.zeros_like(labels))
     vals = torch.where(valid, per_row, torch.zeros_like(per_row))
     return torch.zeros(k, dtype=per_row.dtype).index_add_(0, y, vals)
+
+
+def _handed_over(g: Optional[torch.Tensor]) -> torch.Tensor:
+    if g is None:
+        raise RuntimeError(
+            "fused_margin: the fused WCE / CRWWCE backward scales the logit gradient formed "
+            "in the forward in place and hands it over, so it runs once per forward: a "
+            "second backward through a retained graph is not supported (call the loss "
+            "again, or use backend='reference')")
+    return g
 
 
 class _CostSensitiveCE(torch.autograd.Function):
@@ -406,8 +458,11 @@ class _CostSensitiveCE(torch.autograd.Function):
             loss, term, g = ops.wce_fwd(z, labels, fn_weight, ignore_index, need)
         else:
             loss, term, g = ops.crwwce_fwd(z, labels, fn_weight, fp_weight, ignore_index, need)
-        ctx.save_for_backward(g, term, labels, z if (fp_weight is not None and
-                                                      ctx.needs_input_grad[3]) else None)
+        # held on ctx, not saved: the first backward scales it in place and hands it
+        # over (autograd adopts it as .grad: no second N x K)
+        ctx.g = g if need else None
+        ctx.save_for_backward(term, labels, z if (fp_weight is not None and
+                                                   ctx.needs_input_grad[3]) else None)
         ctx.ignore_index, ctx.k = ignore_index, z.shape[1]
         ctx.wce = fp_weight is None
         return loss
@@ -415,10 +470,15 @@ class _CostSensitiveCE(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        g, term, labels, z = ctx.saved_tensors
+        term, labels, z = ctx.saved_tensors
         valid = labels != ctx.ignore_index
         k = ctx.k
-        gz = g * grad[:, None] if ctx.needs_input_grad[0] else None
+        gz = None
+        if ctx.needs_input_grad[0]:
+            gz, ctx.g = _handed_over(ctx.g), None
+            # grad in the buffer's dtype: a mixed-dtype in-place op would make
+            # float32 copies of a half buffer on the CPU
+            gz.mul_(grad.to(gz.dtype)[:, None])
         gfn = gfp = None
         if ctx.needs_input_grad[2]:
             # WCE: d/dw_t = nll; CRWWCE: d/dfn_t = -log h_t
@@ -428,8 +488,9 @@ class _CostSensitiveCE(torch.autograd.Function):
             y = torch.where(valid, labels, torch.zeros_like(labels))
             off = torch.ones_like(z, dtype=torch.bool).scatter(1, y[:, None], False)
             off = off & valid[:, None]
-            m = torch.where(off, -_cs.log1m_softmax(z) * grad[:, None], torch.zeros_like(z))
-            gfp = torch.zeros(k, k, dtype=z.dtype).index_add_(0, y, m).t()   # [k, t_n] += m[n, k]
+            zc = z.to(_cs.compute_dtype(z.dtype))
+            m = torch.where(off, -_cs.log1m_softmax(zc) * grad[:, None], torch.zeros_like(zc))
+            gfp = torch.zeros(k, k, dtype=zc.dtype).index_add_(0, y, m).t()  # [k, t_n] += m[n, k]
         return gz, None, gfn, gfp, None
 
 
@@ -437,8 +498,7 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
                            class_weight: torch.Tensor, *, ignore_index: int = -100,
                            reduction: str = "mean") -> torch.Tensor:
     dt = _cs.compute_dtype(logits.dtype)
-    per = _CostSensitiveCE.apply(logits.to(dt), labels, class_weight.to(dt), None,
-                                 int(ignore_index))
+    per = _CostSensitiveCE.apply(logits, labels, class_weight.to(dt), None, int(ignore_index))
     return reduce_loss(per, (labels != ignore_index).to(dt), reduction)
 
 
@@ -446,7 +506,7 @@ def crwwce_loss(logits: torch.Tensor, labels: torch.Tensor, fn_weight: torch.Ten
                 fp_weight: torch.Tensor, *, ignore_index: int = -100,
                 reduction: str = "mean") -> torch.Tensor:
     dt = _cs.compute_dtype(logits.dtype)
-    per = _CostSensitiveCE.apply(logits.to(dt), labels, fn_weight.to(dt), fp_weight.to(dt),
+    per = _CostSensitiveCE.apply(logits, labels, fn_weight.to(dt), fp_weight.to(dt),
                                  int(ignore_index))
     return reduce_loss(per, (labels != ignore_index).to(dt), reduction)
 
@@ -466,38 +526,6 @@ def sinkhorn(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, *, eps: float
     out_dtype = torch.promote_types(a.dtype, b.dtype)
     dt = _cs.compute_dtype(out_dtype)
     return _potentials(a.to(dt), b.to(dt), cost.to(dt), eps, n_iter, tol, True)[2].to(out_dtype)
-
-
-def _centred(x: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """x - its mean over `support` on the support, 0 off it (the tangent part)."""
-    x = torch.where(support, x, torch.zeros_like(x))
-    cnt = support.sum(1, keepdim=True).clamp_min(1).to(x.dtype)
-    return torch.where(support, x - x.sum(1, keepdim=True) / cnt, torch.zeros_like(x))
-
-
-def _ot_cost_grads(t, h, b, c, eps):
-    """d<T, C>/d(h, b, C) at the entropic plan T, by implicit differentiation:
-    T = exp((f_i + g_j - C_ij)/eps) with rows h, columns b. Perturbing h, b gives
-    H [df; dg] = eps [dh; db], H = [[diag h, T], [T^T, diag b]], so with
-    r = (T*C) 1, c' = (T*C)^T 1 the gradient is x = H^+ [r; c'] (x_h, x_b), solved
-    by eliminating x_b (Schur complement diag h - T diag(1/b) T^T, singular along
-    1, made definite by + 1 1^T; rhs and solution are orthogonal to 1). With C:
-    dT = T (df + dg - dC)/eps gives d/dC = T (1 + (x_h,i + x_b,j - C_ij)/eps).
-    Solved in float64."""
-    dt = t.dtype
-    t, h, b, c = t.double(), h.double(), b.double(), c.double().expand_as(t)
-    tc = t * c
-    r, cc = tc.sum(2), tc.sum(1)
-    bi = torch.where(b > 0, 1 / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(b))
-    pos = h > 0
-    s = torch.diag_embed(h) - (t * bi[:, None, :]) @ t.transpose(1, 2)
-    s = s + (pos[:, :, None] & pos[:, None, :]).double()
-    s = s + torch.diag_embed((~pos).double())
-    rhs = torch.where(pos, r - (t @ (bi * cc)[:, :, None]).squeeze(2), torch.zeros_like(r))
-    xh = torch.linalg.solve(s, rhs[:, :, None]).squeeze(2)
-    xb = bi * (cc - (t.transpose(1, 2) @ xh[:, :, None]).squeeze(2))
-    gc = t * (1 + (xh[:, :, None] + xb[:, None, :] - c) / eps)
-    return xh.to(dt), xb.to(dt), gc.to(dt)
 
 
 class _WassersteinDist(torch.autograd.Function):
@@ -523,12 +551,12 @@ class _WassersteinDist(torch.autograd.Function):
             gb = torch.where(b > 0, eps * g, torch.zeros_like(g))
             gc = t if need_c else None
         else:
-            gh, gb, gc = _ot_cost_grads(t, h, b, c, eps)
+            gh, gb, gc = _cs.ot_cost_grads(t, c, eps)     # shared with triton
         gz = gtarget = gcost = None
         if need_z:
             gz = h * (gh - (h * gh).sum(1, keepdim=True)) * grad[:, None]
         if need_b:
-            gtarget = _centred(gb, b > 0) * grad[:, None]
+            gtarget = _cs.centred(gb, b > 0) * grad[:, None]
         if need_c:
             gc = gc * grad[:, None, None]
             gcost = gc.sum(0) if c.dim() == 2 else gc

@@ -34,7 +34,8 @@ OPS: Dict[str, Dict[str, str]] = {
     "adacos_scale": {"reference": "fused_margin.reference.angular:adacos_scale",
                      "triton": "fused_margin.triton.angular:adacos_scale"},
     "adacos_loss": {"reference": "fused_margin.reference.angular:adacos_loss",
-                    "triton": "fused_margin.triton.angular:adacos_loss"},
+                    "triton": "fused_margin.triton.angular:adacos_loss",
+                    "cpu": "fused_margin.cpu:adacos_loss"},
     "weighted_cross_entropy": {
         "reference": "fused_margin.reference.cost_sensitive:weighted_cross_entropy",
         "triton": "fused_margin.triton.cross_entropy:weighted_cross_entropy",

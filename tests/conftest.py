@@ -83,10 +83,11 @@ class AllocationRecorder(TorchDispatchMode):
 
 
 class NativeAllocationRecorder:
-    """Records the bytes of every allocation made through ATen while active,
-    including the scratch that C++ kernels take with at::empty / at::zeros inside
-    one op (AllocationRecorder sees only what ops return). Plain std::vector
-    buffers in csrc/ are invisible to it; they hold O(N) or per-thread state."""
+    """Records, per op the profiler sees, the bytes it allocated itself (net of what
+    it freed itself) while active: the scratch that C++ kernels take with at::empty
+    / at::zeros inside one op, and the outputs and temporaries of ATen ops such as
+    mm (AllocationRecorder sees only what ops return). Plain std::vector buffers in
+    csrc/ are invisible to it; they hold O(N) or per-thread state."""
 
     def __enter__(self):
         from torch.profiler import ProfilerActivity, profile
@@ -97,8 +98,8 @@ class NativeAllocationRecorder:
 
     def __exit__(self, *exc):
         self._prof.__exit__(*exc)
-        self.allocs = [(e.name, e.cpu_memory_usage) for e in self._prof.events()
-                       if e.name.startswith("aten::empty") and e.cpu_memory_usage > 0]
+        self.allocs = [(e.name, e.self_cpu_memory_usage) for e in self._prof.events()
+                       if e.self_cpu_memory_usage > 0]
         return False
 
     @property

@@ -1,8 +1,11 @@
 """The C++ CPU backend of margin_cross_entropy (csrc/angular.cpp, fused_margin/cpu.py):
 gradcheck per kind on both paths (forward + recomputing backward; forward with
-gradients), no N x C allocation, class tiling, edge cases, the ELM tie rule,
-and the kernel's own label check. Comparisons with the reference over every
-kind / dtype / reduction live in test_angular.py."""
+gradients), no N x C allocation inside the kernels, class and row tiling, edge
+cases, NaN / inf propagation, the ELM tie rule, the kernels' own label and c*
+checks, float16 / float64 against the reference, and adacos_loss. The shared
+comparisons with the reference (fp32 / bf16) live in test_angular.py."""
+import itertools
+
 import pytest
 import torch
 
@@ -10,7 +13,7 @@ import fused_margin as fm
 from fused_margin import dispatch
 from fused_margin.reference import angular as ref
 
-from conftest import AllocationRecorder
+from conftest import AllocationRecorder, NativeAllocationRecorder
 
 _ok, _why = dispatch._cpu_status()
 pytestmark = pytest.mark.skipif(not _ok, reason=_why)
@@ -108,6 +111,55 @@ def test_gradcheck_from_cosine(case):
 
 
 # ------------------------------------------------------------------ memory
+# NativeAllocationRecorder sees every ATen allocation, the kernels' own scratch
+# included. N x C x 4 bytes is well above every legitimate allocation here
+# (N x D, C x D, O(N), the capped scratch).
+
+MEM_N, MEM_D, MEM_C = 256, 8, 64
+MEM_MODES = ("fused", "tiled", "no_grad")
+
+
+def _native_record(mode, reduction):
+    x, W, y = inputs(MEM_N, MEM_D, MEM_C, torch.float32)
+    grad = mode != "no_grad"
+    x.requires_grad_(grad)
+    W.requires_grad_(grad)
+    with NativeAllocationRecorder() as rec:
+        with torch.set_grad_enabled(grad):
+            loss = fm.margin_cross_entropy(x, W, y, kind="arcface", reduction=reduction,
+                                           backend="cpu")
+        if grad:
+            loss.backward(torch.ones_like(loss))
+    return rec
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mode", MEM_MODES)
+def test_no_n_by_c_scratch_inside_the_kernels(mode, reduction, monkeypatch):
+    # the default CLASS_BLOCK exceeds C, so a class tile alone would span N x C: the
+    # row chunks must bound the scratch, here to 4 KiB = 16 rows x C (or x the block)
+    monkeypatch.setattr(cpu, "FUSED", mode == "fused")
+    monkeypatch.setattr(cpu, "ROW_BLOCK", None)
+    monkeypatch.setattr(cpu, "CLASS_BLOCK", 4096)
+    monkeypatch.setattr(cpu, "ROW_SCRATCH_BYTES", 4096)
+    rec = _native_record(mode, reduction)
+    assert 16 * MEM_C * 4 in rec.bytes  # the kernel's scratch, seen by the recorder
+    assert max(rec.bytes) < MEM_N * MEM_C * 4
+
+
+@pytest.mark.parametrize("mode", MEM_MODES)
+def test_native_recorder_sees_an_n_by_c_scratch(mode, monkeypatch):
+    # the same run with the chunk forced to all N rows: the scratch is N x C, and the
+    # recorder must report it (otherwise the test above proves nothing)
+    monkeypatch.setattr(cpu, "FUSED", mode == "fused")
+    monkeypatch.setattr(cpu, "ROW_BLOCK", MEM_N)
+    monkeypatch.setattr(cpu, "CLASS_BLOCK", 4096)
+    rec = _native_record(mode, "mean")
+    assert max(rec.bytes) >= MEM_N * MEM_C * 4
+
+
+# AllocationRecorder sees what every op returns, also a Python-level x @ W.T (whose
+# output the native recorder attributes to aten::mm, not to an aten::empty event).
 
 def _record(backend, reduction):
     N, D, C = 16, 8, 200
@@ -123,7 +175,7 @@ def _record(backend, reduction):
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_no_n_by_c_tensor(path, reduction):
+def test_no_n_by_c_op_output(path, reduction):
     rec, nc = _record("cpu", reduction)
     assert any("angular_ce" in op for op in rec.ops)  # the kernels ran under the recorder
     assert max(rec.sizes) < nc
@@ -242,6 +294,164 @@ def test_elm_tie_takes_first_index(path):
     assert_matches_reference(x, W, y, kind="elm", s=4.0, m=m, elm_lambda=1.0)
 
 
+# ------------------------------------------------------------------ NaN and inf
+# The cpu backend must give NaN (and inf) exactly where the reference does, loss and
+# gradients, element by element: ignored and zero-weight rows included (the
+# reference's 0 * softmax is NaN there), and the theta kinds' clamp, whose backward
+# selects 0 at a NaN cosine.
+
+NAN, INF = float("nan"), float("inf")
+
+
+def poisoned(case, dtype):
+    x, W, y = inputs(6, 4, 7)
+    cw = None
+    if case == "nan_weight_row":
+        W[2] = NAN
+    elif case == "nan_feature_row":
+        x[1] = NAN
+    elif case == "inf_feature":
+        x[1, 0] = INF
+    elif case == "inf_weight":
+        W[4, 1] = -INF
+    elif case == "nan_ignored_row":
+        x[3, 2] = NAN
+        y[3] = -100
+    elif case == "nan_zero_weight_row":
+        x[3, 2] = NAN
+        cw = torch.ones(7, dtype=torch.float64)
+        cw[y[3]] = 0.0
+    return x.to(dtype), W.to(dtype), y, cw
+
+
+NAN_CASES = ("nan_weight_row", "nan_feature_row", "inf_feature", "inf_weight", "nan_ignored_row",
+             "nan_zero_weight_row")
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", cases(7), ids=lambda c: c[0])
+def test_nan_and_inf_propagate_like_the_reference(path, dtype, case):
+    _, kw = case
+    for bad in NAN_CASES:
+        x, W, y, cw = poisoned(bad, dtype)
+        for reduction in REDUCTIONS:
+            got = run("cpu", x, W, y, reduction, class_weight=cw, **kw)
+            want = run("reference", x, W, y, reduction, class_weight=cw, **kw)
+            assert torch.isnan(want[1]).any()  # the poison reaches the gradient
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g.double(), w.double(), equal_nan=True, **TOL[dtype],
+                                           msg=lambda m: f"{bad}, {reduction}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", cases(7), ids=lambda c: c[0])
+def test_nan_and_inf_cosine_propagate_like_the_reference(dtype, case):
+    _, kw = case
+    for value, where in itertools.product((NAN, INF, -INF), ("target", "other", "ignored")):
+        x, W, y = inputs(6, 4, 7)
+        cos = ref.cosine(x, W) * 0.9
+        t = int(y[1])
+        cos[1, t if where == "target" else (t + 1) % 7] = value
+        if where == "ignored":
+            y[1] = -100
+        cos = cos.to(dtype)
+        for reduction in REDUCTIONS:
+            out = []
+            for backend in ("cpu", "reference"):
+                c = cos.clone().requires_grad_(True)
+                loss = fm.margin_cross_entropy_from_cosine(c, y, reduction=reduction,
+                                                           backend=backend, **kw)
+                loss.backward(torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape))
+                out.append((loss.detach(), c.grad))
+            for g, w in zip(*out):
+                torch.testing.assert_close(g.double(), w.double(), equal_nan=True, **TOL[dtype],
+                                           msg=lambda m: f"{value} at {where}, {reduction}: {m}")
+
+
+# ------------------------------------------------------------------ float16 / float64
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
+@pytest.mark.parametrize("case", cases(13), ids=lambda c: c[0])
+def test_every_kind_in_float16_and_float64(path, reduction, dtype, case):
+    _, kw = case
+    x, W, y = inputs(9, 6, 13, dtype, seed=1)
+    y[4] = -100
+    cw = torch.rand(13, dtype=torch.float64) + 0.5
+    loss, gx, gW = run("cpu", x, W, y, reduction, class_weight=cw, **kw)
+    assert loss.dtype == ref.compute_dtype(dtype) and gx.dtype == dtype and gW.dtype == dtype
+    assert_matches_reference(x, W, y, reduction, class_weight=cw, **kw)
+
+
+# ------------------------------------------------------------------ adacos_loss
+
+def run_adacos(fn, x, W, y, s, reduction, **kw):
+    xb, Wb = x.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    loss, next_s = fn(xb, Wb, y, s, reduction=reduction, **kw)
+    loss.backward(torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape).to(loss.dtype))
+    return loss.detach(), next_s, xb.grad, Wb.grad
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "class_weight"])
+def test_adacos_loss_matches_reference(path, reduction, dtype, weighted):
+    x, W, y = inputs(9, 5, 11, dtype)
+    y[[2, 6]] = -7
+    s = 6.5
+    kw = dict(ignore_index=-7)
+    if weighted:
+        kw["class_weight"] = torch.rand(11, dtype=torch.float64) + 0.5
+    loss, next_s, gx, gW = run_adacos(cpu.adacos_loss, x, W, y, s, reduction, **kw)
+    ref_loss = lambda a, b, yy, ss, **k: (
+        ref.margin_cross_entropy(a, b, yy, kind="normface", s=ss, **k), None)
+    want_loss, _, want_gx, want_gW = run_adacos(ref_loss, x, W, y, s, reduction, **kw)
+    want_s = ref.adacos_scale(x, W, y, s, ignore_index=-7)
+    assert next_s.dtype == torch.float32 and next_s.dim() == 0 and not next_s.requires_grad
+    torch.testing.assert_close(next_s, want_s, rtol=1e-5, atol=1e-6)
+    assert next_s != s  # the rows did move it
+    for g, w in ((loss, want_loss), (gx, want_gx), (gW, want_gW)):
+        torch.testing.assert_close(g, w, **TOL[dtype])
+
+
+class _Spy:
+    """Records which torch.ops.fused_margin ops the cpu module reaches."""
+
+    def __init__(self, calls):
+        self._calls = calls
+
+    def __getattr__(self, name):
+        self._calls.append(name)
+        return getattr(torch.ops.fused_margin, name)
+
+
+def test_adacos_loss_stats_of_the_same_sweep(monkeypatch):
+    # one C++ sweep per call on either path: the scale comes from that sweep's outputs
+    x, W, y = inputs(9, 5, 11, torch.float32)
+    for fused, name in ((True, "angular_ce_fused"), (False, "angular_ce_fwd")):
+        calls = []
+        monkeypatch.setattr(cpu, "FUSED", fused)
+        monkeypatch.setattr(cpu, "ops", _Spy(calls))
+        _, next_s = cpu.adacos_loss(x.clone().requires_grad_(True), W, y, 5.0)
+        assert calls == [name]
+        torch.testing.assert_close(next_s, ref.adacos_scale(x, W, y, 5.0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_adacos_loss_empty_and_all_ignored(path):
+    for N, label in ((0, 0), (4, -100)):
+        x, W, _ = inputs(N, 4, 7, torch.float32)
+        y = torch.full((N,), label, dtype=torch.long)
+        for reduction in REDUCTIONS:
+            loss, next_s, gx, gW = run_adacos(cpu.adacos_loss, x, W, y, 3.0, reduction)
+            assert next_s.dtype == torch.float32 and float(next_s) == 3.0
+            assert not loss.any() and not gx.any() and not gW.any()
+            assert next_s == ref.adacos_scale(x, W, y, 3.0)
+
+
 def test_kernel_rejects_out_of_range_labels():
     # functional.py validates first; the kernel checks again rather than read past W
     x, W = torch.randn(3, 4), torch.randn(5, 4)
@@ -250,13 +460,34 @@ def test_kernel_rejects_out_of_range_labels():
     for bad in (5, -1, 1 << 40):
         y = torch.tensor([0, bad, 2])
         with pytest.raises(RuntimeError, match="outside"):
-            torch.ops.fused_margin.angular_ce_fwd(x, W, y, w, marg, *args, 2)
+            torch.ops.fused_margin.angular_ce_fwd(x, W, y, w, marg, *args, 2, 2)
         with pytest.raises(RuntimeError, match="outside"):
             torch.ops.fused_margin.angular_ce_fused(x, W, y, w, marg, *args, 2, True, True)
         with pytest.raises(RuntimeError, match="outside"):
             torch.ops.fused_margin.cosine_ce_fwd(x @ W.T, y, w, marg, *args)
     y = torch.tensor([0, -100, 2])  # ignore_index itself is fine
-    torch.ops.fused_margin.angular_ce_fwd(x, W, y, w, marg, *args, 2)
+    torch.ops.fused_margin.angular_ce_fwd(x, W, y, w, marg, *args, 2, 2)
+
+
+def test_kernel_backward_rejects_out_of_range_cstar():
+    # c* indexes the per-class margin in backward; a bad one must not become a read
+    x, W, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])
+    w, marg = torch.ones(3), torch.linspace(0.1, 0.5, 5)
+    args = (cpu.KIND_CODES["elm"], 8.0, 1.0, 0.0, 0.0, 0.5, 0.0, 0.0, -100)
+    _, lse, cstar, _, _ = torch.ops.fused_margin.angular_ce_fwd(x, W, y, w, marg, *args, 2, 2)
+    grad = torch.ones(3)
+    torch.ops.fused_margin.angular_ce_bwd(grad, x, W, y, w, marg, lse, cstar, *args, 2, 2, True,
+                                          True)
+    cos = ref.cosine(x, W)
+    torch.ops.fused_margin.cosine_ce_bwd(grad, cos, y, w, marg, lse, cstar, *args)
+    for bad in (5, -2, 1 << 40):
+        cst = cstar.clone()
+        cst[1] = bad
+        with pytest.raises(RuntimeError, match="cstar"):
+            torch.ops.fused_margin.angular_ce_bwd(grad, x, W, y, w, marg, lse, cst, *args, 2, 2,
+                                                  True, True)
+        with pytest.raises(RuntimeError, match="cstar"):
+            torch.ops.fused_margin.cosine_ce_bwd(grad, cos, y, w, marg, lse, cst, *args)
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)

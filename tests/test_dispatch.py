@@ -1,4 +1,6 @@
-"""Backend selection: what backends() reports, auto's fallback, and errors."""
+"""Backend selection: what backends() reports, auto's fallback, errors, and that the
+C++ extension was built unless the run opted out."""
+import os
 import warnings
 
 import pytest
@@ -66,3 +68,15 @@ def test_cpu_extension_build_path():
     from fused_margin import cpu
     x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]])
     torch.testing.assert_close(cpu.row_inv_norm(x), torch.tensor([0.2, 0.0, 1.0]))
+
+
+def test_cpu_extension_was_built():
+    """setup.py leaves a pure-Python install behind when the compiler fails, and every
+    cpu test then skips: this one fails instead, unless the run opted out the way the
+    build does (FUSED_MARGIN_NO_EXT=1)."""
+    if os.environ.get("FUSED_MARGIN_NO_EXT", "0") == "1":
+        pytest.skip("FUSED_MARGIN_NO_EXT=1: running without the C++ extension on purpose")
+    ok, why = dispatch._cpu_status()
+    assert ok, (f"{why}. The cpu backend's tests would all skip. Build it with "
+                "`pip install --no-build-isolation -e .` (needs a C++17 compiler and ninja; the "
+                "build log says why it failed), or set FUSED_MARGIN_NO_EXT=1 to test without it.")
