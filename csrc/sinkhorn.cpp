@@ -25,8 +25,10 @@
 //
 // WCE / CRWWCE: one task per row, a few passes over its K logits computing the
 // log-sum-exp, the loss and dL/dlogits for a unit upstream gradient (saved by
-// cpu.py, Liger style); no N x K temporaries besides that gradient.
+// cpu.py, Liger style, and scaled in place in backward); no N x K temporaries
+// besides that gradient (half logits are read as they are, in the logits' dtype).
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -396,41 +398,61 @@ at::Tensor sinkhorn_cost(const at::Tensor& f, const at::Tensor& g, const at::Ten
 
 // ---------------------------------------------------------------- WCE / CRWWCE
 
+// Logits may be float16 / bfloat16 (read and converted in registers: no float32
+// copy of the [N, K] logits), float32 or float64; the math, the per-row outputs
+// and the weights are in acc_t (float32 for half logits), the gradient is stored
+// in the logits' dtype (cast once per entry).
+void check_logits(const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "fused_margin: logits must be a floating dtype");
+  TORCH_CHECK(t.dim() == 2, "fused_margin: logits must be [N, K]");
+}
+
+at::ScalarType acc_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // Per row: loss w_t (lse - z_t), nll = lse - z_t, and (need_grad) w_t (h - e_t).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> wce_fwd(const at::Tensor& logits,
                                                        const at::Tensor& labels,
                                                        const at::Tensor& weight,
                                                        int64_t ignore_index, bool need_grad) {
-  check_float(logits, "logits");
+  check_logits(logits);
   const auto z = logits.contiguous();
+  const auto acc = acc_type(z);
   const auto y = labels.to(at::kLong).contiguous();
-  const auto w = weight.to(z.scalar_type()).contiguous();
+  const auto w = weight.to(acc).contiguous();
   const int64_t N = z.size(0), K = z.size(1);
-  auto loss = at::zeros({N}, z.options());
-  auto nll = at::zeros({N}, z.options());
+  auto loss = at::zeros({N}, z.options().dtype(acc));
+  auto nll = at::zeros({N}, z.options().dtype(acc));
   auto grad = need_grad ? at::zeros({N, K}, z.options()) : at::empty({0}, z.options());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "wce_fwd", [&] {
-    const scalar_t *pz = z.data_ptr<scalar_t>(), *pw = w.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "wce_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pz = z.data_ptr<scalar_t>();
+    const acc_t* pw = w.data_ptr<acc_t>();
     const int64_t* py = y.data_ptr<int64_t>();
-    scalar_t *pl = loss.data_ptr<scalar_t>(), *pn = nll.data_ptr<scalar_t>();
+    acc_t *pl = loss.data_ptr<acc_t>(), *pn = nll.data_ptr<acc_t>();
     scalar_t* pg = need_grad ? grad.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
       for (int64_t n = lo; n < hi; ++n) {
         const int64_t t = py[n];
         if (t == ignore_index) continue;
         const scalar_t* row = pz + n * K;
-        scalar_t m = row[0];
-        for (int64_t j = 1; j < K; ++j) m = std::max(m, row[j]);
-        scalar_t sum = 0;
-        for (int64_t j = 0; j < K; ++j) sum += std::exp(row[j] - m);
-        const scalar_t lse = m + std::log(sum);
-        const scalar_t wt = pw[t];
-        pn[n] = lse - row[t];
+        acc_t m = static_cast<acc_t>(row[0]);
+        for (int64_t j = 1; j < K; ++j) m = std::max(m, static_cast<acc_t>(row[j]));
+        acc_t sum = 0;
+        for (int64_t j = 0; j < K; ++j) sum += std::exp(static_cast<acc_t>(row[j]) - m);
+        const acc_t lse = m + std::log(sum);
+        const acc_t wt = pw[t];
+        pn[n] = lse - static_cast<acc_t>(row[t]);
         pl[n] = wt * pn[n];
         if (pg) {
           scalar_t* gr = pg + n * K;
-          for (int64_t j = 0; j < K; ++j) gr[j] = wt * std::exp(row[j] - lse);
-          gr[t] -= wt;
+          for (int64_t j = 0; j < K; ++j) {
+            const acc_t gj = wt * std::exp(static_cast<acc_t>(row[j]) - lse);
+            gr[j] = static_cast<scalar_t>(j == t ? gj - wt : gj);
+          }
         }
       }
     });
@@ -449,55 +471,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crwwce_fwd(const at::Tensor& logi
                                                           const at::Tensor& fn_weight,
                                                           const at::Tensor& fp_weight,
                                                           int64_t ignore_index, bool need_grad) {
-  check_float(logits, "logits");
+  check_logits(logits);
   const auto z = logits.contiguous();
+  const auto acc = acc_type(z);
   const auto y = labels.to(at::kLong).contiguous();
-  const auto fn = fn_weight.to(z.scalar_type()).contiguous();
-  const auto fp = fp_weight.to(z.scalar_type()).contiguous();
+  const auto fn = fn_weight.to(acc).contiguous();
+  const auto fp = fp_weight.to(acc).contiguous();
   const int64_t N = z.size(0), K = z.size(1);
-  auto loss = at::zeros({N}, z.options());
-  auto logp = at::zeros({N}, z.options());
+  auto loss = at::zeros({N}, z.options().dtype(acc));
+  auto logp = at::zeros({N}, z.options().dtype(acc));
   auto grad = need_grad ? at::zeros({N, K}, z.options()) : at::empty({0}, z.options());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "crwwce_fwd", [&] {
-    const scalar_t *pz = z.data_ptr<scalar_t>(), *pfn = fn.data_ptr<scalar_t>(),
-                   *pfp = fp.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "crwwce_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pz = z.data_ptr<scalar_t>();
+    const acc_t *pfn = fn.data_ptr<acc_t>(), *pfp = fp.data_ptr<acc_t>();
     const int64_t* py = y.data_ptr<int64_t>();
-    scalar_t *pl = loss.data_ptr<scalar_t>(), *plp = logp.data_ptr<scalar_t>();
+    acc_t *pl = loss.data_ptr<acc_t>(), *plp = logp.data_ptr<acc_t>();
     scalar_t* pg = need_grad ? grad.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
       for (int64_t n = lo; n < hi; ++n) {
         const int64_t t = py[n];
         if (t == ignore_index) continue;
         const scalar_t* row = pz + n * K;
+        auto zv = [row](int64_t j) { return static_cast<acc_t>(row[j]); };
         int64_t top = 0;  // first arg-max, as torch.argmax
         for (int64_t j = 1; j < K; ++j)
-          if (row[j] > row[top]) top = j;
-        const scalar_t m = row[top];
-        scalar_t sum = 0;
-        for (int64_t j = 0; j < K; ++j) sum += std::exp(row[j] - m);
-        const scalar_t lse = m + std::log(sum);
-        scalar_t lse_o = -std::numeric_limits<scalar_t>::infinity();
+          if (zv(j) > zv(top)) top = j;
+        const acc_t m = zv(top);
+        acc_t sum = 0;
+        for (int64_t j = 0; j < K; ++j) sum += std::exp(zv(j) - m);
+        const acc_t lse = m + std::log(sum);
+        acc_t lse_o = -std::numeric_limits<acc_t>::infinity();
         if (K > 1) {
-          scalar_t m2 = -std::numeric_limits<scalar_t>::infinity();
+          acc_t m2 = -std::numeric_limits<acc_t>::infinity();
           for (int64_t j = 0; j < K; ++j)
-            if (j != top) m2 = std::max(m2, row[j]);
-          scalar_t so = 0;
+            if (j != top) m2 = std::max(m2, zv(j));
+          acc_t so = 0;
           for (int64_t j = 0; j < K; ++j)
-            if (j != top) so += std::exp(row[j] - m2);
+            if (j != top) so += std::exp(zv(j) - m2);
           lse_o = m2 + std::log(so);
         }
-        const scalar_t fnt = pfn[t];
-        const scalar_t lpt = row[t] - lse;
+        const acc_t fnt = pfn[t];
+        const acc_t lpt = zv(t) - lse;
         plp[n] = lpt;
-        scalar_t l = -fnt * lpt;
-        scalar_t R = 0;  // sum_{k != t, top} r_k
+        acc_t l = -fnt * lpt;
+        acc_t R = 0;  // sum_{k != t, top} r_k
         for (int64_t k = 0; k < K && K > 1; ++k) {
           if (k == t) continue;
-          const scalar_t fpk = pfp[k * K + t];
+          const acc_t fpk = pfp[k * K + t];
           if (k == top) {
             l -= fpk * (lse_o - lse);
           } else {
-            const scalar_t h = std::exp(row[k] - lse);
+            const acc_t h = std::exp(zv(k) - lse);
             l -= fpk * std::log1p(-h);
             R += fpk * h / (1 - h);
           }
@@ -505,15 +530,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crwwce_fwd(const at::Tensor& logi
         pl[n] = l;
         if (pg) {
           scalar_t* gr = pg + n * K;
-          const scalar_t fp_top = (K > 1 && top != t) ? pfp[top * K + t] : scalar_t(0);
+          const acc_t fp_top = (K > 1 && top != t) ? pfp[top * K + t] : acc_t(0);
           for (int64_t j = 0; j < K; ++j) {
-            const scalar_t h = std::exp(row[j] - lse);
-            scalar_t gj = fnt * h - h * R + fp_top * h;
+            const acc_t h = std::exp(zv(j) - lse);
+            acc_t gj = fnt * h - h * R + fp_top * h;
             if (j != t && j != top) gj += pfp[j * K + t] * h / (1 - h);
-            if (j != top && fp_top != 0) gj -= fp_top * std::exp(row[j] - lse_o);
-            gr[j] = gj;
+            if (j != top && fp_top != 0) gj -= fp_top * std::exp(zv(j) - lse_o);
+            if (j == t) gj -= fnt;
+            gr[j] = static_cast<scalar_t>(gj);
           }
-          gr[t] -= fnt;
         }
       }
     });
@@ -531,7 +556,8 @@ TORCH_LIBRARY_FRAGMENT(fused_margin, m) {
         "bool plan) -> (Tensor, Tensor, Tensor)");
   m.def("sinkhorn_plan(Tensor f, Tensor g, Tensor cost, float eps) -> Tensor");
   m.def("sinkhorn_cost(Tensor f, Tensor g, Tensor cost, float eps, bool entropic) -> Tensor");
-  // per-row loss, nll (WCE) / log h_t (CRWWCE), and dloss/dlogits for a unit upstream
+  // per-row loss, nll (WCE) / log h_t (CRWWCE) in float32 for half logits (else the
+  // logits' dtype), and dloss/dlogits for a unit upstream gradient in the logits' dtype
   m.def("wce_fwd(Tensor logits, Tensor labels, Tensor weight, int ignore_index, bool need_grad) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("crwwce_fwd(Tensor logits, Tensor labels, Tensor fn_weight, Tensor fp_weight, "

@@ -214,6 +214,44 @@ def marginals(name: str, a, n: Optional[int], k: Optional[int]) -> None:
         raise ValueError(f"{name} must be finite")
 
 
+# How far apart two marginals' masses (or a target row's mass and 1) may be,
+# relative, by the coarser input dtype: a few roundings of K entries each.
+MASS_RTOL = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2,
+             torch.bfloat16: 1e-2}
+
+
+def equal_mass(a, b) -> None:
+    """sum a_n = sum b_n for every sample n (balanced OT: with unequal masses no
+    plan has both marginals, and solvers disagree on what to return). A sample
+    whose a or b is all zero is exempt: it has the zero plan by definition."""
+    if a.numel() == 0:
+        return
+    sa, sb = a.sum(1, dtype=torch.float64), b.sum(1, dtype=torch.float64)
+    rtol = max(MASS_RTOL[a.dtype], MASS_RTOL[b.dtype])
+    bad = (sa > 0) & (sb > 0) & ((sa - sb).abs() > rtol * torch.maximum(sa, sb))
+    if bool(bad.any()):
+        n = int(bad.nonzero()[0, 0])
+        raise ValueError(f"a and b must have equal mass in every sample (relative tolerance "
+                         f"{rtol:g} for {a.dtype}/{b.dtype}); sample {n} has sum(a) = "
+                         f"{float(sa[n]):.9g}, sum(b) = {float(sb[n]):.9g}. Normalise both "
+                         "rows (unbalanced OT is not supported)")
+
+
+def distribution_rows(name: str, t) -> None:
+    """every row of t sums to 1 (a probability vector, as softmax rows are), or is
+    all zero (an empty sample: zero plan, zero loss)."""
+    if t.numel() == 0:
+        return
+    st = t.sum(1, dtype=torch.float64)
+    rtol = MASS_RTOL[t.dtype]
+    bad = (st > 0) & ((st - 1).abs() > rtol)
+    if bool(bad.any()):
+        n = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} rows must sum to 1 (probability distributions, like the "
+                         f"softmax rows they are matched with; relative tolerance {rtol:g} for "
+                         f"{t.dtype}) or be all zero; row {n} sums to {float(st[n]):.9g}")
+
+
 def sinkhorn_params(eps, n_iter, tol) -> None:
     finite("eps", eps, positive=True)
     integer("n_iter", n_iter, minimum=1)

@@ -97,8 +97,8 @@ def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
                                 m2=0.0, m3=0.0, elm_lambda=0.0, class_weight=class_weight,
                                 ignore_index=ignore_index, reduction_=reduction)
     fn = resolve("adacos_loss", backend, features.device)
-    kw = {} if class_weight is None else dict(class_weight=class_weight)
-    return fn(features, weight, labels, s, ignore_index=ignore_index, reduction=reduction, **kw)
+    return fn(features, weight, labels, s, class_weight=class_weight, ignore_index=ignore_index,
+              reduction=reduction)
 
 
 # ------------------------------------------------------ 2. cost-sensitive
@@ -141,6 +141,7 @@ def sinkhorn(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, *, eps: float
     checks.marginals("b", b, a.shape[0], a.shape[1])
     checks.cost_matrix(cost, a.shape[1], a.shape[0])
     checks.same_device(a=a, b=b, cost=cost)
+    checks.equal_mass(a, b)
     checks.sinkhorn_params(eps, n_iter, tol)
     fn = resolve("sinkhorn", backend, a.device)
     return fn(a, b, cost, eps=eps, n_iter=n_iter, tol=tol)
@@ -160,6 +161,7 @@ def wasserstein_loss(logits: torch.Tensor, target: torch.Tensor, cost: torch.Ten
         checks.labels(target, logits.shape[0], k, ignore_index=ignore_index, name="target")
     else:
         checks.marginals("target", target, logits.shape[0], k)
+        checks.distribution_rows("target", target)
     checks.cost_matrix(cost, k, logits.shape[0])
     checks.same_device(logits=logits, target=target, cost=cost)
     checks.sinkhorn_params(eps, n_iter, tol)

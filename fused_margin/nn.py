@@ -243,20 +243,26 @@ class Sigma2R(nn.Module):
 
 
 class WassersteinLoss(nn.Module):
-    """Entropic Wasserstein loss with the cost matrix [K, K] held as a buffer."""
+    """Entropic Wasserstein loss with the cost matrix [K, K] held as a buffer.
+
+    The buffer is passed as it is: the functional casts it to the compute dtype
+    (float32 for half logits, not the logits' dtype), so it is rounded once, in
+    the same place as for a direct call. (`.half()` on the module rounds the
+    buffer itself; keep the module in float32 under autocast.)"""
 
     def __init__(self, cost: torch.Tensor, eps: float = 0.1, n_iter: int = 100, *,
-                 entropic: bool = False, tol: Optional[float] = None, reduction: str = "mean",
-                 backend: str = "auto"):
+                 entropic: bool = False, tol: Optional[float] = None, ignore_index: int = -100,
+                 reduction: str = "mean", backend: str = "auto"):
         super().__init__()
         self.register_buffer("cost", cost.detach().clone())
         self.eps, self.n_iter, self.entropic, self.tol = eps, n_iter, entropic, tol
-        self.reduction, self.backend = reduction, backend
+        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.wasserstein_loss(logits, target, self.cost.to(logits.dtype), eps=self.eps,
-                                  n_iter=self.n_iter, entropic=self.entropic, tol=self.tol,
-                                  reduction=self.reduction, backend=self.backend)
+        return F.wasserstein_loss(logits, target, self.cost, eps=self.eps, n_iter=self.n_iter,
+                                  entropic=self.entropic, tol=self.tol,
+                                  ignore_index=self.ignore_index, reduction=self.reduction,
+                                  backend=self.backend)
 
 
 class TripletMarginLoss(nn.Module):

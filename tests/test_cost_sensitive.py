@@ -11,6 +11,9 @@ import torch
 
 import fused_margin as fm
 from fused_margin import nn as fnn
+from fused_margin.reference import cost_sensitive as cs
+
+from conftest import device_for, fused_backends
 
 REDUCTIONS = ("mean", "sum", "none")
 REF = dict(backend="reference")
@@ -24,6 +27,9 @@ EXACT = dict(rtol=1e-9, atol=1e-11)
 POT = dict(rtol=1e-7, atol=1e-10)
 LOW = {torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=6e-2, atol=6e-2)}
 F32_TINY_EPS = dict(rtol=0, atol=1e-4)
+# DECOUPLED: implicit gradients of a decoupled plan vs the reference's unrolled
+# ones, in the parts both define (float64, converged to tol 1e-12)
+DECOUPLED = dict(rtol=1e-6, atol=1e-9)
 
 # (N, K): odd class counts
 SHAPES = [(5, 7), (3, 13), (1, 2)]
@@ -393,10 +399,111 @@ def test_wasserstein_one_hot_distribution_equals_labels(entropic):
                                fm.wasserstein_loss(z, y, cost, **kw), **EXACT)
 
 
+def test_implicit_solve_branches_agree(monkeypatch):
+    """The fused backends' shared implicit solve (cs.fixed_point_grads): its
+    adjoint solves H [p; q] = [rows; columns of Gamma * T], zero off the support,
+    and the Cholesky fast path and the pseudo-inverse fallback give the same
+    solution (same gauge), so a sample does not change answer between them."""
+    n, k = 4, 6
+    a, b = simplex(n, k), simplex(n, k)
+    a[0, 2] = 0
+    b[1, [0, 5]] = 0
+    a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+    b[3] = 0                                               # an empty sample
+    plan = fm.sinkhorn(a, b, make_cost(n, k, True), eps=0.3, n_iter=2000, tol=1e-13, **REF)
+    gamma = torch.randn(n, k, k, dtype=torch.float64)
+    fast = cs.fixed_point_grads(plan, gamma, 0.3)
+    gt = gamma * plan
+    rows, cols = plan.sum(2), plan.sum(1)
+    p, q = fast[0], fast[1]
+    torch.testing.assert_close(rows * p + (plan @ q[:, :, None]).squeeze(2), gt.sum(2), **EXACT)
+    torch.testing.assert_close((plan.transpose(1, 2) @ p[:, :, None]).squeeze(2) + cols * q,
+                               gt.sum(1), **EXACT)
+    assert (p[rows == 0] == 0).all() and (q[cols == 0] == 0).all() and (p[3] == 0).all()
+    monkeypatch.setattr(cs, "FAST_MIN_EIG", float("inf"))   # every sample to the fallback
+    for got, want in zip(cs.fixed_point_grads(plan, gamma, 0.3), fast):
+        torch.testing.assert_close(got, want, **EXACT)
+
+
+def _decoupled_problem(dev):
+    """Three samples, per-sample costs, float64: 0 an ordinary one; 1 target ==
+    prediction with a zero-diagonal cost (the plan is diag(h), every other entry
+    underflows at eps = 1e-2); 2 two blocks of classes with cross costs of 10 and
+    a target with the prediction's block masses (the plan splits into two blocks)."""
+    n, k = 3, 6
+    z = make_logits(n, k)
+    h = torch.softmax(z, 1)
+    cost = make_cost(n, k, True, 0.5)
+    cost[1] = (1 - torch.eye(k, dtype=torch.float64)) * (1 + torch.rand(k, k, dtype=torch.float64))
+    blk = torch.tensor([0, 0, 0, 1, 1, 1])
+    same = blk[:, None] == blk[None, :]
+    cost[2] = torch.where(same, cost[2], torch.full_like(cost[2], 10.0))
+    target = simplex(n, k)
+    target[1] = h[1]
+    for b in (0, 1):
+        m = blk == b
+        target[2, m] = target[2, m] / target[2, m].sum() * h[2, m].sum()
+    return z.to(dev), target.to(dev), cost.to(dev), blk.to(dev)
+
+
+def _block_centred(x, blk):
+    """x minus its mean over each block of classes (the per-block constants a
+    decoupled plan leaves undetermined)."""
+    out = x.clone()
+    for b in blk.unique():
+        m = blk == b
+        out[:, m] = x[:, m] - x[:, m].mean(1, keepdim=True)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's exp(-inf) paths
+@pytest.mark.parametrize("backend", ["reference"] + fused_backends("wasserstein_loss"))
+def test_wasserstein_decoupled_plan_gradients(backend):
+    """entropic=False on plans that decouple into blocks (the dual Hessian is
+    singular): no backend fails, and one such sample leaves the others' gradients
+    alone. The fused backends solve the implicit system by a pseudo-inverse that
+    moves no mass between blocks; the reference differentiates the iterations.
+    Both agree on everything the plan determines: the cost gradient, and the
+    logit / target gradients up to a constant per block."""
+    dev = device_for(backend)
+    z0, t0, c0, blk = _decoupled_problem(dev)
+    kw = dict(eps=1e-2, n_iter=3000, tol=1e-12, entropic=False, reduction="none")
+    up = torch.tensor([1.0, 0.7, 1.3], dtype=torch.float64, device=dev)
+    grads = {}
+    for be in ("reference", backend):
+        z, t, c = (x.clone().requires_grad_(True) for x in (z0, t0, c0))
+        per = fm.wasserstein_loss(z, t, c, backend=be, **kw)
+        grads[be] = (per.detach(),) + torch.autograd.grad((per * up).sum(), (z, t, c))
+    (loss, gz, gt, gc), (rloss, rz, rt, rc) = grads[backend], grads["reference"]
+    for g in (gz, gt, gc):
+        assert torch.isfinite(g).all()
+    torch.testing.assert_close(loss, rloss, **DECOUPLED)
+    assert float(loss[1]) < 1e-30                      # diag(h): nothing moves
+    h = torch.softmax(z0, 1)
+    # sample 0: an ordinary plan, the gradients of the converged iteration
+    torch.testing.assert_close(gz[0], rz[0], **DECOUPLED)
+    torch.testing.assert_close(gt[0] - gt[0].mean(), rt[0] - rt[0].mean(), **DECOUPLED)
+    # sample 1: a minimum in the marginals, whose gradients vanish (to underflow);
+    # d/dC is the plan diag(h) itself
+    for g in (gz[1], gt[1], rz[1]):
+        assert float(g.abs().max()) < 1e-30
+    torch.testing.assert_close(gc[1], up[1] * torch.diag(h[1]), rtol=1e-12, atol=1e-30)
+    # sample 2: two blocks
+    torch.testing.assert_close(gc, rc, **DECOUPLED)
+    torch.testing.assert_close(_block_centred(gt[2:], blk), _block_centred(rt[2:], blk),
+                               **DECOUPLED)
+    torch.testing.assert_close(_block_centred(gz[2:] / h[2:], blk),
+                               _block_centred(rz[2:] / h[2:], blk), **DECOUPLED)
+    if backend != "reference":     # the pseudo-inverse's gauge: each block keeps its mass
+        for b in (0, 1):
+            assert abs(float(gz[2, blk == b].sum())) < 1e-12
+
+
 # -------------------------------------------------------------- gradcheck
 
-def _gc(fn, *inputs):
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+def _gc(fn, *inputs, fast_mode=False):
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5,
+                                    fast_mode=fast_mode)
 
 
 @pytest.mark.parametrize("reduction", ("mean", "none"))
@@ -413,11 +520,15 @@ def test_gradcheck_wce_crwwce(reduction):
 
 @pytest.mark.parametrize("per_sample", (False, True), ids=("shared", "per_sample"))
 def test_gradcheck_sinkhorn(per_sample):
+    # marginals through a softmax: finite differences must stay on the simplex
+    # (unequal masses are rejected), and only the tangent part is defined
     n, k = 3, 4
-    a = simplex(n, k).requires_grad_(True)
-    b = simplex(n, k).requires_grad_(True)
+    u = torch.randn(n, k, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(n, k, dtype=torch.float64, requires_grad=True)
     cost = make_cost(n, k, per_sample).requires_grad_(True)
-    _gc(lambda a, b, c: fm.sinkhorn(a, b, c, eps=0.5, n_iter=15, **REF), a, b, cost)
+    # fast mode (random projections of the Jacobian): the plans have N K^2 outputs
+    _gc(lambda u, v, c: fm.sinkhorn(u.softmax(1), v.softmax(1), c, eps=0.5, n_iter=15, **REF),
+        u, v, cost, fast_mode=True)
 
 
 @pytest.mark.parametrize("entropic", (False, True))
@@ -427,9 +538,9 @@ def test_gradcheck_wasserstein(entropic):
     cost = make_cost(n, k, False).requires_grad_(True)
     y = torch.tensor([1, -100, 3])
     _gc(lambda z, c: fm.wasserstein_loss(z, y, c, eps=0.1, entropic=entropic, **REF), z, cost)
-    target = simplex(n, k).requires_grad_(True)
-    _gc(lambda z, t, c: fm.wasserstein_loss(z, t, c, eps=0.5, n_iter=15, entropic=entropic,
-                                            **REF), z, target, cost)
+    u = torch.randn(n, k, dtype=torch.float64, requires_grad=True)   # target = softmax(u)
+    _gc(lambda z, u, c: fm.wasserstein_loss(z, u.softmax(1), c, eps=0.5, n_iter=15,
+                                            entropic=entropic, **REF), z, u, cost)
 
 
 # ------------------------------------------------- ignore_index and empty
@@ -538,7 +649,7 @@ def test_non_contiguous_inputs():
     cost = make_cost(1, k, False, 3.0).t()
     w = torch.rand(2 * k, dtype=torch.float64)[::2]
     fp_w = torch.rand(k, k, dtype=torch.float64).t()
-    a = simplex(k, n).t()
+    a = simplex(n, k).t().contiguous().t()             # rows sum to 1, column-major
     b = simplex(2 * n, k)[1::2]
     target = simplex(2 * n, k)[::2]
     assert not any(t.is_contiguous() for t in (z, y, cost, w, fp_w, a, b, target))
@@ -582,6 +693,10 @@ def _bad_calls():
     y_bad[2] = 9
     neg = a.clone()
     neg[1, 2] = -0.25
+    heavy = a.clone()
+    heavy[2] *= 1 + 1e-4                               # 100 x the float64 tolerance
+    half_mass = b.clone()
+    half_mass[3] /= 2
     return [
         ("9", lambda: fm.weighted_cross_entropy(z, y_bad, w, **REF)),
         ("9", lambda: fm.crwwce_loss(z, y_bad, w, cost, **REF)),
@@ -595,6 +710,10 @@ def _bad_calls():
         ("non-negative", lambda: fm.sinkhorn(neg, b, cost, **REF)),
         ("non-negative", lambda: fm.sinkhorn(a, neg, cost, **REF)),
         ("non-negative", lambda: fm.wasserstein_loss(z, neg, cost, **REF)),
+        ("equal mass.*sample 2", lambda: fm.sinkhorn(heavy, b, cost, **REF)),
+        ("equal mass.*sample 3", lambda: fm.sinkhorn(a, half_mass, cost, backend="auto")),
+        ("sum to 1.*row 3", lambda: fm.wasserstein_loss(z, half_mass, cost, **REF)),
+        ("sum to 1.*row 2", lambda: fm.wasserstein_loss(z, heavy, cost, backend="auto")),
         ("eps", lambda: fm.sinkhorn(a, b, cost, eps=0.0, **REF)),
         ("n_iter", lambda: fm.sinkhorn(a, b, cost, n_iter=0, **REF)),
         ("tol", lambda: fm.sinkhorn(a, b, cost, tol=-1.0, **REF)),
@@ -611,6 +730,28 @@ def test_bad_input_raises_value_error(idx):
         call()
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_marginal_mass_tolerance_is_relative(dtype):
+    """Equal masses to the dtype's rounding pass (float32 rows normalised in float32,
+    small total masses, an all-zero marginal); a mass gap above the tolerance raises."""
+    n, k = 4, 6
+    rtol = {torch.float32: 1e-4, torch.float64: 1e-6}[dtype]
+    a, b = simplex(n, k, dtype), simplex(n, k, dtype)
+    cost = make_cost(n, k, False, dtype=dtype)
+    kw = dict(eps=0.1, n_iter=2, **REF)
+    fm.sinkhorn(a, b, cost, **kw)
+    fm.sinkhorn(1e-3 * a, 1e-3 * b, cost, **kw)          # relative, not absolute
+    fm.sinkhorn(a * (1 + rtol / 4), b, cost, **kw)
+    b_empty = b.clone()
+    b_empty[1] = 0
+    fm.sinkhorn(a, b_empty, cost, **kw)
+    fm.wasserstein_loss(make_logits(n, k, dtype), b_empty, cost, **kw)
+    with pytest.raises(ValueError, match="equal mass"):
+        fm.sinkhorn(1e-3 * a * (1 + 4 * rtol), 1e-3 * b, cost, **kw)
+    with pytest.raises(ValueError, match="sum to 1"):
+        fm.wasserstein_loss(make_logits(n, k, dtype), b * (1 + 4 * rtol), cost, **kw)
+
+
 def test_bad_label_dtype_raises_type_error():
     z = make_logits(3, 4)
     with pytest.raises(TypeError, match="int64"):
@@ -619,6 +760,39 @@ def test_bad_label_dtype_raises_type_error():
 
 
 # ---------------------------------------------------------------- nn module
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+def test_wasserstein_module_computes_in_float32_for_half_logits(dtype):
+    """The float32 cost buffer reaches the loss unrounded, as in a direct call
+    (a cost whose entries are not representable in half precision)."""
+    n, k = 4, 5
+    cost = torch.rand(k, k) * 3 + 1e-3
+    assert not torch.equal(cost.to(dtype).float(), cost)
+    mod = fnn.WassersteinLoss(cost, eps=0.1, n_iter=50, backend="reference")
+    z = make_logits(n, k, torch.float32).to(dtype)
+    target = simplex(n, k, torch.float32)
+    labels = make_labels(n, k)
+    for tgt in (target, labels):
+        got = mod(z, tgt)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, fm.wasserstein_loss(z, tgt, cost, n_iter=50, **REF))
+        assert not torch.equal(got, fm.wasserstein_loss(z, tgt, cost.to(dtype), n_iter=50, **REF))
+
+
+def test_wasserstein_module_ignore_index():
+    n, k = 5, 4
+    mod = fnn.WassersteinLoss(torch.rand(k, k, dtype=torch.float64), ignore_index=7,
+                              reduction="none", backend="reference")
+    z = make_logits(n, k)
+    y = torch.tensor([0, 7, 3, 7, 1])
+    got = mod(z, y)
+    assert (got[y == 7] == 0).all()
+    keep = y != 7
+    torch.testing.assert_close(got[keep], fm.wasserstein_loss(z[keep], y[keep], mod.cost,
+                                                              reduction="none", **REF), **EXACT)
+    with pytest.raises(ValueError, match="7"):
+        fnn.WassersteinLoss(mod.cost, backend="reference")(z, y)   # default -100: 7 is bad
+
 
 def test_wasserstein_module_cost_is_a_buffer():
     k = 5

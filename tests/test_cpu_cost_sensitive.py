@@ -12,6 +12,8 @@ import torch
 import fused_margin as fm
 from fused_margin import dispatch
 
+from conftest import NativeAllocationRecorder
+
 pytestmark = pytest.mark.skipif(not dispatch._status("cpu")[0], reason=dispatch._status("cpu")[1])
 
 CPU, REF = dict(backend="cpu"), dict(backend="reference")
@@ -31,6 +33,8 @@ PLAN = {(torch.float64, 0.1): dict(rtol=1e-9, atol=1e-13),
         (torch.float32, 1e-3): dict(rtol=0, atol=1e-4)}
 LOSS = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 POT = dict(rtol=1e-7, atol=1e-10)
+# POT32: float32 plans at convergence vs POT in float64 on the same (rounded) inputs
+POT32 = dict(rtol=1e-5, atol=1e-7)
 CONVERGED = dict(rtol=1e-6, atol=1e-8)
 LOW = {torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=6e-2, atol=6e-2)}
 
@@ -51,6 +55,12 @@ def make_cost(n, k, per_sample, scale=1.0, dtype=torch.float64):
     return (scale * torch.rand(*shape, dtype=torch.float64)).to(dtype)
 
 
+def _unit_rows(x):
+    """rows rescaled to sum 1 (all-zero rows stay zero)."""
+    s = x.sum(1, keepdim=True)
+    return torch.where(s > 0, x / torch.where(s > 0, s, torch.ones_like(s)), x)
+
+
 def with_zeros(a, b):
     """zero entries in a and b, and one sample with an all-zero a."""
     a, b = a.clone(), b.clone()
@@ -58,7 +68,7 @@ def with_zeros(a, b):
     b[0, [0, 4]] = 0
     b[1, 2] = 0
     a[2] = 0
-    return a, b
+    return _unit_rows(a), _unit_rows(b)
 
 
 # --------------------------------------------------------------- Sinkhorn
@@ -95,6 +105,18 @@ def test_plans_match_pot(k, per_sample):
         want = ot.sinkhorn(a[i].numpy(), b[i].numpy(), c.numpy(), reg=0.1, numItermax=100000,
                            stopThr=1e-14)
         torch.testing.assert_close(got[i], torch.from_numpy(want), **POT)
+    # float32 plans: the same converged plan to float32 rounding
+    a32, b32, c32 = a.float(), _unit_rows(b.float()), cost.float()
+    got32 = fm.sinkhorn(a32, b32, c32, eps=0.1, n_iter=400, **CPU)
+    assert got32.dtype == torch.float32
+    # POT on the float32 inputs in float64, rescaled to exactly equal masses (else
+    # its float64 stopping rule never holds)
+    a64, b64 = _unit_rows(a32.double()), _unit_rows(b32.double())
+    for i in range(n):
+        c = c32[i] if per_sample else c32
+        want = ot.sinkhorn(a64[i].numpy(), b64[i].numpy(), c.double().numpy(), reg=0.1,
+                           numItermax=100000, stopThr=1e-14)
+        torch.testing.assert_close(got32[i].double(), torch.from_numpy(want), **POT32)
     cost = 10 * cost
     got = fm.sinkhorn(a, b, cost, eps=1e-3, n_iter=40, **CPU)
     for i in range(n):
@@ -128,15 +150,33 @@ def test_tol_stops_where_the_reference_does(dtype, tol):
     torch.testing.assert_close(got, t_m, **PLAN[(dtype, 0.1)])
 
 
-def test_sinkhorn_with_gradients_is_the_reference():
-    n, k = 3, 5
-    a, b = simplex(n, k).requires_grad_(True), simplex(n, k)
-    cost = make_cost(n, k, False)
-    got = fm.sinkhorn(a, b, cost, eps=0.5, n_iter=20, **CPU)
-    want = fm.sinkhorn(a, b, cost, eps=0.5, n_iter=20, **REF)
-    w = torch.randn_like(got)
-    torch.testing.assert_close(torch.autograd.grad((got * w).sum(), a)[0],
-                               torch.autograd.grad((want * w).sum(), a)[0], **LOSS[torch.float64])
+def test_sinkhorn_with_gradients_differentiates_the_kernels_plans():
+    """With inputs that need gradients the cpu backend differentiates the reference's
+    unrolled iterations: its plans must be the kernel's (same iterate), and its
+    gradient the derivative of the kernel's function, checked by central differences
+    of the kernel itself (no-grad calls) along a direction of the inputs. Marginals go
+    through a softmax so the differences stay on the simplex."""
+    n, k, kw = 3, 5, dict(eps=0.5, n_iter=20, **CPU)
+    u, v = torch.randn(n, k, dtype=torch.float64), torch.randn(n, k, dtype=torch.float64)
+    cost = make_cost(n, k, True)
+    weights = torch.randn(n, k, k, dtype=torch.float64)
+    du, dv, dc = torch.randn_like(u), torch.randn_like(v), torch.randn_like(cost)
+
+    def objective(u, v, c):
+        return (fm.sinkhorn(u.softmax(1), v.softmax(1), c, **kw) * weights).sum()
+
+    x = [t.clone().requires_grad_(True) for t in (u, v, cost)]
+    plans = fm.sinkhorn(x[0].softmax(1), x[1].softmax(1), x[2], **kw)
+    with torch.no_grad():
+        kernel = fm.sinkhorn(u.softmax(1), v.softmax(1), cost, **kw)
+    torch.testing.assert_close(plans.detach(), kernel, **PLAN[(torch.float64, 0.1)])
+    grads = torch.autograd.grad((plans * weights).sum(), x)
+    analytic = sum(float((g * d).sum()) for g, d in zip(grads, (du, dv, dc)))
+    h = 1e-5
+    with torch.no_grad():
+        numeric = (float(objective(u + h * du, v + h * dv, cost + h * dc))
+                   - float(objective(u - h * du, v - h * dv, cost - h * dc))) / (2 * h)
+    assert abs(numeric - analytic) <= 1e-7 * max(1.0, abs(analytic))
 
 
 # -------------------------------------------------------------- WCE / CRWWCE
@@ -193,12 +233,42 @@ def test_crwwce_very_confident_logits(dtype):
 
 @pytest.mark.parametrize("reduction", ("mean", "none"))
 def test_gradcheck_ce(reduction):
+    """Weights by gradcheck; the logits by central differences against one
+    backward per forward (the fused backward hands its buffer over, so gradcheck's
+    repeated backward through one graph is refused: see the next test)."""
     z, y, w, fp = _ce_inputs(4, 5, torch.float64)
-    z, w, fp = (t.requires_grad_(True) for t in (z, w, fp))
+    w, fp = w.requires_grad_(True), fp.requires_grad_(True)
     kw = dict(reduction=reduction, **CPU)
-    assert torch.autograd.gradcheck(lambda z, w: fm.weighted_cross_entropy(z, y, w, **kw), (z, w))
-    assert torch.autograd.gradcheck(lambda z, w, fp: fm.crwwce_loss(z, y, w, fp, **kw),
-                                    (z, w, fp))
+    assert torch.autograd.gradcheck(lambda w: fm.weighted_cross_entropy(z, y, w, **kw), (w,))
+    assert torch.autograd.gradcheck(lambda w, fp: fm.crwwce_loss(z, y, w, fp, **kw), (w, fp))
+    for name in ("wce", "crwwce"):
+        up = torch.rand(4 if reduction == "none" else (), dtype=torch.float64) + 0.5
+
+        def objective(zz):
+            return (_losses(zz, y, w.detach(), fp.detach(), **kw)[name](zz) * up).sum()
+
+        zg = z.clone().requires_grad_(True)
+        analytic, = torch.autograd.grad(objective(zg), zg)
+        numeric = torch.zeros_like(z)
+        h = 1e-6
+        for idx in np.ndindex(*z.shape):
+            zp, zm = z.clone(), z.clone()
+            zp[idx] += h
+            zm[idx] -= h
+            numeric[idx] = (objective(zp) - objective(zm)) / (2 * h)
+        torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_ce_second_backward_through_retained_graph_is_refused():
+    z, y, w, fp = _ce_inputs(4, 5, torch.float64)
+    z.requires_grad_(True)
+    for name, fn in _losses(z, y, w, fp, **CPU).items():
+        loss = fn(z)
+        g1, = torch.autograd.grad(loss, z, retain_graph=True)
+        with pytest.raises(RuntimeError, match="retained graph"):
+            torch.autograd.grad(loss, z)
+        g2, = torch.autograd.grad(fn(z), z)               # a new forward is fine
+        torch.testing.assert_close(g1, g2, rtol=0, atol=0, msg=name)
 
 
 def test_weight_grads_without_logit_grads():
@@ -233,6 +303,7 @@ def test_wasserstein_matches_reference(dtype, per_sample, entropic):
     z = (2 * torch.randn(n, k, dtype=torch.float64)).to(dtype)
     target = simplex(n, k, dtype)
     target[0, [2, 5]] = 0
+    target = _unit_rows(target)
     cost = make_cost(n, k, per_sample, 2.0, dtype)
     labels = torch.tensor([1, -100, 6, 0, 3])
     for reduction in REDUCTIONS:
@@ -274,14 +345,16 @@ def test_wasserstein_implicit_grads_equal_unrolled_at_convergence(per_sample, en
 
 @pytest.mark.parametrize("entropic", (False, True))
 def test_gradcheck_wasserstein_converged(entropic):
-    """Finite differences of the converged loss in the logits and the cost."""
+    """Finite differences of the converged loss in the logits, the target (as
+    softmax(u): differences must stay on the simplex, where its tangent gradient
+    is all that is defined) and the cost."""
     n, k = 3, 4
     z = (2 * torch.randn(n, k, dtype=torch.float64)).requires_grad_(True)
+    u = torch.randn(n, k, dtype=torch.float64, requires_grad=True)
     cost = make_cost(n, k, False).requires_grad_(True)
-    target = simplex(n, k)
-    fn = lambda z, c: fm.wasserstein_loss(z, target, c, eps=0.5, n_iter=300,  # noqa: E731
-                                          entropic=entropic, **CPU)
-    assert torch.autograd.gradcheck(fn, (z, cost), atol=1e-6, rtol=1e-5)
+    fn = lambda z, u, c: fm.wasserstein_loss(z, u.softmax(1), c, eps=0.5,  # noqa: E731
+                                             n_iter=300, entropic=entropic, **CPU)
+    assert torch.autograd.gradcheck(fn, (z, u, cost), atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------ precision, empty, layout
@@ -312,6 +385,25 @@ def test_low_precision_finite_and_close_to_float32(dtype):
         assert low[name].dtype == want_dtype, name
         assert torch.isfinite(low[name]).all(), name
         torch.testing.assert_close(low[name].float(), ref[name], **LOW[dtype], msg=name)
+
+
+@pytest.mark.parametrize("name", ("wce", "crwwce"))
+def test_ce_half_logits_one_n_by_k_buffer(name):
+    """bfloat16 logits go to the kernel as they are (no float32 copy), and backward
+    scales the forward's bfloat16 gradient buffer in place: forward + backward
+    allocate one N x K buffer, in the logits' dtype."""
+    n, k = 256, 33                      # N x K bf16 is larger than any K x K float32
+    z, y, w, fp = _ce_inputs(n, k, torch.float32)
+    z = z.to(torch.bfloat16).requires_grad_(True)
+    with NativeAllocationRecorder() as rec:
+        loss = _losses(z, y, w, fp, reduction="sum", **CPU)[name](z)
+        loss.backward()
+    big = [b for b in rec.bytes if b >= n * k * 2]
+    assert big == [n * k * 2], rec.allocs
+    assert z.grad.dtype == torch.bfloat16
+    zr = z.detach().float().requires_grad_(True)
+    _losses(zr, y, w, fp, reduction="sum", **REF)[name](zr).backward()
+    torch.testing.assert_close(z.grad.float(), zr.grad, **LOW[torch.bfloat16])
 
 
 @pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
@@ -348,7 +440,7 @@ def test_non_contiguous_inputs():
     cost = make_cost(1, k, False, 3.0).t()
     w = (torch.rand(2 * k, dtype=torch.float64) + 0.5)[::2]
     fp = torch.rand(k, k, dtype=torch.float64).t()
-    a = simplex(k, 2 * n).t()[::2]
+    a = simplex(2 * n, k).t().contiguous().t()[::2]      # column-major rows of a simplex
     b = simplex(2 * n, k)[1::2]
     assert not any(t.is_contiguous() for t in (z, y, cost, w, fp, a, b))
     c = lambda t: t.contiguous()  # noqa: E731

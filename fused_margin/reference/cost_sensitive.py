@@ -19,12 +19,22 @@ Conventions every backend follows:
   every 10 iterations. Zero marginal entries have log-marginal -inf, which gives
   exactly zero rows/columns; a sample whose a or b is all zero has a zero plan.
   Plans come back in the dtype of a and b (computed in float32 for half inputs);
-  gradients flow by autograd through the unrolled iterations;
+  gradients flow by autograd through the unrolled iterations. a and b must have
+  equal mass per sample (checks.equal_mass, before any backend: with unequal
+  masses no plan has both marginals and solvers disagree), except that an
+  all-zero a or b is allowed;
 - Wasserstein with label targets uses the closed form (the only plan with a
   one-hot column marginal is T[:, y] = h): sum_i h_i C[i, y], plus
   eps * sum_i h_i (log h_i - 1) when `entropic` (i.e. - eps * H(T), Eq. 5);
+  with distribution targets (rows summing to 1, or all zero: checks) it is
+  <T, C>, plus eps * sum_ij T_ij (log T_ij - 1) when `entropic`: for unit mass
+  that is eps below POT's regularised objective <T, C> + eps * sum T log T;
 - "mean" over no samples (empty, or every label ignored) is 0 with zero
   gradients, never NaN.
+
+The fused backends do not unroll the iterations: they differentiate the fixed
+point (fixed_point_grads, ot_cost_grads below, shared by cpu and triton so the
+two give one answer, degenerate plans included).
 """
 from __future__ import annotations
 
@@ -155,8 +165,9 @@ def wasserstein_loss(logits: torch.Tensor, target: torch.Tensor, cost: torch.Ten
                      eps: float = 0.1, n_iter: int = 100, entropic: bool = False,
                      tol: Optional[float] = None, ignore_index: int = -100,
                      reduction: str = "mean") -> torch.Tensor:
-    """<T, C> (minus eps*H(T) when `entropic`) between h = softmax(logits), the
-    plan's rows, and the target (labels [N] or distributions [N, K]), the columns."""
+    """<T, C> (plus eps * sum T (log T - 1), i.e. minus eps*H(T), when `entropic`)
+    between h = softmax(logits), the plan's rows, and the target (labels [N] or
+    distributions [N, K]), the columns."""
     dt = compute_dtype(logits.dtype)
     z, c = logits.to(dt), cost.to(dt)
     logh = torch.log_softmax(z, dim=1)
@@ -182,3 +193,121 @@ def wasserstein_loss(logits: torch.Tensor, target: torch.Tensor, cost: torch.Ten
         per = per + eps * torch.where(nz, t * (torch.where(nz, log_t, torch.zeros_like(log_t))
                                                - 1), torch.zeros_like(t)).sum(dim=(1, 2))
     return reduce_loss(per, torch.ones_like(per), reduction)
+
+
+# ------------------------------------------- implicit gradients (fused backends)
+
+# Eigenvalues of the normalised dual Hessian below this (times K) count as zero:
+# rounding in forming it is ~K unit roundoffs, so anything above is solved exactly.
+PINV_RTOL = 100 * torch.finfo(torch.float64).eps
+# the Cholesky fast path is trusted only when its smallest-eigenvalue estimate
+# is above this; below, the sample goes to the eigendecomposition
+FAST_MIN_EIG = 1e-8
+# samples per eigendecomposition call (large batches of small eigh are slow)
+_EIGH_CHUNK = 256
+
+
+def centred(x: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """x minus its mean over `support` on the support, 0 off it: the part of a
+    marginal's gradient tangent to the simplex (the only part that is defined)."""
+    x = torch.where(support, x, torch.zeros_like(x))
+    cnt = support.sum(1, keepdim=True).clamp_min(1).to(x.dtype)
+    return torch.where(support, x - x.sum(1, keepdim=True) / cnt, torch.zeros_like(x))
+
+
+def _adjoint(plan: torch.Tensor, rhs_rows: torch.Tensor, rhs_cols: torch.Tensor):
+    """(p, q) [N, K] solving H [p; q] = [rhs_rows; rhs_cols] for the dual Hessian
+    H = [[diag r, T], [T^T, diag c]] of each plan (r, c its row / column sums),
+    in float64; 0 off the support.
+
+    The column block is eliminated (q = (rhs_cols - T^T p) / c) and the row system
+    Jacobi-scaled: with p = r^-1/2 y, y solves S' y = r^-1/2 (rhs_rows - T (rhs_cols / c)),
+    S' = I - M M^T, M_ij = T_ij / sqrt(r_i c_j), eigenvalues in [0, 1]. S' has one
+    null vector sqrt(r) 1_B per block B of the plan (rows and columns connected
+    through nonzero entries), and the right side is orthogonal to each, so the
+    system is consistent. One block (the usual case): S' + w w^T, w = sqrt(r / sum r),
+    is definite and a Cholesky solve gives the exact solution with w^T y = 0. When
+    the plan decouples into several blocks (entries underflowed to 0 at small eps)
+    or is nearly so, S' is singular and the pseudo-inverse (eigendecomposition,
+    eigenvalues below PINV_RTOL * K dropped) gives the solution with
+    sum_{i in B} r_i p_i = 0 on every block: no mass moves between blocks. Both
+    branches give the same gauge, so the answer does not jump between them."""
+    n, k, _ = plan.shape
+    t = plan.double()
+    u, v = rhs_rows.double(), rhs_cols.double()
+    if n == 0:
+        return torch.zeros_like(u), torch.zeros_like(v)
+    r, c = t.sum(2), t.sum(1)
+    on_r, on_c = r > 0, c > 0
+    ir = torch.where(on_r, torch.rsqrt(torch.where(on_r, r, torch.ones_like(r))),
+                     torch.zeros_like(r))
+    ic = torch.where(on_c, 1 / torch.where(on_c, c, torch.ones_like(c)), torch.zeros_like(c))
+    m = t * torch.sqrt(ic)[:, None, :]
+    m.mul_(ir[:, :, None])
+    w = torch.sqrt(r / r.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny))
+    s = w[:, :, None] * w[:, None, :]
+    s.diagonal(dim1=1, dim2=2).add_(1.0)
+    s = torch.baddbmm(s, m, m.transpose(1, 2), alpha=-1.0)
+    del m
+    rhs = ir * (u - (t @ (ic * v)[:, :, None]).squeeze(2))
+
+    # Cholesky of every sample, with two steps of inverse iteration from a fixed
+    # start of mixed signs (golden angle: nothing a block indicator could be
+    # orthogonal to) solved alongside: an eigenvalue delta << 1 shows as a
+    # Rayleigh quotient of order delta
+    chol, info = torch.linalg.cholesky_ex(s)
+    x0 = torch.cos(2.399963 * torch.arange(k, dtype=t.dtype, device=t.device)).expand(n, k)
+    sol = torch.cholesky_solve(torch.stack([rhs, x0], dim=2), chol)
+    y = sol[:, :, 0]
+    x = sol[:, :, 1]
+    x = torch.cholesky_solve((x / x.norm(dim=1, keepdim=True))[:, :, None], chol).squeeze(2)
+    x = x / x.norm(dim=1, keepdim=True)
+    lam = (x * (s @ x[:, :, None]).squeeze(2)).sum(1)
+    ok = (info == 0) & (lam > FAST_MIN_EIG)       # NaN (failed factor) is not ok
+    slow = (~ok).nonzero().squeeze(1)
+    if slow.numel():
+        y = y.clone()
+        for idx in slow.split(_EIGH_CHUNK):
+            evals, evecs = torch.linalg.eigh(s[idx])
+            keep = evals > PINV_RTOL * k
+            inv = torch.where(keep, 1 / torch.where(keep, evals, torch.ones_like(evals)),
+                              torch.zeros_like(evals))
+            proj = (evecs.transpose(1, 2) @ rhs[idx][:, :, None]).squeeze(2)
+            y[idx] = (evecs @ (inv * proj)[:, :, None]).squeeze(2)
+    p = ir * y
+    q = torch.where(on_c, ic * (v - (t.transpose(1, 2) @ p[:, :, None]).squeeze(2)),
+                    torch.zeros_like(v))
+    return p, q
+
+
+def fixed_point_grads(plan: torch.Tensor, grad_plan: torch.Tensor, eps: float):
+    """(dL/da, dL/db, dL/dC [N, K, K]) of L(T) at a Sinkhorn fixed point, by the
+    implicit function theorem. With T_ij = exp(F_i + G_j - C_ij / eps), a
+    perturbation moves T by dT_ij = T_ij (dF_i + dG_j - dC_ij / eps) and the
+    marginal constraints give H [dF; dG] = [da; db] + (rows, columns of T * dC) / eps,
+    so with Gamma = dL/dT the adjoint solves H [p; q] = [rows; columns of Gamma * T]
+    (_adjoint) and dL/da = p, dL/db = q, dL/dC = T * (p_i + q_j - Gamma_ij) / eps.
+    p and q are defined up to (p + s, q - s) per block of the plan: directions that
+    change a block's mass have no fixed point; _adjoint fixes the gauge. Computed in
+    float64, returned in the plan's dtype. O(N K^3): not fused."""
+    t, gam = plan.double(), grad_plan.double()
+    gt = gam * t
+    p, q = _adjoint(t, gt.sum(2), gt.sum(1))
+    del gt
+    dc = (p[:, :, None] + q[:, None, :]).sub_(gam).mul_(t).div_(eps)
+    return p.to(plan.dtype), q.to(plan.dtype), dc.to(plan.dtype)
+
+
+def ot_cost_grads(plan: torch.Tensor, cost: torch.Tensor, eps: float):
+    """(d/da, d/db, d/dC) of <T, C> at the entropic plan T(a, b, C): the chain rule
+    through the fixed point (Gamma = C) plus the explicit T of d<T, C>/dC. The exact
+    gradient of what wasserstein_loss(entropic=False) returns (no O(eps) envelope
+    approximation)."""
+    t = plan.double()
+    c = cost.double().expand_as(t)
+    tc = t * c
+    p, q = _adjoint(t, tc.sum(2), tc.sum(1))
+    del tc
+    # T * (p_i + q_j - C_ij) / eps from the fixed point, + T from the explicit C
+    dc = (p[:, :, None] + q[:, None, :]).sub_(c).div_(eps).add_(1.0).mul_(t)
+    return p.to(plan.dtype), q.to(plan.dtype), dc.to(plan.dtype)

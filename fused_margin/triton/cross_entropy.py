@@ -5,8 +5,9 @@
 #
 # What it computes, per row n with target t: the per-row loss and, when a gradient
 # is needed, dloss/dlogits for a unit upstream gradient (Liger style: written in the
-# forward, scaled by grad_output[n] in backward). No [N, K] temporaries besides that
-# gradient (stored in the logits' dtype): half logits are cast in registers.
+# forward, scaled in place by grad_output[n] and handed over in backward, which thus
+# runs once per forward). No [N, K] temporaries besides that gradient (stored in the
+# logits' dtype): half logits are cast in registers.
 #
 # Tiling. One program per BLOCK_N rows, looping over K in BLOCK_K tiles:
 # - pass 1: online (max, first arg-max as torch.argmax, sum of exp) -> lse;
@@ -163,16 +164,26 @@ class CostSensitiveCE(torch.autograd.Function):
     def forward(ctx, logits, labels, fn_weight, fp_weight, ignore_index):
         need = logits.requires_grad
         loss, g = _launch(logits, labels, fn_weight, fp_weight, ignore_index, need)
-        ctx.save_for_backward(g if need else None)
+        # held on ctx, not saved: the first backward scales it in place and hands it
+        # over (autograd adopts it as .grad: no second N x K)
+        ctx.g = g if need else None
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        (g,) = ctx.saved_tensors
         gz = None
         if ctx.needs_input_grad[0]:
-            gz = g * grad[:, None].to(g.dtype)
+            if ctx.g is None:
+                raise RuntimeError(
+                    "fused_margin: the fused WCE / CRWWCE backward scales the logit gradient "
+                    "formed in the forward in place and hands it over, so it runs once per "
+                    "forward: a second backward through a retained graph is not supported "
+                    "(call the loss again, or use backend='reference')")
+            gz, ctx.g = ctx.g, None
+            # grad in the buffer's dtype: a mixed-dtype in-place op would make
+            # float32 copies of a half buffer on the CPU
+            gz.mul_(grad.to(gz.dtype)[:, None])
         return gz, None, None, None, None
 
 

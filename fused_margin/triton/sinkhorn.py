@@ -39,10 +39,12 @@
 #
 # Saved for backward (wasserstein_loss with a distribution target): F, G [N, K] and
 # h = softmax(logits) in the compute dtype, the scaled cost (or the [K, K] shared
-# one), the cost itself, and the [N] empty-sample mask. Gradients follow the envelope
-# theorem, not the iterations (see WassersteinFunction). `sinkhorn` saves its plan
-# (compute dtype) and differentiates the fixed point by the implicit function theorem
-# in PyTorch (fixed_point_grads; not fused); backend="reference" differentiates the
+# one), the cost itself, and the [N] empty-sample mask. Gradients differentiate the
+# fixed point, not the iterations (see WassersteinFunction): the envelope theorem for
+# entropic=True; for entropic=False the plan is re-formed and differentiated
+# implicitly in PyTorch (reference.ot_cost_grads, shared with the cpu backend; not
+# fused). `sinkhorn` saves its plan (compute dtype) and uses the same implicit
+# solve (reference.fixed_point_grads); backend="reference" differentiates the
 # unrolled iterations, which agrees at convergence.
 #
 # Precision: float32 compute for float16 / bfloat16 / float32 inputs, float64 for
@@ -56,7 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.cost_sensitive import TOL_EVERY, _safe_log, compute_dtype
+from ..reference.cost_sensitive import (TOL_EVERY, _safe_log, centred, compute_dtype,
+                                        fixed_point_grads, ot_cost_grads)
 from ..reference import cost_sensitive as _ref
 from ..reference.reduction import reduce_loss
 
@@ -351,33 +354,6 @@ class Solved:
 
 # ----------------------------------------------------------- autograd Functions
 
-def fixed_point_grads(plan: torch.Tensor, grad_plan: torch.Tensor, eps: float):
-    """(dL/da, dL/db, dL/dC [N, K, K]) of L(T) at a Sinkhorn fixed point, by the
-    implicit function theorem: with dT_ij = T_ij (dF_i + dG_j - dC_ij / eps) and the
-    marginal constraints, the adjoint (p, q) solves H [p; q] = [u; v], u = rows of
-    Gamma * T, v = its columns, H = [[diag(T 1), T], [T^T, diag(T^T 1)]] the
-    (positive semi-definite) Hessian of the dual, solved by its pseudo-inverse
-    (eigh, batched): the minimal-norm adjoint. Its null space holds (1, -1) on the
-    support (the right side is orthogonal to it), the empty rows / columns, and, when
-    entries of T underflow to 0 (tiny eps), the (1, -1) of each disconnected block.
-    Then dL/da = p, dL/db = q, dL/dC = T * (p_i + q_j - Gamma_ij) / eps. p and q
-    are defined up to (p + c, q - c): directions that change the total mass have no
-    fixed point. O(N K^3) time, O(N K^2) memory: the backward is not fused."""
-    n, k, _ = plan.shape
-    gt = grad_plan * plan
-    h = torch.zeros(n, 2 * k, 2 * k, dtype=plan.dtype, device=plan.device)
-    h[:, :k, k:] = plan
-    h[:, k:, :k] = plan.transpose(1, 2)
-    mass = torch.cat([plan.sum(2), plan.sum(1)], dim=1)
-    h = h + torch.diag_embed(mass)
-    rhs = torch.cat([gt.sum(2), gt.sum(1)], dim=1)
-    pq = (torch.linalg.pinv(h, hermitian=True) @ rhs[:, :, None]).squeeze(2) if n else rhs
-    pq = torch.where(mass > 0, pq, torch.zeros_like(pq))     # exact 0 off the support
-    p, q = pq[:, :k], pq[:, k:]
-    dc = plan * (p[:, :, None] + q[:, None, :] - grad_plan) / eps
-    return p, q, dc
-
-
 class SinkhornFunction(torch.autograd.Function):
     """Plans from the fused iterations; gradients of the fixed point (see
     fixed_point_grads), not of the unrolled iterations: they equal the
@@ -402,18 +378,20 @@ class SinkhornFunction(torch.autograd.Function):
 
 
 class WassersteinFunction(torch.autograd.Function):
-    """Per-sample <T, C> (minus eps H(T) when entropic) between h = softmax(z), the
-    plan's rows, and the target, its columns; T from the fused Sinkhorn.
+    """Per-sample <T, C> (plus eps sum T (log T - 1) when entropic) between
+    h = softmax(z), the plan's rows, and the target, its columns; T from the fused
+    Sinkhorn.
 
-    Backward (envelope theorem, at the solved potentials): the entropic OT value
-    W(h, t, C) = min_T <T, C> + eps sum T (log T - 1) has dW/dh = f, dW/dt = g,
-    dW/dC = T, with f = eps F, g = eps G the dual potentials. f and g are returned
-    centred (sum over the support = 0; the softmax Jacobian removes constants
-    anyway), g is 0 where t = 0 (there the derivative is -inf), and dz = h * (f -
-    <h, f>). The same gradients are returned for entropic=False: they are the
-    gradients of the entropic value, not of <T, C> at the entropic plan, which
-    differ by terms that vanish with eps (the Wasserstein-loss convention of
-    Frogner et al., 2015); the tests bound the gap to the reference's autograd.
+    Backward, entropic=True (envelope theorem, at the solved potentials): the
+    entropic OT value W(h, t, C) = min_T <T, C> + eps sum T (log T - 1) has
+    dW/dh = f, dW/dt = g, dW/dC = T, with f = eps F, g = eps G the dual potentials,
+    returned centred over their supports (the softmax Jacobian removes constants
+    anyway; only the simplex-tangent part of dW/dt is defined); g is 0 where t = 0.
+    entropic=False: <T, C> is not the optimum of its own objective, so the envelope
+    theorem does not apply; the exact gradient comes from implicit differentiation
+    of the fixed point on the [N, K, K] plan (reference.ot_cost_grads, in PyTorch
+    after the kernel, the cpu backend's helper), d/dt centred the same way.
+    Either way dz = h * (d/dh - <h, d/dh>).
     """
 
     @staticmethod
@@ -423,7 +401,7 @@ class WassersteinFunction(torch.autograd.Function):
         h = torch.exp(logh)
         s = Solved(h, target.to(dt), cost, eps, n_iter, tol)
         _, per = s.plan_and_loss(False, True, entropic)
-        ctx.solved = s
+        ctx.solved, ctx.entropic = s, entropic
         ctx.cost_shape, ctx.cost_dtype = cost.shape, cost.dtype
         ctx.target_dtype, ctx.logits_dtype = target.dtype, logits.dtype
         ctx.save_for_backward(h, target)
@@ -435,21 +413,24 @@ class WassersteinFunction(torch.autograd.Function):
         h, target = ctx.saved_tensors
         go = grad_per.to(s.dtype)
         live = (~s.empty).to(s.dtype)
+        need_z, need_t, need_c = ctx.needs_input_grad[:3]
         gz = gt = gc = None
-        if ctx.needs_input_grad[0]:
-            f = torch.where(h > 0, s.eps * s.f, torch.zeros_like(s.f))
-            f = f - (f * (h > 0)).sum(1, keepdim=True) / (h > 0).sum(1, keepdim=True).clamp_min(1)
+        if not (need_z or need_t or need_c):
+            return gz, gt, gc, None, None, None, None
+        if ctx.entropic:
+            dh, dt = s.eps * s.f, s.eps * s.g
+            dc = s.plan_and_loss(True, False)[0] if need_c else None
+        else:
+            plan, _ = s.plan_and_loss(True, False)
+            dh, dt, dc = ot_cost_grads(plan, s.c, s.eps)
+        if need_z:
+            f = centred(dh, h > 0)
             gz = (go * live)[:, None] * h * (f - (h * f).sum(1, keepdim=True))
             gz = gz.to(ctx.logits_dtype)
-        if ctx.needs_input_grad[1]:
-            sup = target > 0
-            g = torch.where(sup, s.eps * s.g, torch.zeros_like(s.g))
-            g = g - (g * sup).sum(1, keepdim=True) / sup.sum(1, keepdim=True).clamp_min(1)
-            gt = ((go * live)[:, None] * torch.where(sup, g, torch.zeros_like(g)))
-            gt = gt.to(ctx.target_dtype)
-        if ctx.needs_input_grad[2]:
-            plan, _ = s.plan_and_loss(True, False)
-            gc = go[:, None, None] * plan
+        if need_t:
+            gt = ((go * live)[:, None] * centred(dt, target > 0)).to(ctx.target_dtype)
+        if need_c:
+            gc = go[:, None, None] * dc
             if len(ctx.cost_shape) == 2:
                 gc = gc.sum(0)
             gc = gc.to(ctx.cost_dtype)
@@ -468,8 +449,9 @@ def wasserstein_loss(logits: torch.Tensor, target: torch.Tensor, cost: torch.Ten
                      eps: float = 0.1, n_iter: int = 100, entropic: bool = False,
                      tol: Optional[float] = None, ignore_index: int = -100,
                      reduction: str = "mean") -> torch.Tensor:
-    """<T, C> (minus eps*H(T) when `entropic`) between h = softmax(logits), the
-    plan's rows, and the target (labels [N] or distributions [N, K]), the columns."""
+    """<T, C> (plus eps * sum T (log T - 1), i.e. minus eps*H(T), when `entropic`)
+    between h = softmax(logits), the plan's rows, and the target (labels [N] or
+    distributions [N, K]), the columns."""
     if target.dim() == 1:
         # one plan only has a one-hot column marginal: the reference's closed form
         return _ref.wasserstein_loss(logits, target, cost, eps=eps, n_iter=n_iter,
