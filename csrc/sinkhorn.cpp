@@ -229,7 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> potentials_impl(
   const auto cs_all = (cost_in / eps).contiguous();
   auto F = at::zeros({N, K}, a.options());
   auto G = at::zeros({N, K}, a.options());
-  auto P = want_plan ? at::zeros({N, K, K}, a.options()) : at::empty({0}, a.options());
+  // every plan is written below (empty samples get zeros at the end): no memset of [N, K, K]
+  auto P = want_plan ? at::empty({N, K, K}, a.options()) : at::empty({0}, a.options());
   if (N == 0) return {F, G, P};
   T* pp = want_plan ? P.data_ptr<T>() : nullptr;
   // a shared cost's first kernel, computed once
@@ -310,11 +311,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> potentials_impl(
     });
   }
   for (int64_t n = 0; n < N; ++n)
-    if (empty[n])
+    if (empty[n]) {
       for (int64_t i = 0; i < K; ++i) {
         pf[n * K + i] = -std::numeric_limits<T>::infinity();
         pg[n * K + i] = -std::numeric_limits<T>::infinity();
       }
+      if (pp) std::fill(pp + n * K * K, pp + (n + 1) * K * K, T(0));
+    }
   return {F, G, P};
 }
 
@@ -327,6 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_potentials(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double eps, int64_t n_iter,
     double tol, bool want_plan) {
   check_float(a, "a");
+  TORCH_CHECK(n_iter >= 1, "fused_margin: sinkhorn needs n_iter >= 1, got ", n_iter);
   TORCH_CHECK(b.scalar_type() == a.scalar_type() && cost.scalar_type() == a.scalar_type(),
               "fused_margin: a, b and cost must share one dtype");
   TORCH_CHECK(a.dim() == 2 && b.sizes() == a.sizes(), "a, b must be [N, K]");
