@@ -673,6 +673,8 @@ def test_fused_property_random_shapes(backend, n, d, c, kind, seed):
     xf, Wf = x.to(dev).requires_grad_(True), W.to(dev).requires_grad_(True)
     got = fm.margin_cross_entropy(xf, Wf, y.to(dev), backend=backend, **kw)
     torch.testing.assert_close(got.detach().cpu(), want.detach(), **LOSS_TOL[torch.float32])
+    if d == 1:  # every cosine is +-1: the clamp leaves the gradient to rounding noise
+        return
     up = torch.rand(n, generator=g)  # an arbitrary upstream gradient through "none"
     want.backward(up)
     got.backward(up.to(dev))
