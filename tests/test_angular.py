@@ -673,7 +673,13 @@ def test_fused_property_random_shapes(backend, n, d, c, kind, seed):
     xf, Wf = x.to(dev).requires_grad_(True), W.to(dev).requires_grad_(True)
     got = fm.margin_cross_entropy(xf, Wf, y.to(dev), backend=backend, **kw)
     torch.testing.assert_close(got.detach().cpu(), want.detach(), **LOSS_TOL[torch.float32])
-    if d == 1:  # every cosine is +-1: the clamp leaves the gradient to rounding noise
+    # Gradients are compared where float32 can resolve them: at D = 1 every cosine is
+    # +-1 (the true gradient is 0, the kernels return rounding noise), and kinds that
+    # divide by sin(theta) amplify float32 rounding near theta = 0 or pi past the
+    # tolerance, in the reference as much as in the kernels (the fixed-input tests
+    # above cover those rows against the clamp's rule).
+    near_pole = float((1 - ref.cosine(x.double(), W.double()).abs()).min()) < 5e-3
+    if d == 1 or (near_pole and kind in ref.THETA_KINDS):
         return
     up = torch.rand(n, generator=g)  # an arbitrary upstream gradient through "none"
     want.backward(up)
