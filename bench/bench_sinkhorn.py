@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -37,20 +36,10 @@ import numpy as np
 import torch
 
 import fused_margin as fm
+from common import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def _time(fn, repeats):
@@ -122,9 +111,7 @@ def main() -> None:
     diff_pot = float((plans[:npot] - torch.from_numpy(pot_plans)).abs().max())
     result = {
         "what": "batched Sinkhorn plans, float64, shared cost U[0,1], eps, no tol, wall seconds",
-        "machine": {"platform": platform.platform(), "processor": _cpu_model(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "loadavg_before": load_before, "loadavg_after": load_after,
+        "machine": {**machine(), "loadavg_before": load_before, "loadavg_after": load_after,
                     "note": "shared 2-core box: other jobs may run meanwhile (see loadavg) "
                             "and move the wall figures, the two-thread ones most"},
         "torch": torch.__version__, "pot": ot.__version__,
