@@ -69,8 +69,8 @@ def _blocks(total: int, step: int):
 
 
 def _inv_norm_blocked(t: torch.Tensor) -> torch.Tensor:
-    """inv_norm of a [K, D] matrix in row blocks: inv_norm makes a float64 copy
-    and square of its input, which for a whole W shard would be 4x its size."""
+    """inv_norm of a [K, D] matrix in row blocks: inv_norm makes a scaled copy
+    and its square, which for a whole W shard would be twice the shard's size."""
     rows = max(1, TILE_BYTES // (8 * max(1, t.shape[1])))
     if t.shape[0] <= rows:
         return inv_norm(t)
