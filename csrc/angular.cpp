@@ -19,6 +19,9 @@
 // bench/bench_angular.py). Float32 rows use a branch-free exp that GCC
 // vectorises in the avx512f clone (target_clones; the avx2 and default clones
 // stay scalar); float64 and arcgrad's acos use libm (gradcheck runs in float64).
+// shard_partials_* (fused_margin.distributed): the class-tiled sweep with each row's
+// target column for its label, returning a shard's per-row max, sum of exp, target
+// cosine and best wrong column; its backward recomputes the tiles from those.
 // NaN and inf propagate as in the reference: ignored rows and rows of weight 0
 // are computed too and multiplied by 0, so their gradient is NaN where the
 // reference's 0 * softmax is.
@@ -31,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -166,13 +170,35 @@ FM_CLONES void bwd_block_f32(const float* dot, float* out, int64_t cb, float rx,
   }
 }
 
+// With per-class logit offsets (a sampled shard's log 1/q): the maximum is no longer
+// at an extreme cosine, so each logit is formed twice (max pass, sum pass).
 template <typename T>
-void fwd_block(const T* dot, int64_t cb, int64_t yl, T rx, const T* rw, T s, bool arcgrad, T* M,
-               T* S) {
+void fwd_block_offset(const T* dot, int64_t cb, int64_t yl, T rx, const T* rw, const T* off, T s,
+                      bool arcgrad, T* M, T* S) {
+  T mx = -std::numeric_limits<T>::infinity();
+  const int64_t segs[2][2] = {{0, yl < 0 ? cb : yl}, {yl < 0 ? cb : yl + 1, cb}};
+  for (auto& sg : segs)
+    for (int64_t j = sg[0]; j < sg[1]; ++j)
+      mx = std::max(mx, logit_of(cos_of(dot[j], rx, rw[j]), s, arcgrad) + off[j]);
+  const T nm = std::max(*M, mx);
+  const T sh = shift_of(nm);
+  T acc = 0;
+  for (auto& sg : segs)
+    for (int64_t j = sg[0]; j < sg[1]; ++j)
+      acc += std::exp(logit_of(cos_of(dot[j], rx, rw[j]), s, arcgrad) + off[j] - sh);
+  *S = (*S == T(0) ? T(0) : *S * std::exp(shift_of(*M) - sh)) + acc;
+  *M = nm;
+}
+
+// off: nullptr, or the block's per-class logit offsets.
+template <typename T>
+void fwd_block(const T* dot, int64_t cb, int64_t yl, T rx, const T* rw, const T* off, T s,
+               bool arcgrad, T* M, T* S) {
+  if (cb - (yl >= 0 ? 1 : 0) == 0) return;
+  if (off != nullptr) return fwd_block_offset(dot, cb, yl, rx, rw, off, s, arcgrad, M, S);
   if constexpr (std::is_same_v<T, float>) {
     if (!arcgrad) return fwd_block_f32(dot, cb, yl, rx, rw, s, M, S);
   }
-  if (cb - (yl >= 0 ? 1 : 0) == 0) return;
   T mx = -std::numeric_limits<T>::infinity(), mn = std::numeric_limits<T>::infinity();
   const int64_t segs[2][2] = {{0, yl < 0 ? cb : yl}, {yl < 0 ? cb : yl + 1, cb}};
   for (auto& sg : segs)
@@ -193,19 +219,19 @@ void fwd_block(const T* dot, int64_t cb, int64_t yl, T rx, const T* rw, T s, boo
 }
 
 template <typename T>
-void bwd_block(const T* dot, T* out, int64_t cb, T rx, const T* rw, T s, bool arcgrad, T lse,
-               T coef) {
+void bwd_block(const T* dot, T* out, int64_t cb, T rx, const T* rw, const T* off, T s,
+               bool arcgrad, T lse, T coef) {
   if constexpr (std::is_same_v<T, float>) {
-    if (!arcgrad) return bwd_block_f32(dot, out, cb, rx, rw, s, lse, coef);
+    if (!arcgrad && off == nullptr) return bwd_block_f32(dot, out, cb, rx, rw, s, lse, coef);
   }
   for (int64_t j = 0; j < cb; ++j) {
     const T c = cos_of(dot[j], rx, rw[j]);
+    const T z = logit_of(c, s, arcgrad) + (off != nullptr ? off[j] : T(0));
     // outside the clamp (NaN included) arcgrad's gradient is 0, not 0 * a NaN softmax:
     // torch.clamp's backward selects
     out[j] = (arcgrad && !in_clamp(c))
                  ? T(0)
-                 : coef * std::exp(logit_of(c, s, arcgrad) - lse) * dlogit_of(c, s, arcgrad) * rx *
-                       rw[j];
+                 : coef * std::exp(z - lse) * dlogit_of(c, s, arcgrad) * rx * rw[j];
   }
 }
 
@@ -222,6 +248,8 @@ struct Rows {
   const T* rw;
   Cfg g;
   int64_t C;
+  const T* off = nullptr;  // per-class logit offsets [C], non-target logits only
+  bool all_wrong = false;  // best wrong class of every row (a shard's partials), not ELM's only
   // running state per row
   std::vector<T> M, S, cy, best;
   std::vector<int64_t> cstar;
@@ -247,8 +275,9 @@ struct Rows {
   void forward(int64_t i, const T* dot, int64_t c0, int64_t cb) {
     const int64_t yl = local_target(i, c0, cb);
     if (yl >= 0) cy[i] = cos_of(dot[yl], rx[i], rw[c0 + yl]);
-    fwd_block<T>(dot, cb, yl, rx[i], rw + c0, T(g.s), g.kind == ARCGRAD, &M[i], &S[i]);
-    if (g.kind == ELM && valid(i)) {
+    fwd_block<T>(dot, cb, yl, rx[i], rw + c0, off != nullptr ? off + c0 : nullptr, T(g.s),
+                 g.kind == ARCGRAD, &M[i], &S[i]);
+    if ((g.kind == ELM && valid(i)) || all_wrong) {
       T b = best[i];
       int64_t at = cstar[i];
       for (int64_t j = 0; j < cb; ++j) {
@@ -289,7 +318,7 @@ struct Rows {
                 T coef) const {
     const int64_t yl = local_target(i, c0, cb);
     const T dy = yl >= 0 ? dot[yl] : T(0);
-    bwd_block<T>(dot, out, cb, rx[i], rw + c0, T(g.s), g.kind == ARCGRAD, lse, coef);
+    bwd_block<T>(dot, out, cb, rx[i], rw + c0, nullptr, T(g.s), g.kind == ARCGRAD, lse, coef);
     if (yl >= 0) {
       T t, der;
       const T cos_y = cos_of(dy, rx[i], rw[c0 + yl]);
@@ -300,6 +329,16 @@ struct Rows {
                     ? T(0)
                     : coef * (p - T(1)) * T(g.s) * der * rx[i] * rw[c0 + yl];
     }
+  }
+
+  // A shard's partials: dL/d(dot) from dL/dsum_exp (gsum; sum_exp is relative to
+  // `shift`) and dL/dcos_y (gcy), whose target logit was formed outside.
+  void backward_partials(int64_t i, const T* dot, T* out, int64_t c0, int64_t cb, T shift,
+                         T gsum, T gcy) const {
+    const int64_t yl = local_target(i, c0, cb);
+    bwd_block<T>(dot, out, cb, rx[i], rw + c0, off != nullptr ? off + c0 : nullptr, T(g.s),
+                 g.kind == ARCGRAD, shift, gsum);
+    if (yl >= 0) out[yl] = gcy * rx[i] * rw[c0 + yl];
   }
 };
 
@@ -391,6 +430,62 @@ void project_rows(at::Tensor& grad, const at::Tensor& v, const at::Tensor& r) {
   });
 }
 
+// ------------------------------------------------------------ tile sweeps
+// Class blocks of bs x row chunks of rb over one [rb, bs] scratch `buf`: per
+// tile one GEMM writes the raw dots, then `row(i, dots_i, c0, cb)` runs over the
+// chunk's rows in parallel. The backward sweep lets `row` overwrite the dots
+// with H = dL/d(dot), then accumulates gX_chunk += H @ W_blk and
+// gW_blk += H^T @ x_chunk (the caller applies project_rows afterwards).
+
+template <typename T, typename Row>
+void sweep_tiles(const at::Tensor& xc, const at::Tensor& wc, int64_t bs, int64_t rb,
+                 at::Tensor& buf, Row&& row) {
+  const int64_t n = xc.size(0), c = wc.size(0);
+  for (int64_t c0 = 0; c0 < c; c0 += bs) {
+    const int64_t cb = std::min(bs, c - c0);
+    auto wb = wc.narrow(0, c0, cb);
+    for (int64_t r0 = 0; r0 < n; r0 += rb) {
+      const int64_t nr = std::min(rb, n - r0);
+      auto dots = buf.narrow(0, 0, nr * cb).view({nr, cb});
+      at::mm_out(dots, xc.narrow(0, r0, nr), wb.t());
+      T* pd = dots.data_ptr<T>();
+      at::parallel_for(0, nr, grain_rows(cb), [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k) row(r0 + k, pd + k * cb, c0, cb);
+      });
+    }
+  }
+}
+
+template <typename T, typename Row>
+void sweep_tiles_backward(const at::Tensor& xc, const at::Tensor& wc, int64_t bs, int64_t rb,
+                          at::Tensor& buf, bool need_x, bool need_w, at::Tensor& gx,
+                          at::Tensor& gw, Row&& row) {
+  const int64_t n = xc.size(0), c = wc.size(0);
+  for (int64_t c0 = 0; c0 < c; c0 += bs) {
+    const int64_t cb = std::min(bs, c - c0);
+    auto wb = wc.narrow(0, c0, cb);
+    for (int64_t r0 = 0; r0 < n; r0 += rb) {
+      const int64_t nr = std::min(rb, n - r0);
+      auto dots = buf.narrow(0, 0, nr * cb).view({nr, cb});
+      auto xb = xc.narrow(0, r0, nr);
+      at::mm_out(dots, xb, wb.t());
+      T* pd = dots.data_ptr<T>();
+      at::parallel_for(0, nr, grain_rows(cb), [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k) row(r0 + k, pd + k * cb, c0, cb);
+      });
+      if (need_x) gx.narrow(0, r0, nr).addmm_(dots, wb);
+      if (need_w) {
+        auto gwb = gw.narrow(0, c0, cb);
+        if (r0 == 0) {
+          at::mm_out(gwb, dots.t(), xb);
+        } else {
+          gwb.addmm_(dots.t(), xb);
+        }
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------ ops: features + weight
 
 // Fills the per-row outputs once every class has been folded: loss, lse, c*, and
@@ -433,19 +528,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> angular_c
   AT_DISPATCH_FLOATING_TYPES(ct, "angular_ce_fwd", [&] {
     auto rows = make_rows<scalar_t>(lab, roww, marg, rx, rw, g, c);
     rows.init(n);
-    for (int64_t c0 = 0; c0 < c; c0 += bs) {
-      const int64_t cb = std::min(bs, c - c0);
-      auto wb = wc.narrow(0, c0, cb);
-      for (int64_t r0 = 0; r0 < n; r0 += rb) {
-        const int64_t nr = std::min(rb, n - r0);
-        auto dots = buf.narrow(0, 0, nr * cb).view({nr, cb});
-        at::mm_out(dots, xc.narrow(0, r0, nr), wb.t());
-        const scalar_t* pd = dots.data_ptr<scalar_t>();
-        at::parallel_for(0, nr, grain_rows(cb), [&](int64_t b, int64_t e) {
-          for (int64_t k = b; k < e; ++k) rows.forward(r0 + k, pd + k * cb, c0, cb);
-        });
-      }
-    }
+    sweep_tiles<scalar_t>(xc, wc, bs, rb, buf, [&](int64_t i, scalar_t* d, int64_t c0,
+                                                   int64_t cb) { rows.forward(i, d, c0, cb); });
     finish_rows<scalar_t>(rows, 0, n, loss.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
                           cstar.data_ptr<int64_t>(), lse_other.data_ptr<scalar_t>(),
                           cos_y.data_ptr<scalar_t>());
@@ -485,33 +569,11 @@ std::tuple<at::Tensor, at::Tensor> angular_ce_bwd(
       const scalar_t* pg = gr.data_ptr<scalar_t>();
       const scalar_t* pls = ls.data_ptr<scalar_t>();
       const int64_t* pc = cst.data_ptr<int64_t>();
-      for (int64_t c0 = 0; c0 < c; c0 += bs) {
-        const int64_t cb = std::min(bs, c - c0);
-        auto wb = wc.narrow(0, c0, cb);
-        for (int64_t r0 = 0; r0 < n; r0 += rb) {
-          const int64_t nr = std::min(rb, n - r0);
-          auto dots = buf.narrow(0, 0, nr * cb).view({nr, cb});
-          auto xb = xc.narrow(0, r0, nr);
-          at::mm_out(dots, xb, wb.t());
-          scalar_t* pd = dots.data_ptr<scalar_t>();
-          at::parallel_for(0, nr, grain_rows(cb), [&](int64_t b, int64_t e) {
-            for (int64_t k = b; k < e; ++k) {
-              const int64_t i = r0 + k;
-              rows.backward(i, pd + k * cb, pd + k * cb, c0, cb, pls[i], pc[i],
-                            pg[i] * rows.roww[i]);
-            }
+      sweep_tiles_backward<scalar_t>(
+          xc, wc, bs, rb, buf, need_x, need_w, gx, gw,
+          [&](int64_t i, scalar_t* d, int64_t c0, int64_t cb) {
+            rows.backward(i, d, d, c0, cb, pls[i], pc[i], pg[i] * rows.roww[i]);
           });
-          if (need_x) gx.narrow(0, r0, nr).addmm_(dots, wb);
-          if (need_w) {
-            auto gwb = gw.narrow(0, c0, cb);
-            if (r0 == 0) {
-              at::mm_out(gwb, dots.t(), xb);
-            } else {
-              gwb.addmm_(dots.t(), xb);
-            }
-          }
-        }
-      }
       if (need_x) project_rows<scalar_t>(gx, xc, rx);
       if (need_w) project_rows<scalar_t>(gw, wc, rw);
     });
@@ -575,6 +637,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> angular_c
     if (need_w) project_rows<scalar_t>(gw, wc, rw);
   });
   return {loss, gx.to(x.scalar_type()), gw.to(w.scalar_type()), lse_other, cos_y};
+}
+
+// ------------------------------------------------------------ ops: a class shard's partials
+// fused_margin.distributed's per-row statistics of one class shard, on the class-tiled
+// sweep: labels are replaced by each row's target column `col` in [-1, K) (checked
+// like labels, -1 = elsewhere), so the same Rows fold excludes the target and picks up
+// cos_y; every row's best wrong column is tracked (ties: first column). The target
+// logit (and ELM's c*) are formed in Python from O(N) values. Saved by the caller for
+// backward: only the inputs and row_max.
+
+std::optional<at::Tensor> offsets_in(const std::optional<at::Tensor>& offset, int64_t k,
+                                     at::ScalarType ct) {
+  if (!offset.has_value()) return std::nullopt;
+  TORCH_CHECK(offset->dim() == 1 && offset->size(0) == k,
+              "margin_shard_partials: logit_offset must be [K], one per kept class");
+  return offset->to(ct).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_partials_fwd(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& col,
+    const std::optional<at::Tensor>& offset, int64_t kind, double s, int64_t block,
+    int64_t row_block) {
+  check_xw(x, w);
+  const int64_t n = x.size(0), k = w.size(0);
+  const auto ct = compute_type(x);
+  auto xc = x.to(ct).contiguous(), wc = w.to(ct).contiguous();
+  auto lab = col.contiguous();
+  auto ones = at::ones({n}, xc.options());
+  auto marg = at::zeros({1}, xc.options());
+  auto row_max = at::full({n}, -std::numeric_limits<double>::infinity(), xc.options());
+  auto sum_exp = at::zeros({n}, xc.options()), cos_y = at::zeros({n}, xc.options());
+  auto wrong = at::full({n}, -std::numeric_limits<double>::infinity(), xc.options());
+  auto wcol = at::zeros({n}, lab.options());
+  if (n == 0 || k == 0) return {row_max, sum_exp, cos_y, wrong, wcol};
+  check_common(lab, ones, marg, n, k, -1);
+  const auto off = offsets_in(offset, k, ct);
+  const Cfg g = make_cfg(kind, s, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1);
+  auto rx = row_inv_norm_cpu(xc, kNormEps), rw = row_inv_norm_cpu(wc, kNormEps);
+  const int64_t bs = std::max<int64_t>(1, std::min(block, k));
+  const int64_t rb = std::max<int64_t>(1, std::min(row_block, n));
+  auto buf = at::empty({rb * bs}, xc.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "shard_partials_fwd", [&] {
+    auto rows = make_rows<scalar_t>(lab, ones, marg, rx, rw, g, k);
+    rows.off = off.has_value() ? off->data_ptr<scalar_t>() : nullptr;
+    rows.all_wrong = true;
+    rows.init(n);
+    sweep_tiles<scalar_t>(xc, wc, bs, rb, buf, [&](int64_t i, scalar_t* d, int64_t c0,
+                                                   int64_t cb) { rows.forward(i, d, c0, cb); });
+    scalar_t *pm = row_max.data_ptr<scalar_t>(), *ps = sum_exp.data_ptr<scalar_t>();
+    scalar_t *py = cos_y.data_ptr<scalar_t>(), *pw = wrong.data_ptr<scalar_t>();
+    int64_t* pc = wcol.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      pm[i] = rows.M[i];
+      ps[i] = rows.S[i];
+      py[i] = rows.cy[i];
+      pw[i] = rows.best[i];
+      pc[i] = std::max<int64_t>(rows.cstar[i], 0);
+    }
+  });
+  return {row_max, sum_exp, cos_y, wrong, wcol};
+}
+
+// dL/dx, dL/dW from dL/dsum_exp (g_sum) and dL/dcos_y (g_cos_y), recomputing the tiles.
+std::tuple<at::Tensor, at::Tensor> shard_partials_bwd(
+    const at::Tensor& g_sum, const at::Tensor& g_cos_y, const at::Tensor& x, const at::Tensor& w,
+    const at::Tensor& col, const std::optional<at::Tensor>& offset, const at::Tensor& row_max,
+    int64_t kind, double s, int64_t block, int64_t row_block, bool need_x, bool need_w) {
+  check_xw(x, w);
+  const int64_t n = x.size(0), k = w.size(0);
+  TORCH_CHECK(g_sum.dim() == 1 && g_sum.size(0) == n && g_cos_y.dim() == 1 &&
+                  g_cos_y.size(0) == n && row_max.dim() == 1 && row_max.size(0) == n,
+              "shard_partials_bwd: g_sum, g_cos_y and row_max must be [N]");
+  const auto ct = compute_type(x);
+  auto xc = x.to(ct).contiguous(), wc = w.to(ct).contiguous();
+  auto gx = at::zeros_like(xc), gw = at::zeros_like(wc);
+  if (n == 0 || k == 0 || !(need_x || need_w)) return {gx.to(x.scalar_type()), gw.to(w.scalar_type())};
+  auto lab = col.contiguous();
+  auto ones = at::ones({n}, xc.options());
+  auto marg = at::zeros({1}, xc.options());
+  check_common(lab, ones, marg, n, k, -1);
+  const auto off = offsets_in(offset, k, ct);
+  const Cfg g = make_cfg(kind, s, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1);
+  auto gs = g_sum.to(ct).contiguous(), gc = g_cos_y.to(ct).contiguous();
+  auto rm = row_max.to(ct).contiguous();
+  auto rx = row_inv_norm_cpu(xc, kNormEps), rw = row_inv_norm_cpu(wc, kNormEps);
+  const int64_t bs = std::max<int64_t>(1, std::min(block, k));
+  const int64_t rb = std::max<int64_t>(1, std::min(row_block, n));
+  auto buf = at::empty({rb * bs}, xc.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "shard_partials_bwd", [&] {
+    auto rows = make_rows<scalar_t>(lab, ones, marg, rx, rw, g, k);
+    rows.off = off.has_value() ? off->data_ptr<scalar_t>() : nullptr;
+    const scalar_t *pgs = gs.data_ptr<scalar_t>(), *pgc = gc.data_ptr<scalar_t>();
+    const scalar_t* pm = rm.data_ptr<scalar_t>();
+    sweep_tiles_backward<scalar_t>(
+        xc, wc, bs, rb, buf, need_x, need_w, gx, gw,
+        [&](int64_t i, scalar_t* d, int64_t c0, int64_t cb) {
+          rows.backward_partials(i, d, d, c0, cb, shift_of(pm[i]), pgs[i], pgc[i]);
+        });
+    if (need_x) project_rows<scalar_t>(gx, xc, rx);
+    if (need_w) project_rows<scalar_t>(gw, wc, rw);
+  });
+  return {gx.to(x.scalar_type()), gw.to(w.scalar_type())};
 }
 
 // ------------------------------------------------------------ ops: precomputed cosines
@@ -671,6 +835,13 @@ TORCH_LIBRARY_FRAGMENT(fused_margin, m) {
         "int kind, float s, float m1, float m2, float m3, float elm_lambda, float th, "
         "float offset, int ignore_index, int row_block, bool need_x, bool need_w) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // A class shard's partials (fused_margin.distributed): col [N] is each row's target
+  // column in [-1, K); returns row_max, sum_exp, cos_y, wrong_cos, wrong_column.
+  m.def("shard_partials_fwd(Tensor x, Tensor w, Tensor col, Tensor? offset, int kind, float s, "
+        "int block, int row_block) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("shard_partials_bwd(Tensor g_sum, Tensor g_cos_y, Tensor x, Tensor w, Tensor col, "
+        "Tensor? offset, Tensor row_max, int kind, float s, int block, int row_block, "
+        "bool need_x, bool need_w) -> (Tensor, Tensor)");
   m.def("cosine_ce_fwd(Tensor cos, Tensor labels, Tensor row_weight, Tensor margin, int kind, "
         "float s, float m1, float m2, float m3, float elm_lambda, float th, float offset, "
         "int ignore_index) -> (Tensor, Tensor, Tensor)");
@@ -683,6 +854,8 @@ TORCH_LIBRARY_IMPL(fused_margin, CPU, m) {
   m.impl("angular_ce_fwd", &angular_ce_fwd);
   m.impl("angular_ce_bwd", &angular_ce_bwd);
   m.impl("angular_ce_fused", &angular_ce_fused);
+  m.impl("shard_partials_fwd", &shard_partials_fwd);
+  m.impl("shard_partials_bwd", &shard_partials_bwd);
   m.impl("cosine_ce_fwd", &cosine_ce_fwd);
   m.impl("cosine_ce_bwd", &cosine_ce_bwd);
 }

@@ -27,7 +27,7 @@ def row_inv_norm(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
 # its gradient reaches the kernels as a per-row grad_output.
 
 import os  # noqa: E402
-from typing import Optional, Union  # noqa: E402
+from typing import Optional, Tuple, Union  # noqa: E402
 
 from .reference.angular import (adacos_scale_from_stats, combined_fallback,  # noqa: E402
                                 compute_dtype)
@@ -216,13 +216,67 @@ def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor,
     return reduce_loss(per, w, reduction)
 
 
+# ------------------------------------------------------------ class-shard partials
+# fused_margin.distributed's per-shard statistics (csrc/angular.cpp,
+# shard_partials_*): the class-tiled sweep of the loss with each row's target
+# column in place of its label; the target logit and global indices are formed
+# here, in O(N), by reference.sharded.finish_partials.
+
+from .reference.sharded import ShardPartials, finish_partials, target_columns  # noqa: E402
+
+
+class _ShardPartials(torch.autograd.Function):
+    """(features, weight [K, D]) -> row_max, sum_exp, cos_y, wrong_cos,
+    wrong_column; only sum_exp and cos_y are differentiable."""
+
+    @staticmethod
+    def forward(ctx, features, weight, col, offset, kind, s, block):
+        elem = torch.empty((), dtype=compute_dtype(features.dtype)).element_size()
+        tiles = _tiles(weight.shape[0], elem) if block is None else block
+        out = ops.shard_partials_fwd(features, weight, col, offset, KIND_CODES[kind], float(s),
+                                     *tiles)
+        ctx.save_for_backward(features, weight, col, offset, out[0])
+        ctx.args = (KIND_CODES[kind], float(s)) + tuple(tiles)
+        ctx.mark_non_differentiable(out[0], out[3], out[4])
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _g_max, g_sum, g_cos_y, _g_wrong, _g_column):
+        features, weight, col, offset, row_max = ctx.saved_tensors
+        zero = torch.zeros_like(row_max)
+        gx, gw = ops.shard_partials_bwd(zero if g_sum is None else g_sum,
+                                        zero if g_cos_y is None else g_cos_y, features, weight,
+                                        col, offset, row_max, *ctx.args,
+                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (gx if ctx.needs_input_grad[0] else None,
+                gw if ctx.needs_input_grad[1] else None, None, None, None, None, None)
+
+
+def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
+                          labels: torch.Tensor, *, class_start: int, kind: str = "arcface",
+                          s: float = 64.0, m: Union[float, torch.Tensor] = 0.5,
+                          m1: float = 1.0, m2: float = 0.0, m3: float = 0.0,
+                          ignore_index: int = -100, keep: Optional[torch.Tensor] = None,
+                          logit_offset: Optional[torch.Tensor] = None,
+                          block: Optional[Tuple[int, int]] = None) -> ShardPartials:
+    """reference.sharded.margin_shard_partials on the C++ sweep; `block` =
+    (classes, rows) of a tile overrides CLASS_BLOCK / the row sizing (tests).
+    A sampled shard (`keep`) is gathered into a [K, D] copy first."""
+    w = weight_shard if keep is None else weight_shard.index_select(0, keep)
+    col = target_columns(labels, class_start=class_start, shard_size=weight_shard.shape[0],
+                         keep=keep, ignore_index=ignore_index)
+    offset = None if logit_offset is None else logit_offset.detach()
+    stats = _ShardPartials.apply(features, w, col, offset, kind, s, block)
+    return finish_partials(*stats, labels, col, keep=keep, class_start=class_start, kind=kind,
+                           s=s, m=m, m1=m1, m2=m2, m3=m3)
+
+
 # ------------------------------------------------------------ feature space
 # soft_nearest_neighbor_loss / triplet_margin_loss / knn_std / sigma2r_loss
 # (csrc/feature_space.cpp). The kernels return per-row (per-pair) terms or,
 # for "all" mining with a scalar reduction, the sum and count of the positive
 # terms; the reductions are the reference's reduce_loss on those.
-
-from typing import Tuple  # noqa: E402
 
 from .reference import feature_space as _fs  # noqa: E402
 

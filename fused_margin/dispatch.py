@@ -30,6 +30,12 @@ OPS: Dict[str, Dict[str, str]] = {
         "reference": "fused_margin.reference.angular:margin_cross_entropy_from_cosine",
         "triton": "fused_margin.triton.angular:margin_cross_entropy_from_cosine",
         "cpu": "fused_margin.cpu:margin_cross_entropy_from_cosine"},
+    # fused_margin.distributed's per-shard statistics; "reference" is the tiled eager
+    # autograd Function (reference.sharded's N x C_r version is the tests' oracle)
+    "margin_shard_partials": {
+        "reference": "fused_margin.sharded_partials:margin_shard_partials",
+        "triton": "fused_margin.triton.angular:margin_shard_partials",
+        "cpu": "fused_margin.cpu:margin_shard_partials"},
     "scaled_cosine": {"reference": "fused_margin.reference.angular:scaled_cosine"},
     "adacos_scale": {"reference": "fused_margin.reference.angular:adacos_scale",
                      "triton": "fused_margin.triton.angular:adacos_scale"},

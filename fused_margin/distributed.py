@@ -11,16 +11,18 @@ N_r may differ per rank). One forward:
    collective;
 2. features and labels are all-gathered (features through an autograd Function
    whose backward all-reduces the gradient and keeps this rank's rows);
-3. each rank computes per-row partials on its shard
-   (fused_margin.sharded_partials.margin_shard_partials: non-target row max and
-   sum of exp, the target logit where the target lives here, elm's best wrong
-   cosine and its global index) over tiles of the gathered batch against the
-   shard, an autograd Function that saves O(N) per-row values and recomputes
-   each tile's logits in backward: no N_global x C_r tensor, scratch bounded by
-   sharded_partials.TILE_BYTES. It is eager PyTorch per tile for every
-   backend (the fused kernels expose no partials API yet), looked up in
-   dispatch.OPS under "margin_shard_partials" once a fused backend registers
-   one. reference.sharded holds the plain N x C_r oracle the tests compare to;
+3. each rank computes per-row partials on its shard (dispatch.OPS
+   "margin_shard_partials": non-target row max and sum of exp, the target
+   logit where the target lives here, elm's best wrong cosine and its global
+   index) with its backend's fused kernel: on CUDA the Triton forward sweep of
+   the loss in its PARTIALS mode (fused_margin.triton.angular), on CPU the C++
+   class-tiled sweep (csrc/angular.cpp, shard_partials_*), each an autograd
+   Function whose backward runs the loss's own gradient kernels from O(N)
+   saved statistics. backend="reference" runs fused_margin.sharded_partials,
+   the same sweep as eager PyTorch tiles. None of them holds an N_global x C_r
+   tensor. reference.sharded holds the plain N x C_r oracle the tests compare
+   to. The kernels never see a label: each row's target column in [-1, C_r)
+   is formed here first;
 4. partials are combined with all_reduce, MAX then SUM (insightface PartialFC),
    and every rank assembles the same global loss on the global batch.
 
@@ -77,7 +79,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from . import checks, dispatch, sharded_partials
+from . import checks, dispatch
 from .reference import sharded
 from .reference.angular import _per_row, compute_dtype
 from .reference.reduction import reduce_loss
@@ -262,11 +264,8 @@ def _local_problem(features, weight_shard, labels, *, class_start, num_classes, 
 
 
 def _partials_fn(backend: str, device: torch.device):
-    """The per-shard partials: a fused backend's when dispatch.OPS registers
-    "margin_shard_partials", else the tiled eager Function for every backend."""
-    if "margin_shard_partials" in dispatch.OPS:
-        return dispatch.resolve("margin_shard_partials", backend, device)
-    return sharded_partials.margin_shard_partials
+    """The per-shard partials `backend` picks for `device` (raises if it cannot run)."""
+    return dispatch.resolve("margin_shard_partials", backend, device)
 
 
 # ---------------------------------------------------------------- sampling
@@ -345,9 +344,8 @@ def margin_cross_entropy(features: torch.Tensor, weight_shard: torch.Tensor, lab
     the global batch (every rank's samples, in rank order), the same on every
     rank: a scalar for "mean"/"sum", [N_global] for "none". Every rank must call
     it (and backward) together; invalid input on any rank raises ValueError on
-    every rank. The shard's partials are eager PyTorch over tiles
-    (fused_margin.sharded_partials) whatever `backend` says (no fused partials
-    kernel yet; `backend` is validated and kept for when one registers).
+    every rank. `backend` picks the shard's partials kernel (auto: Triton on
+    CUDA, C++ on CPU; "reference": eager PyTorch tiles); ranks must agree on it.
     `generator` drives the class sampling of sample_rate < 1. Gradients,
     sampling and costs: module docstring.
     """
@@ -426,9 +424,11 @@ def _combine(p: sharded.ShardPartials, labels: torch.Tensor, *, kind, s, m, elm_
 
 @torch.no_grad()
 def sharded_argmax(features: torch.Tensor, weight_shard: torch.Tensor, *, class_start: int,
-                   group=None) -> torch.Tensor:
+                   group=None, backend: str = "auto") -> torch.Tensor:
     """Predicted class (argmax of cos over all ranks' classes, lowest index on
-    ties) of this rank's samples [N_r]. A collective: every rank calls it."""
+    ties) of this rank's samples [N_r]. A collective: every rank calls it. The
+    shard's best class comes from the partials kernel of `backend` (every row
+    unlabelled, so every class is a "wrong" one)."""
     if group is None:
         group = dist.group.WORLD
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -437,8 +437,10 @@ def sharded_argmax(features: torch.Tensor, weight_shard: torch.Tensor, *, class_
     dist.all_gather(ns, n, group=group)
     sizes = [int(v) for v in torch.cat(ns).tolist()]
     x = _gather_rows(features, sizes, group)
-    mine, index = sharded_partials.shard_argmax_partials(x, weight_shard,
-                                                         class_start=class_start)
+    unlabelled = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
+    p = _partials_fn(backend, x.device)(x, weight_shard, unlabelled, class_start=class_start,
+                                        kind="normface", s=1.0, ignore_index=-1)
+    mine, index = p.wrong_cos, p.wrong_index
     best = mine.clone()
     dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
     cand = torch.where(mine == best, index, torch.full_like(index, sharded.NO_CLASS))

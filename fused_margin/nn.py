@@ -380,7 +380,7 @@ class ShardedMarginLoss(nn.Module):
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """Global argmax class of this rank's samples (a collective)."""
         return _distributed().sharded_argmax(features, self.weight, class_start=self.class_start,
-                                         group=self.group)
+                                             group=self.group, backend=self.backend)
 
     @torch.no_grad()
     def gather_state_dict(self) -> dict:

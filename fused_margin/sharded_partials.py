@@ -29,8 +29,9 @@ d loss / d cos in the logits' storage (the logit's derivative by hand, checked
 against autograd in the tests), and accumulates dL/dx (rows) and dL/dW with
 two matmuls; the normalisations' backward is O((N + K) x D).
 
-This is eager PyTorch per tile for every backend: the Triton and C++ kernels
-compute these statistics inside their sweeps but expose no partials API yet.
+This is the "reference" backend of dispatch's "margin_shard_partials": the
+sweep of the fused kernels (Triton's PARTIALS mode, csrc/angular.cpp's
+shard_partials_*) as eager PyTorch tiles, for devices or builds without them.
 """
 from __future__ import annotations
 
@@ -40,10 +41,10 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .reference.angular import COS_EPS, compute_dtype, inv_norm
-from .reference.sharded import NO_CLASS, ShardPartials, class_logit, target_logit
+from .reference.sharded import ShardPartials, class_logit, finish_partials, target_columns
 
 __all__ = ["MIN_ROWS", "TILE_BYTES", "class_logit_backward_", "margin_shard_partials",
-           "shard_argmax_partials", "target_columns", "tiling", "unit_backward"]
+           "tiling", "unit_backward"]
 
 TILE_BYTES = 8 << 20  # one [B, Kc] tile; peak scratch is a few of these
 MIN_ROWS = 256        # below this many rows a block, split the columns instead
@@ -112,23 +113,6 @@ def class_logit_backward_(cos: torch.Tensor, grad: torch.Tensor, kind: str,
     return grad.mul_(slope).masked_fill_(~inside, 0.0)
 
 
-def target_columns(labels: torch.Tensor, *, class_start: int, shard_size: int,
-                   keep: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
-    """[N] int64: the column of each row's target among the shard's kept
-    classes, -1 where the target lives elsewhere (or the row is ignored)."""
-    local = labels - class_start
-    here = (labels != ignore_index) & (local >= 0) & (local < shard_size)
-    none = torch.full_like(labels, -1)
-    if shard_size == 0 or (keep is not None and keep.numel() == 0):
-        return none
-    safe = torch.where(here, local, torch.zeros_like(local))
-    if keep is None:
-        return torch.where(here, safe, none)
-    lut = torch.full((shard_size,), -1, dtype=torch.int64, device=labels.device)
-    lut[keep.to(labels.device)] = torch.arange(keep.numel(), device=labels.device)
-    return torch.where(here, lut[safe], none)
-
-
 class _Tile:
     """One [B, Kc] tile: its cosines, and where the block's targets fall in it."""
 
@@ -148,12 +132,13 @@ class _Tile:
 
 
 class _RowPartials(torch.autograd.Function):
-    """(features, weight) -> row_max, sum_exp, cos_y, wrong_cos, wrong_index;
-    only sum_exp and cos_y are differentiable."""
+    """(features, weight) -> row_max, sum_exp, cos_y, wrong_cos, wrong_column
+    (the best wrong class's column among the kept ones); only sum_exp and
+    cos_y are differentiable."""
 
     @staticmethod
-    def forward(ctx, features, weight_shard, keep, col, logit_offset, class_start: int,
-                kind: str, s: float, block: Optional[Tuple[int, int]]):
+    def forward(ctx, features, weight_shard, keep, col, logit_offset, kind: str, s: float,
+                block: Optional[Tuple[int, int]]):
         dt = compute_dtype(features.dtype)
         n, device = features.shape[0], features.device
         w = (weight_shard if keep is None else weight_shard.index_select(0, keep)).detach().to(dt)
@@ -162,7 +147,7 @@ class _RowPartials(torch.autograd.Function):
         sum_exp = torch.zeros(n, dtype=dt, device=device)
         cos_y = torch.zeros(n, dtype=dt, device=device)
         wrong_cos = torch.full((n,), -math.inf, dtype=dt, device=device)
-        wrong_index = torch.full((n,), NO_CLASS, dtype=torch.int64, device=device)
+        wrong_column = torch.zeros(n, dtype=torch.int64, device=device)
         offset = None if logit_offset is None else logit_offset.to(dt)
         rows_step, cols_step = block or tiling(n, k, dt)
         if k and n:
@@ -171,7 +156,7 @@ class _RowPartials(torch.autograd.Function):
                 xn = _unit(features[lo:hi].detach(), dt)
                 top = row_max[lo:hi]                 # views: updated in place below
                 total, best = sum_exp[lo:hi], wrong_cos[lo:hi]
-                best_id = wrong_index[lo:hi]
+                best_id = wrong_column[lo:hi]
                 for c0, c1 in _blocks(k, cols_step):
                     tile = _Tile(xn, w, inv_w, col[lo:hi], c0, c1)
                     cos_y[lo:hi][tile.rows] = tile.cos[tile.rows, tile.cols]
@@ -188,14 +173,12 @@ class _RowPartials(torch.autograd.Function):
                     b, arg = tile.cos.max(dim=1)   # first index within the tile
                     better = b > best              # strict: earlier tiles win ties
                     best.copy_(torch.where(better, b, best))
-                    local = c0 + arg if keep is None else keep[c0 + arg]
-                    best_id.copy_(torch.where(better, local + class_start, best_id))
+                    best_id.copy_(torch.where(better, c0 + arg, best_id))
                     del tile
-            wrong_index.masked_fill_(~torch.isfinite(wrong_cos), NO_CLASS)
         ctx.save_for_backward(features, weight_shard, keep, col, row_max, offset)
         ctx.meta = (kind, s, rows_step, cols_step)
-        ctx.mark_non_differentiable(row_max, wrong_cos, wrong_index)
-        return row_max, sum_exp, cos_y, wrong_cos, wrong_index
+        ctx.mark_non_differentiable(row_max, wrong_cos, wrong_column)
+        return row_max, sum_exp, cos_y, wrong_cos, wrong_column
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -235,7 +218,7 @@ class _RowPartials(torch.autograd.Function):
         gw = gw.to(weight_shard.dtype)
         if keep is not None:
             gw = torch.zeros_like(weight_shard).index_add_(0, keep, gw)
-        return gx.to(features.dtype), gw, None, None, None, None, None, None, None
+        return gx.to(features.dtype), gw, None, None, None, None, None, None
 
 
 def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
@@ -249,21 +232,6 @@ def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
     in tiles; `block` = (rows, columns) overrides the TILE_BYTES sizing."""
     col = target_columns(labels, class_start=class_start, shard_size=weight_shard.shape[0],
                          keep=keep, ignore_index=ignore_index)
-    row_max, sum_exp, cos_y, wrong_cos, wrong_index = _RowPartials.apply(
-        features, weight_shard, keep, col, logit_offset, class_start, kind, s, block)
-    owner = col >= 0
-    y = torch.where(owner, labels, torch.zeros_like(labels))
-    t = target_logit(cos_y, y, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3)
-    target = torch.where(owner, t, torch.zeros_like(t))
-    return ShardPartials(row_max, sum_exp, target, wrong_cos, wrong_index)
-
-
-def shard_argmax_partials(features: torch.Tensor, weight_shard: torch.Tensor, *,
-                          class_start: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(best cosine, its global class index) per row over the whole shard, in
-    tiles, for inference (no target, no gradient)."""
-    with torch.no_grad():
-        none = torch.full((features.shape[0],), -1, dtype=torch.int64, device=features.device)
-        out = _RowPartials.apply(features, weight_shard, None, none, None, class_start,
-                                 "normface", 1.0, None)
-    return out[3], out[4]
+    stats = _RowPartials.apply(features, weight_shard, keep, col, logit_offset, kind, s, block)
+    return finish_partials(*stats, labels, col, keep=keep, class_start=class_start, kind=kind,
+                           s=s, m=m, m1=m1, m2=m2, m3=m3)

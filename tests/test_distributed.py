@@ -31,7 +31,7 @@ from fused_margin import sharded_partials as sp
 from fused_margin.reference import angular as ref
 from fused_margin.reference import sharded as ref_sharded
 
-from conftest import AllocationRecorder
+from conftest import AllocationRecorder, NativeAllocationRecorder, fused_backends
 
 # Tolerances, named once: sharded vs single-process, by dtype (the sums run in
 # another order, nothing else differs).
@@ -51,8 +51,19 @@ SAMPLED_C, SAMPLE_RATE = 40, 0.4
 SAMPLED = [("arcface", False), ("arcface", True), ("elm", False)]
 WORLDS = (2, 3)
 # the workers' tiles: 4 rows x 1 to 3 classes at these shard sizes, so every
-# distributed case runs sharded_partials over several row and column blocks
-WORKER_TILE_BYTES, WORKER_MIN_ROWS = 96, 4
+# distributed case runs each backend's partials over several row and column blocks
+WORKER_TILE_BYTES, WORKER_MIN_ROWS = 96, 4      # reference (sharded_partials)
+WORKER_CPU_CLASS_BLOCK, WORKER_CPU_ROW_BLOCK = 3, 4
+WORKER_TRITON_BLOCK = 4                         # rows, classes, D step, D chunk
+# the partials backends the distributed cases run on, in the ranks' processes (cpu is
+# what backend="auto" picks for CPU tensors). Triton runs there under the
+# interpreter, slowly, so on a subset that still covers every code path: the
+# theta kinds, elm's c* across ranks, per-class m, class weights, ignore_index,
+# reduction="none", float32, an empty shard.
+PARTIAL_BACKENDS = ("cpu", "reference", "triton")
+TRITON_CASES = ("arcface", "elm", "arcgrad", "sphereface-weighted-ignore",
+                "camri-weighted-ignore", "elm-none-ignore", "cosface-float32",
+                "elm-empty-shard")
 # the allocation check: classes, kinds, and one world only (the recorder's first use
 # imports torch._dynamo, about 2 s of CPU in each rank's process)
 ALLOC_C, ALLOC_KINDS, ALLOC_WORLD = 60, ("elm", "arcgrad"), 2
@@ -139,13 +150,36 @@ def shard_of(case_shards, world, rank):
 
 # ------------------------------------------------------------- worker (ranks)
 
-def _run_case(case, rank, world):
+def backend_runs_here(backend) -> bool:
+    """Whether the ranks' processes can run `backend` on their CPU tensors."""
+    from fused_margin import dispatch
+
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False  # a GPU machine: the ranks hold CPU tensors, the kernels want CUDA
+    return dispatch._status(backend)[0]
+
+
+def case_runs():
+    """(backend, case name) of every distributed case the workers run."""
+    return ([(b, name) for b in ("cpu", "reference") for name in CASES]
+            + [("triton", name) for name in TRITON_CASES])
+
+
+def backend_param(backend):
+    """A pytest param for `backend`, skipped where the workers cannot run it."""
+    if backend == "reference" or backend_runs_here(backend):
+        return pytest.param(backend, id=backend)
+    return pytest.param(backend, id=backend, marks=pytest.mark.skip(
+        reason=f"the {backend} backend cannot run in the ranks' processes here"))
+
+
+def _run_case(case, rank, world, backend):
     x, w, y = inputs(case.name, world, dtype=case.dtype)
     start, size = shard_of(case.shards, world, rank)
     xr = x[rows_of(world, rank)].clone().requires_grad_()
     wr = w[start:start + size].clone().requires_grad_()
     loss = fd.margin_cross_entropy(xr, wr, y[rows_of(world, rank)], class_start=start,
-                                   num_classes=C, **case.kw)
+                                   num_classes=C, backend=backend, **case.kw)
     (loss.sum() if loss.dim() else loss).backward()
     return dict(loss=loss.detach(), gx=xr.grad, gw=wr.grad)
 
@@ -154,7 +188,7 @@ def _sampled_kw():
     return {"arcface": dict(kinds(SAMPLED_C))["arcface"], "elm": dict(kinds(SAMPLED_C))["elm"]}
 
 
-def _run_sampled(rank, world):
+def _run_sampled(rank, world, backend):
     out = {}
     x, w, y = inputs("sampled", world, c=SAMPLED_C)
     y[4] = -1
@@ -171,7 +205,7 @@ def _run_sampled(rank, world):
         loss = fd.margin_cross_entropy(
             xr, wr, y[rows_of(world, rank)], class_start=start, num_classes=SAMPLED_C,
             sample_rate=SAMPLE_RATE, ignore_index=-1, sample_correction=corrected,
-            generator=torch.Generator().manual_seed(seed), **kw)
+            generator=torch.Generator().manual_seed(seed), backend=backend, **kw)
         loss.backward()
         out[(name, corrected)] = dict(keep=keep, loss=loss.detach(), gx=xr.grad, gw=wr.grad)
     return out
@@ -239,19 +273,25 @@ def _run_module(rank, world):
                 reloaded_loss=other(xr, yr).detach(), pred=mod.predict(xr))
 
 
-def _run_allocations(rank, world):
-    """Largest tensor any op makes in one forward + backward, and N_global * C_r."""
+def _run_allocations(rank, world, backend):
+    """Largest allocation (in elements) of one forward + backward, and N_global * C_r:
+    tensors ops return (reference: eager tiles), every ATen allocation inside the
+    ops, the C++ kernels' scratch included (cpu)."""
     x, w, y = inputs("alloc", world, c=ALLOC_C)
     start, size = fd.shard_range(ALLOC_C, rank, world)
     out = {}
     for kind in ALLOC_KINDS:
         xr = x[rows_of(world, rank)].clone().requires_grad_()
         wr = w[start:start + size].clone().requires_grad_()
-        with AllocationRecorder() as rec:
+        recorder = NativeAllocationRecorder() if backend == "cpu" else AllocationRecorder()
+        with recorder as rec:
             loss = fd.margin_cross_entropy(xr, wr, y[rows_of(world, rank)], class_start=start,
-                                           num_classes=ALLOC_C, **dict(kinds(ALLOC_C))[kind])
+                                           num_classes=ALLOC_C, backend=backend,
+                                           **dict(kinds(ALLOC_C))[kind])
             loss.backward()
-        out[kind] = dict(largest=max(rec.sizes), n_by_c=x.shape[0] * size,
+        largest = max(b // x.element_size() for b in rec.bytes) if backend == "cpu" else max(
+            rec.sizes)
+        out[kind] = dict(largest=largest, n_by_c=x.shape[0] * size,
                          ops=len(rec.allocs))
     return out
 
@@ -262,11 +302,21 @@ def _worker(out_dir):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     sp.TILE_BYTES, sp.MIN_ROWS = WORKER_TILE_BYTES, WORKER_MIN_ROWS
-    results = {"cases": {c.name: _run_case(c, rank, world) for c in cases()},
-               "sampled": _run_sampled(rank, world),
+    here = [b for b in PARTIAL_BACKENDS if backend_runs_here(b)]
+    if "cpu" in here:
+        from fused_margin import cpu
+        cpu.CLASS_BLOCK, cpu.ROW_BLOCK = WORKER_CPU_CLASS_BLOCK, WORKER_CPU_ROW_BLOCK
+    if "triton" in here:
+        from fused_margin.triton import angular as ta
+        t = WORKER_TRITON_BLOCK
+        ta.default_blocks = lambda dtype, d: ta.Blocks(outer=t, sweep=t, d=t, do=t)
+    results = {"cases": {(b, name): _run_case(CASES[name], rank, world, b)
+                         for b, name in case_runs() if b in here},
+               "sampled": {b: _run_sampled(rank, world, b) for b in here},
                "errors": _run_errors(rank, world),
                "module": _run_module(rank, world),
-               "alloc": _run_allocations(rank, world) if world == ALLOC_WORLD else None}
+               "alloc": ({b: _run_allocations(rank, world, b) for b in ("cpu", "reference")
+                          if b in here} if world == ALLOC_WORLD else None)}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -310,6 +360,8 @@ def run_bounded(procs, timeout):
 def run_group(world):
     out_dir = tempfile.mkdtemp(prefix=f"fm_dist{world}_")
     env = loopback_env(world)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # conftest's: the ranks run Triton too
+        env["TRITON_INTERPRET"] = "1"
     procs = [subprocess.Popen([sys.executable, __file__, out_dir], env=dict(env, RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
@@ -343,15 +395,17 @@ def single_process(x, w, y, kw):
 # --------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("name", list(CASES))
-def test_loss_and_gradients_match_single_process(group, world, name):
+@pytest.mark.parametrize("backend,name", [
+    pytest.param(*backend_param(b).values, name, marks=backend_param(b).marks,
+                 id=f"{b}-{name}") for b, name in case_runs()])
+def test_loss_and_gradients_match_single_process(group, world, backend, name):
     case = CASES[name]
     results = group(world)
     x, w, y = inputs(name, world, dtype=case.dtype)
     loss, gx, gw = single_process(x, w, y, case.kw)
     tol = TOL[case.dtype]
     for rank, res in enumerate(results):
-        got = res["cases"][name]
+        got = res["cases"][(backend, name)]
         start, size = shard_of(case.shards, world, rank)
         torch.testing.assert_close(got["loss"], loss, **tol, msg=f"loss on rank {rank}")
         torch.testing.assert_close(got["gx"], gx[rows_of(world, rank)], **tol,
@@ -359,13 +413,15 @@ def test_loss_and_gradients_match_single_process(group, world, name):
         torch.testing.assert_close(got["gw"], gw[start:start + size], **tol,
                                    msg=f"weight_shard.grad on rank {rank}")
     # the losses are not only close to the reference but the same on every rank
-    assert all(torch.equal(r["cases"][name]["loss"], results[0]["cases"][name]["loss"])
+    key = (backend, name)
+    assert all(torch.equal(r["cases"][key]["loss"], results[0]["cases"][key]["loss"])
                for r in results)
 
 
 @pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("backend", [backend_param(b) for b in PARTIAL_BACKENDS])
 @pytest.mark.parametrize("kind,corrected", SAMPLED, ids=["arcface", "arcface-corrected", "elm"])
-def test_sampled_softmax_keeps_positives_and_matches_subset_reference(group, world, kind,
+def test_sampled_softmax_keeps_positives_and_matches_subset_reference(group, world, backend, kind,
                                                                       corrected):
     results = group(world)
     x, w, y = inputs("sampled", world, c=SAMPLED_C)
@@ -373,7 +429,7 @@ def test_sampled_softmax_keeps_positives_and_matches_subset_reference(group, wor
     kw = dict(_sampled_kw()[kind], ignore_index=-1)
     kept, offsets = [], []
     for rank, res in enumerate(results):
-        got = res["sampled"][(kind, corrected)]
+        got = res["sampled"][backend][(kind, corrected)]
         start, size = fd.shard_range(SAMPLED_C, rank, world)
         keep = got["keep"]
         local_pos = {int(v) - start for v in y if start <= v < start + size}
@@ -403,7 +459,7 @@ def test_sampled_softmax_keeps_positives_and_matches_subset_reference(group, wor
     loss = ref.margin_cross_entropy_from_cosine(cos, y_sub, **sub_kw)
     loss.backward()
     for rank, res in enumerate(results):
-        got = res["sampled"][(kind, corrected)]
+        got = res["sampled"][backend][(kind, corrected)]
         start, _ = fd.shard_range(SAMPLED_C, rank, world)
         torch.testing.assert_close(got["loss"], loss.detach(), **TOL[torch.float64])
         torch.testing.assert_close(got["gx"], xs.grad[rows_of(world, rank)],
@@ -468,13 +524,14 @@ def test_module_state_dict_round_trip(group, world):
         assert torch.equal(res["module"]["pred"], pred[rows_of(world, rank)])
 
 
+@pytest.mark.parametrize("backend", [backend_param(b) for b in ("cpu", "reference")])
 @pytest.mark.parametrize("kind", ALLOC_KINDS)
-def test_no_n_global_by_c_r_tensor(group, kind):
-    """Forward and backward on every rank make nothing of N_global x C_r elements
-    (chunks of one row here; the single-process test below shows the recorder
-    does see the reference's tile)."""
+def test_no_n_global_by_c_r_tensor(group, backend, kind):
+    """Forward and backward on every rank allocate nothing of N_global x C_r
+    elements (the workers' tiles are smaller; the single-process test below
+    shows the recorders do see an N x C_r tile)."""
     for rank, res in enumerate(group(ALLOC_WORLD)):
-        got = res["alloc"][kind]
+        got = res["alloc"][backend][kind]
         assert got["ops"] > 0, "the recorder saw no op"
         assert got["largest"] < got["n_by_c"], f"rank {rank}: {got}"
 
@@ -517,19 +574,45 @@ def _partials_and_grads(fn, x, w, y, kw, up, **extra):
 
 # (rows, columns) of a tile: row blocks over whole shard rows; several column blocks
 BLOCKS = {"rows": (3, 7), "tiles": (4, 3)}
+# 16-bit inputs: the reference computes in float32 from the same rounded inputs; the
+# fused backends round their gradients to the input dtype
+TOL16 = dict(rtol=2e-2, atol=2e-3)
 
 
+def _partials_impl(backend, block):
+    """(the backend's margin_shard_partials, its tile-size keyword) for tiles of
+    BLOCKS[block] = (rows, classes)."""
+    rows, cols = BLOCKS[block]
+    if backend == "reference":
+        return sp.margin_shard_partials, dict(block=(rows, cols))
+    if backend == "cpu":
+        from fused_margin import cpu
+        return cpu.margin_shard_partials, dict(block=(cols, rows))
+    from fused_margin.triton import angular as ta
+    # tl.arange needs powers of two; 4 x 4 tiles, D in steps of 4 (D = 6: a ragged step)
+    return ta.margin_shard_partials, dict(blocks=ta.Blocks(outer=4, sweep=4, d=4, do=4))
+
+
+PARTIAL_PARAMS = [pytest.param("reference", id="reference")] + fused_backends(
+    "margin_shard_partials")
+
+
+@pytest.mark.parametrize("backend", PARTIAL_PARAMS)
 @pytest.mark.parametrize("block,dtype", [("rows", torch.float64), ("tiles", torch.float64),
                                          ("tiles", torch.float32)],
                          ids=["rows-f64", "tiles-f64", "tiles-f32"])
 @pytest.mark.parametrize("keep", [None, [0, 2, 3, 6]], ids=["full", "sampled"])
 @pytest.mark.parametrize("name", [k for k, _ in kinds()])
-def test_chunked_partials_match_reference(name, keep, block, dtype):
-    """sharded_partials (tiled, custom backward) equals the eager N x C_r
-    reference: every per-row statistic and both gradients."""
+def test_partials_match_reference(name, keep, block, dtype, backend):
+    """Each backend's margin_shard_partials (tiled eager, C++, Triton: custom
+    backwards) equals the eager N x C_r reference: every per-row statistic
+    and both gradients."""
+    if backend == "triton" and block == "rows":
+        pytest.skip("Triton tiles are powers of two: one shape covers it")
     x, w, y, kw, up = _shard_case(dict(kinds())[name], keep, dtype)
     want = _partials_and_grads(ref_sharded.margin_shard_partials, x, w, y, kw, up)
-    got = _partials_and_grads(sp.margin_shard_partials, x, w, y, kw, up, block=BLOCKS[block])
+    fn, extra = _partials_impl(backend, block)
+    got = _partials_and_grads(fn, x, w, y, kw, up, **extra)
     tol = TOL[dtype]
     for field in ref_sharded.ShardPartials._fields:
         torch.testing.assert_close(getattr(got[0], field), getattr(want[0], field), **tol,
@@ -540,6 +623,68 @@ def test_chunked_partials_match_reference(name, keep, block, dtype):
         dropped = torch.ones(w.shape[0], dtype=torch.bool)
         dropped[torch.tensor(keep)] = False
         assert bool((got[2][dropped] == 0).all())
+
+
+@pytest.mark.parametrize("backend", fused_backends("margin_shard_partials"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["arcface", "elm", "arcgrad"])
+def test_fused_partials_16_bit(name, dtype, backend):
+    """float16 / bfloat16 features and weights: float32 statistics, gradients in
+    the input dtype, close to the float32 reference on the same rounded inputs."""
+    x, w, y, kw, up = _shard_case(dict(kinds())[name], None, torch.float64)
+    # off the poles: at theta = 0 or pi, 1/sin(theta) turns float32's rounding of the
+    # cosine (which differs between any two summation orders) into O(1) gradient noise
+    x[:2] += 0.5 * torch.randn(2, D, generator=torch.Generator().manual_seed(1),
+                               dtype=x.dtype)
+    x, w, up = x.to(dtype), w.to(dtype), up.float()
+    want = _partials_and_grads(ref_sharded.margin_shard_partials, x.float(), w.float(), y, kw,
+                               up)
+    fn, extra = _partials_impl(backend, "tiles")
+    got = _partials_and_grads(fn, x, w, y, kw, up, **extra)
+    for field in ("row_max", "sum_exp", "target", "wrong_cos"):
+        value = getattr(got[0], field)
+        assert value.dtype == torch.float32, field
+        torch.testing.assert_close(value, getattr(want[0], field), **TOL16, msg=field)
+    assert torch.equal(got[0].wrong_index, want[0].wrong_index)
+    for g, ref_g, t in ((got[1], want[1], x), (got[2], want[2], w)):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), ref_g, **TOL16)
+
+
+@pytest.mark.parametrize("backend", PARTIAL_PARAMS)
+def test_partials_labels_outside_the_shard_never_reach_a_kernel(backend):
+    """Labels of other shards, past num_classes or huge, are 'elsewhere': the
+    kernels get target columns in [-1, K) only, and the result is the
+    reference's."""
+    x, w, y, kw, up = _shard_case(dict(kinds())["arcface"], None, torch.float64)
+    y = y.clone()
+    y[5], y[6], y[7] = 2 ** 40, -(2 ** 40), 11 + 4  # beyond every shard
+    want = _partials_and_grads(ref_sharded.margin_shard_partials, x, w, y, kw, up)
+    fn, extra = _partials_impl(backend, "tiles")
+    got = _partials_and_grads(fn, x, w, y, kw, up, **extra)
+    for field in ref_sharded.ShardPartials._fields:
+        torch.testing.assert_close(getattr(got[0], field), getattr(want[0], field),
+                                   **TOL[torch.float64], msg=field)
+    col = ref_sharded.target_columns(y, class_start=4, shard_size=w.shape[0], keep=None,
+                                     ignore_index=-1)
+    assert int(col.min()) >= -1 and int(col.max()) < w.shape[0]
+
+
+def test_cpu_partials_reject_a_column_outside_the_shard():
+    """The C++ op checks its target columns like labels before any tile runs."""
+    if not dispatch_ok("cpu"):
+        pytest.skip("the C++ extension is not built")
+    from fused_margin import cpu
+    x, w = torch.randn(3, D, dtype=torch.float64), torch.randn(4, D, dtype=torch.float64)
+    for bad in (4, -2):
+        col = torch.tensor([0, bad, -1])
+        with pytest.raises(RuntimeError, match="outside"):
+            cpu.ops.shard_partials_fwd(x, w, col, None, 1, 30.0, 2, 2)
+
+
+def dispatch_ok(backend):
+    from fused_margin import dispatch
+    return dispatch._status(backend)[0]
 
 
 @pytest.mark.parametrize("kind", ["normface", "arcgrad"])
@@ -599,6 +744,39 @@ def test_chunked_partials_make_no_n_by_c_tensor(keep):
             assert max(rec.sizes) <= max(n * d, c_r * d, 2 * 5), max(rec.shapes, key=math.prod)
         else:  # the recorder does see the reference's tile
             assert max(rec.sizes) >= n * k
+
+
+@pytest.mark.parametrize("backend", fused_backends("margin_shard_partials"))
+@pytest.mark.parametrize("keep", [None, list(range(0, 40, 2))], ids=["full", "sampled"])
+def test_fused_partials_make_no_n_by_c_tensor(backend, keep):
+    """The C++ op's scratch (seen by the profiler) and everything the Triton
+    path allocates stay below N x K; a whole-shard C++ tile is seen, so the
+    check can fail."""
+    n, c_r, d = 16, 40, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g, requires_grad=True)
+    w = torch.randn(c_r, d, generator=g, requires_grad=True)
+    y = torch.randint(0, 2 * c_r, (n,), generator=g)
+    keep = None if keep is None else torch.tensor(keep)
+    k = c_r if keep is None else keep.numel()
+    bound = max(n * d, c_r * d, 6 * n)  # inputs' size, W's gradient, the [6, N] statistics
+
+    def run(**extra):
+        recorder = NativeAllocationRecorder() if backend == "cpu" else AllocationRecorder()
+        with recorder as rec:
+            p = fn(x, w, y, class_start=c_r // 2, kind="arcgrad", s=4.0, keep=keep, **extra)
+            (p.sum_exp.sum() + p.target.sum()).backward()
+        return max(rec.bytes) // 4 if backend == "cpu" else max(rec.sizes)
+
+    if backend == "cpu":
+        from fused_margin import cpu
+        fn = cpu.margin_shard_partials
+        assert run(block=(5, 2)) <= bound
+        assert run(block=(k, n)) >= n * k  # one tile of the whole shard is seen
+    else:
+        from fused_margin.triton import angular as ta
+        fn = ta.margin_shard_partials
+        assert run(blocks=ta.Blocks(outer=4, sweep=4, d=4, do=4)) <= bound
 
 
 

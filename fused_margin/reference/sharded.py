@@ -15,8 +15,10 @@ The margin math is fused_margin.reference.angular's (cosine, target_transform,
 _per_row): the sharded loss equals the single-process one term by term. This
 eager version builds an N x C_r cosine tile and lets PyTorch's autograd keep
 several such tiles: it is the oracle the tests compare against, not what
-fused_margin.distributed runs (that is fused_margin.sharded_partials: tiles,
-O(N) saved state). No custom autograd here.
+fused_margin.distributed runs (that is dispatch's "margin_shard_partials":
+the Triton or C++ kernel, or fused_margin.sharded_partials' eager tiles, all
+with O(N) saved state). No custom autograd here. target_columns and
+finish_partials are the O(N) steps every one of them shares.
 """
 from __future__ import annotations
 
@@ -109,6 +111,46 @@ def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
         wrong_cos, arg = others.max(dim=1)  # first index on ties
         wrong_index = torch.where(torch.isfinite(wrong_cos), gid[arg],
                                   torch.full_like(labels, NO_CLASS))
+    return ShardPartials(row_max, sum_exp, target, wrong_cos, wrong_index)
+
+
+def target_columns(labels: torch.Tensor, *, class_start: int, shard_size: int,
+                   keep: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
+    """[N] int64: the column of each row's target among the shard's kept
+    classes, -1 where the target lives elsewhere (or the row is ignored).
+    What the tiled and fused partials take instead of labels: no kernel ever
+    sees a label, only a column in [-1, K)."""
+    local = labels - class_start
+    here = (labels != ignore_index) & (local >= 0) & (local < shard_size)
+    none = torch.full_like(labels, -1)
+    if shard_size == 0 or (keep is not None and keep.numel() == 0):
+        return none
+    safe = torch.where(here, local, torch.zeros_like(local))
+    if keep is None:
+        return torch.where(here, safe, none)
+    lut = torch.full((shard_size,), -1, dtype=torch.int64, device=labels.device)
+    lut[keep.to(labels.device)] = torch.arange(keep.numel(), device=labels.device)
+    return torch.where(here, lut[safe], none)
+
+
+def finish_partials(row_max: torch.Tensor, sum_exp: torch.Tensor, cos_y: torch.Tensor,
+                    wrong_cos: torch.Tensor, wrong_column: torch.Tensor, labels: torch.Tensor,
+                    col: torch.Tensor, *, keep: Optional[torch.Tensor], class_start: int,
+                    kind: str, s: float, m: Union[float, torch.Tensor], m1: float, m2: float,
+                    m3: float) -> ShardPartials:
+    """ShardPartials from a sweep's per-row statistics, in O(N): the target
+    logit from the target cosine cos_y (where col >= 0), and the best wrong
+    column (index among the kept classes, any value where wrong_cos is not
+    finite) as a global class index. Shared by the tiled and fused backends."""
+    owner = col >= 0
+    y = torch.where(owner, labels, torch.zeros_like(labels))
+    t = target_logit(cos_y, y, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3)
+    target = torch.where(owner, t, torch.zeros_like(t))
+    found = torch.isfinite(wrong_cos)
+    safe = torch.where(found, wrong_column, torch.zeros_like(wrong_column))
+    if keep is not None and keep.numel():
+        safe = keep.to(safe.device)[safe]
+    wrong_index = torch.where(found, safe + class_start, torch.full_like(safe, NO_CLASS))
     return ShardPartials(row_max, sum_exp, target, wrong_cos, wrong_index)
 
 

@@ -22,6 +22,13 @@
 # D = 512 two. The from_cosine form runs the same kernels with the cosine tile
 # loaded instead of computed, and writes g itself.
 #
+# PARTIALS mode (fused_margin.distributed's per-shard statistics): the same forward
+# sweep with each row's target column in [-1, C) for its label, an optional per-class
+# logit offset, and the best wrong column tracked for every row; it stores the row
+# max, sum of exp, target cosine and best wrong cosine and stops there (the target
+# logit is formed outside, from O(N) values). Its backward is the two gradient
+# kernels with lse = the row shift, a = dL/dsum_exp and b = dL/dcos_y.
+#
 # Saved for backward: the inputs, rx [N], rw [C] and per-row statistics [N_STATS, N]
 # (loss, class weight, lse, g_iy / a_i, target cosine, lse of the non-target
 # logits; elm's c* only enters through lse and g_iy): O(N + C), no N x C buffer
@@ -50,6 +57,7 @@ import triton
 import triton.language as tl
 
 from ..reference.angular import COS_EPS, NORM_EPS, adacos_scale_from_stats, combined_fallback
+from ..reference.sharded import ShardPartials, finish_partials, target_columns
 
 KINDS = ("normface", "arcface", "cosface", "sphereface", "combined", "ldam", "elm", "arcgrad")
 # the kernels' KIND is the index in KINDS (kernels read globals only as tl.constexpr)
@@ -60,6 +68,11 @@ NORMFACE, ARCFACE, COSFACE, SPHEREFACE, COMBINED, LDAM, ELM, ARCGRAD = (
 ST_LOSS, ST_W, ST_LSE, ST_DTGT, ST_COSY, ST_LSE_OTHER = range(6)
 N_STATS = 6
 _ST_LOSS, _ST_W, _ST_LSE, _ST_DTGT, _ST_COSY, _ST_LSE_OTHER = (tl.constexpr(i) for i in range(6))
+# ... and in PARTIALS mode (a class shard of fused_margin.distributed): the non-target
+# row max, the sum of exp(logit - max) (max 0 where it is -inf), the target cosine, the
+# best wrong cosine (its column goes to the c* output)
+PT_MAX, PT_SUM, PT_COSY, PT_WRONG = range(4)
+_PT_MAX, _PT_SUM, _PT_COSY, _PT_WRONG = (tl.constexpr(i) for i in range(4))
 # entries of the scalar parameter tensor, in the compute dtype (exact for float64)
 PARAMS = ("s", "m", "m1", "m2", "m3", "elm_lambda", "th", "offset", "lo", "hi", "pi")
 P_S, P_M, P_M1, P_M2, P_M3, P_LAM, P_TH, P_OFF, P_LO, P_HI, P_PI = (
@@ -208,13 +221,24 @@ def _row_info(labels_ptr, rows, rmask, stride_l, ignore_index):
 
 
 @triton.jit
-def _grad_tile(cos, cols, cmask, y_col, lse, a, dtgt, s, lo, hi, KIND: tl.constexpr,
+def _offset(off_ptr, cols, cmask, ACC: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    """The per-class logit offsets of a tile (sampled shards' log 1/q), or 0."""
+    if HAS_OFFSET:
+        return tl.load(off_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    else:
+        return (cols * 0).to(ACC)  # a tile of zeros (folded away by the compiler)
+
+
+@triton.jit
+def _grad_tile(cos, cols, cmask, y_col, lse, a, b, off, s, lo, hi, KIND: tl.constexpr,
                IS_F64: tl.constexpr):
+    """dL/dcos of a tile: a_i * exp(z_ij + off_j - lse_i) * dz_ij/dcos off the
+    target, b_i (the caller's whole target term) at it."""
     z, dz = _nontarget(cos, s, lo, hi, KIND, IS_F64)
-    p = tl.exp(z - lse[:, None])
+    p = tl.exp(z + off - lse[:, None])
     is_t = cols[None, :] == y_col[:, None]
-    g = tl.where(is_t, dtgt[:, None], p * dz)
-    return tl.where(cmask[None, :], g, 0.0) * a[:, None]
+    g = tl.where(is_t, b[:, None], p * dz * a[:, None])
+    return tl.where(cmask[None, :], g, 0.0)
 
 
 # ------------------------------------------------------------------------ kernels
@@ -243,11 +267,13 @@ def _margin_ce_fwd_kernel(
         x_ptr, w_ptr, rx_ptr, rw_ptr,  # features [N, D], weight [C, D], inverse norms
         # (FROM_COSINE: x_ptr is the cosine [N, C], the rest unused)
         labels_ptr, m_ptr, cw_ptr, p_ptr,  # labels [N], margins [C], class weights [C], scalars
+        off_ptr,  # HAS_OFFSET: per-class logit offsets [C] (non-target logits only)
         stats_ptr, cstar_ptr,  # out: statistics [N_STATS, N], elm's c* [N] int64
         stride_xn, stride_xd, stride_wc, stride_wd, stride_l,
         N, C, D, ignore_index,
         KIND: tl.constexpr, FROM_COSINE: tl.constexpr, HAS_M_VEC: tl.constexpr,
-        HAS_CLASS_WEIGHT: tl.constexpr, IS_F64: tl.constexpr, ACC: tl.constexpr,
+        HAS_CLASS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, PARTIALS: tl.constexpr,
+        IS_F64: tl.constexpr, ACC: tl.constexpr,
         PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -277,13 +303,14 @@ def _margin_ce_fwd_kernel(
         is_t = cols[None, :] == y_col[:, None]
         cos_y += tl.sum(tl.where(is_t, cos, 0.0), axis=1)
         z, _ = _nontarget(cos, s, lo, hi, KIND, IS_F64)
+        z = z + _offset(off_ptr, cols, cmask, ACC, HAS_OFFSET)[None, :]
         off = is_t | (~cmask)[None, :]
         z = tl.where(off, float("-inf"), z)
         m_new = tl.maximum(m_run, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_run = l_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m_run = m_new
-        if KIND == ELM:  # the first argmax of the wrong-class cosines
+        if KIND == ELM or PARTIALS:  # the first argmax of the wrong-class cosines
             others = tl.where(off, float("-inf"), cos)
             t_max = tl.max(others, axis=1)
             t_idx = tl.min(tl.where(others == t_max[:, None], cols[None, :], C), axis=1)
@@ -291,49 +318,58 @@ def _margin_ce_fwd_kernel(
             best = tl.where(take, t_max, best)
             c_star = tl.where(take, t_idx, c_star)
 
-    if HAS_M_VEC:
-        m_y = tl.load(m_ptr + y, mask=rmask, other=0.0).to(ACC)
+    if PARTIALS:  # a class shard's statistics; the target logit is formed outside
+        tl.store(stats_ptr + _PT_MAX * N + rows, m_run, mask=rmask)
+        tl.store(stats_ptr + _PT_SUM * N + rows, l_run, mask=rmask)
+        tl.store(stats_ptr + _PT_COSY * N + rows, cos_y, mask=rmask)
+        tl.store(stats_ptr + _PT_WRONG * N + rows, best, mask=rmask)
+        tl.store(cstar_ptr + rows, c_star, mask=rmask)
     else:
-        m_y = tl.zeros((BLOCK_N,), dtype=ACC) + tl.load(p_ptr + P_M)
-    t, dt = _target(cos_y, m_y, p_ptr, KIND, IS_F64)
-    if KIND == ELM:
-        lam = tl.load(p_ptr + P_LAM)
-        has = c_star >= 0
         if HAS_M_VEC:
-            m_c = tl.load(m_ptr + tl.where(has, c_star, 0), mask=rmask, other=0.0).to(ACC)
+            m_y = tl.load(m_ptr + y, mask=rmask, other=0.0).to(ACC)
         else:
-            m_c = tl.zeros((BLOCK_N,), dtype=ACC) + tl.load(p_ptr + P_M)
-        t = t + tl.where(has, lam * m_c, 0.0)
-    z_y = s * t
-    top = tl.maximum(m_run, z_y)
-    lse = top + tl.log(l_run * tl.exp(m_run - top) + tl.exp(z_y - top))
-    lse_other = tl.where(l_run > 0, m_run + tl.log(tl.where(l_run > 0, l_run, 1.0)),
-                         float("-inf"))
-    if HAS_CLASS_WEIGHT:
-        w = tl.load(cw_ptr + y, mask=rmask, other=0.0).to(ACC)
-    else:
-        w = tl.zeros((BLOCK_N,), dtype=ACC) + 1.0
-    w = tl.where(valid, w, 0.0)
-    loss = tl.where(valid, w * (lse - z_y), 0.0)
-    dtgt = (tl.exp(z_y - lse) - 1.0) * s * dt
+            m_y = tl.zeros((BLOCK_N,), dtype=ACC) + tl.load(p_ptr + P_M)
+        t, dt = _target(cos_y, m_y, p_ptr, KIND, IS_F64)
+        if KIND == ELM:
+            lam = tl.load(p_ptr + P_LAM)
+            has = c_star >= 0
+            if HAS_M_VEC:
+                m_c = tl.load(m_ptr + tl.where(has, c_star, 0), mask=rmask, other=0.0).to(ACC)
+            else:
+                m_c = tl.zeros((BLOCK_N,), dtype=ACC) + tl.load(p_ptr + P_M)
+            t = t + tl.where(has, lam * m_c, 0.0)
+        z_y = s * t
+        top = tl.maximum(m_run, z_y)
+        lse = top + tl.log(l_run * tl.exp(m_run - top) + tl.exp(z_y - top))
+        lse_other = tl.where(l_run > 0, m_run + tl.log(tl.where(l_run > 0, l_run, 1.0)),
+                             float("-inf"))
+        if HAS_CLASS_WEIGHT:
+            w = tl.load(cw_ptr + y, mask=rmask, other=0.0).to(ACC)
+        else:
+            w = tl.zeros((BLOCK_N,), dtype=ACC) + 1.0
+        w = tl.where(valid, w, 0.0)
+        loss = tl.where(valid, w * (lse - z_y), 0.0)
+        dtgt = (tl.exp(z_y - lse) - 1.0) * s * dt
 
-    tl.store(stats_ptr + _ST_LOSS * N + rows, loss, mask=rmask)
-    tl.store(stats_ptr + _ST_W * N + rows, w, mask=rmask)
-    tl.store(stats_ptr + _ST_LSE * N + rows, lse, mask=rmask)
-    tl.store(stats_ptr + _ST_DTGT * N + rows, dtgt, mask=rmask)
-    tl.store(stats_ptr + _ST_COSY * N + rows, cos_y, mask=rmask)
-    tl.store(stats_ptr + _ST_LSE_OTHER * N + rows, lse_other, mask=rmask)
-    tl.store(cstar_ptr + rows, c_star, mask=rmask)
+        tl.store(stats_ptr + _ST_LOSS * N + rows, loss, mask=rmask)
+        tl.store(stats_ptr + _ST_W * N + rows, w, mask=rmask)
+        tl.store(stats_ptr + _ST_LSE * N + rows, lse, mask=rmask)
+        tl.store(stats_ptr + _ST_DTGT * N + rows, dtgt, mask=rmask)
+        tl.store(stats_ptr + _ST_COSY * N + rows, cos_y, mask=rmask)
+        tl.store(stats_ptr + _ST_LSE_OTHER * N + rows, lse_other, mask=rmask)
+        tl.store(cstar_ptr + rows, c_star, mask=rmask)
 
 
 @triton.jit
 def _margin_ce_bwd_dx_kernel(
         x_ptr, w_ptr, rx_ptr, rw_ptr,  # as forward (x_ptr is the cosine for FROM_COSINE)
-        labels_ptr, p_ptr, stats_ptr, a_ptr,  # labels, scalars, statistics, a [N]
+        labels_ptr, p_ptr, off_ptr,  # labels, scalars, logit offsets [C] (HAS_OFFSET)
+        lse_ptr, a_ptr, b_ptr,  # per row [N]: lse, a (softmax scale), b (target term)
         dx_ptr,  # out: dL/dx [N, D] (dL/dcos [N, C] for FROM_COSINE), contiguous
         stride_xn, stride_xd, stride_wc, stride_wd, stride_l,
         N, C, D, ignore_index,
-        KIND: tl.constexpr, FROM_COSINE: tl.constexpr, IS_F64: tl.constexpr,
+        KIND: tl.constexpr, FROM_COSINE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+        IS_F64: tl.constexpr,
         ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DO: tl.constexpr):
@@ -345,9 +381,9 @@ def _margin_ce_bwd_dx_kernel(
     s = tl.load(p_ptr + P_S)
     lo = tl.load(p_ptr + P_LO)
     hi = tl.load(p_ptr + P_HI)
-    lse = tl.load(stats_ptr + _ST_LSE * N + rows, mask=rmask, other=0.0)
-    dtgt = tl.load(stats_ptr + _ST_DTGT * N + rows, mask=rmask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
+    b = tl.load(b_ptr + rows, mask=rmask, other=0.0)
     if not FROM_COSINE:
         rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
@@ -357,7 +393,9 @@ def _margin_ce_bwd_dx_kernel(
         cmask = cols < C
         if FROM_COSINE:
             cos = _load_cos(x_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd, ACC)
-            g = _grad_tile(cos, cols, cmask, y_col, lse, a, dtgt, s, lo, hi, KIND, IS_F64)
+            g = _grad_tile(cos, cols, cmask, y_col, lse, a, b,
+                           _offset(off_ptr, cols, cmask, ACC, HAS_OFFSET)[None, :], s, lo, hi,
+                           KIND, IS_F64)
             tl.store(dx_ptr + rows[:, None] * C + cols[None, :],
                      g.to(dx_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         else:
@@ -365,8 +403,9 @@ def _margin_ce_bwd_dx_kernel(
             xw = _cos_tile(x_ptr, w_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd,
                            stride_wc, stride_wd, D, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PREC,
                            UPCAST) * rx[:, None]
-            g = _grad_tile(xw * rw[None, :], cols, cmask, y_col, lse, a, dtgt, s, lo, hi, KIND,
-                           IS_F64)
+            g = _grad_tile(xw * rw[None, :], cols, cmask, y_col, lse, a, b,
+                           _offset(off_ptr, cols, cmask, ACC, HAS_OFFSET)[None, :], s, lo, hi,
+                           KIND, IS_F64)
             wt = tl.load(w_ptr + cols[:, None] * stride_wc + dout[None, :] * stride_wd,
                          mask=cmask[:, None] & omask[None, :], other=0.0)
             acc, gw = _grad_dot(g * rw[None, :], wt, acc, ACC, PREC, UPCAST, SPLIT)
@@ -383,11 +422,12 @@ def _margin_ce_bwd_dx_kernel(
 
 @triton.jit
 def _margin_ce_bwd_dw_kernel(
-        x_ptr, w_ptr, rx_ptr, rw_ptr, labels_ptr, p_ptr, stats_ptr, a_ptr,  # as dx's
+        x_ptr, w_ptr, rx_ptr, rw_ptr, labels_ptr, p_ptr, off_ptr,  # as dx's
+        lse_ptr, a_ptr, b_ptr,
         dw_ptr,  # out: dL/dW [C, D], contiguous
         stride_xn, stride_xd, stride_wc, stride_wd, stride_l,
         N, C, D, ignore_index,
-        KIND: tl.constexpr, IS_F64: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+        KIND: tl.constexpr, HAS_OFFSET: tl.constexpr, IS_F64: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
         UPCAST: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -398,21 +438,22 @@ def _margin_ce_bwd_dw_kernel(
     lo = tl.load(p_ptr + P_LO)
     hi = tl.load(p_ptr + P_HI)
     rw = tl.load(rw_ptr + cols, mask=cmask, other=0.0)
+    off = _offset(off_ptr, cols, cmask, ACC, HAS_OFFSET)
     acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=ACC)
     col_sum = tl.zeros((BLOCK_C,), dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         rmask = rows < N
         _, y_col, _ = _row_info(labels_ptr, rows, rmask, stride_l, ignore_index)
-        lse = tl.load(stats_ptr + _ST_LSE * N + rows, mask=rmask, other=0.0)
-        dtgt = tl.load(stats_ptr + _ST_DTGT * N + rows, mask=rmask, other=0.0)
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
         a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
+        b = tl.load(b_ptr + rows, mask=rmask, other=0.0)
         rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
         xw = _cos_tile(x_ptr, w_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd,
                        stride_wc, stride_wd, D, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PREC,
                        UPCAST) * rw[None, :]
-        g = _grad_tile(xw * rx[:, None], cols, cmask, y_col, lse, a, dtgt, s, lo, hi, KIND,
-                       IS_F64)
+        g = _grad_tile(xw * rx[:, None], cols, cmask, y_col, lse, a, b, off[None, :], s, lo,
+                       hi, KIND, IS_F64)
         xt = tl.load(x_ptr + rows[:, None] * stride_xn + dout[None, :] * stride_xd,
                      mask=rmask[:, None] & omask[None, :], other=0.0)
         acc, gx = _grad_dot(tl.trans(g * rx[:, None]), xt, acc, ACC, PREC, UPCAST, SPLIT)
@@ -524,9 +565,12 @@ class _Saved:
 def margin_ce_fwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels: torch.Tensor,
                   *, kind: str, params: torch.Tensor, m_vec: Optional[torch.Tensor],
                   class_weight: Optional[torch.Tensor], ignore_index: int,
-                  blocks: Optional[Blocks] = None):
+                  blocks: Optional[Blocks] = None, offset: Optional[torch.Tensor] = None,
+                  partials: bool = False):
     """Launch the forward sweep. `weight` None: `features` is the cosine [N, C].
-    Returns (stats [N_STATS, N], c* [N] int64, rx, rw)."""
+    Returns (stats [N_STATS, N], c* [N] int64, rx, rw); with `partials` the
+    stats rows are PT_* (a class shard's) and c* is the best wrong column of
+    every row. `offset` [C] is added to the non-target logits."""
     from_cos = weight is None
     N = features.shape[0]
     C = features.shape[1] if from_cos else weight.shape[0]
@@ -541,11 +585,12 @@ def margin_ce_fwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
         rx, rw = row_inv_norm(features), row_inv_norm(weight)
     w = features if from_cos else weight
     _margin_ce_fwd_kernel[(triton.cdiv(N, blocks.outer),)](
-        features, w, rx, rw, labels, m_vec, class_weight, params, stats, c_star,
+        features, w, rx, rw, labels, m_vec, class_weight, params, offset, stats, c_star,
         features.stride(0), features.stride(1), w.stride(0), w.stride(1), labels.stride(0),
         N, C, D, ignore_index,
         KIND=KINDS.index(kind), FROM_COSINE=from_cos, HAS_M_VEC=m_vec is not None,
-        HAS_CLASS_WEIGHT=class_weight is not None, IS_F64=features.dtype == torch.float64,
+        HAS_CLASS_WEIGHT=class_weight is not None, HAS_OFFSET=offset is not None,
+        PARTIALS=partials, IS_F64=features.dtype == torch.float64,
         ACC=acc, PREC=_precision(features.dtype), UPCAST=_upcast(features.dtype),
         BLOCK_N=blocks.outer, BLOCK_C=blocks.sweep, BLOCK_D=blocks.d,
         num_warps=blocks.num_warps)
@@ -553,34 +598,38 @@ def margin_ce_fwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
 
 
 def margin_ce_bwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels: torch.Tensor,
-                  a: torch.Tensor, saved: _Saved):
-    """dL/dfeatures, dL/dweight (or dL/dcosine, None) for per-row scales `a`."""
+                  saved: _Saved, lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  offset: Optional[torch.Tensor] = None):
+    """dL/dfeatures, dL/dweight (or dL/dcosine, None) for dL/dcos_ij =
+    a_i exp(z_ij + offset_j - lse_i) dz_ij/dcos_ij off the target and b_i at it
+    (lse, a, b: contiguous [N])."""
     from_cos = weight is None
     N = features.shape[0]
     C = features.shape[1] if from_cos else weight.shape[0]
     D = 0 if from_cos else features.shape[1]
-    b = saved.blocks
+    blk = saved.blocks
     acc, _ = _acc(features.dtype)
-    common = dict(KIND=saved.kind, IS_F64=features.dtype == torch.float64, ACC=acc,
+    common = dict(KIND=saved.kind, HAS_OFFSET=offset is not None,
+                  IS_F64=features.dtype == torch.float64, ACC=acc,
                   PREC=_precision(features.dtype), UPCAST=_upcast(features.dtype),
-                  SPLIT=features.dtype in (torch.float16, torch.bfloat16), BLOCK_D=b.d,
-                  BLOCK_DO=b.do, num_warps=b.num_warps)
+                  SPLIT=features.dtype in (torch.float16, torch.bfloat16), BLOCK_D=blk.d,
+                  BLOCK_DO=blk.do, num_warps=blk.num_warps)
     w = features if from_cos else weight
     strides = (features.stride(0), features.stride(1), w.stride(0), w.stride(1), labels.stride(0))
     dx = torch.empty((N, C) if from_cos else (N, D), dtype=features.dtype, device=features.device)
-    n_do = 1 if from_cos else triton.cdiv(D, b.do)
+    n_do = 1 if from_cos else triton.cdiv(D, blk.do)
     if n_do == 0:  # D = 0: nothing depends on the (empty) features
         return dx, torch.empty((C, 0), dtype=weight.dtype, device=weight.device)
-    _margin_ce_bwd_dx_kernel[(triton.cdiv(N, b.outer), n_do)](
-        features, w, saved.rx, saved.rw, labels, saved.params, saved.stats, a, dx, *strides,
-        N, C, D, saved.ignore_index, FROM_COSINE=from_cos, BLOCK_N=b.outer, BLOCK_C=b.sweep,
+    _margin_ce_bwd_dx_kernel[(triton.cdiv(N, blk.outer), n_do)](
+        features, w, saved.rx, saved.rw, labels, saved.params, offset, lse, a, b, dx, *strides,
+        N, C, D, saved.ignore_index, FROM_COSINE=from_cos, BLOCK_N=blk.outer, BLOCK_C=blk.sweep,
         **common)
     if from_cos:
         return dx, None
     dw = torch.empty((C, D), dtype=weight.dtype, device=weight.device)
-    _margin_ce_bwd_dw_kernel[(triton.cdiv(C, b.outer), n_do)](
-        features, w, saved.rx, saved.rw, labels, saved.params, saved.stats, a, dw, *strides,
-        N, C, D, saved.ignore_index, BLOCK_N=b.sweep, BLOCK_C=b.outer, **common)
+    _margin_ce_bwd_dw_kernel[(triton.cdiv(C, blk.outer), n_do)](
+        features, w, saved.rx, saved.rw, labels, saved.params, offset, lse, a, b, dw, *strides,
+        N, C, D, saved.ignore_index, BLOCK_N=blk.sweep, BLOCK_C=blk.outer, **common)
     return dx, dw
 
 
@@ -635,7 +684,8 @@ class MarginCrossEntropyFunction(torch.autograd.Function):
             d = ctx.denom
             g = torch.where(d > 0, g / torch.where(d > 0, d, 1.0), g * 0)
         a = (w * g).contiguous()
-        dx, dw = margin_ce_bwd(inputs[0], inputs[1] if len(inputs) == 2 else None, labels, a, sv)
+        dx, dw = margin_ce_bwd(inputs[0], inputs[1] if len(inputs) == 2 else None, labels, sv,
+                               sv.stats[ST_LSE], a, a * sv.stats[ST_DTGT])
         return head + ((dx,) if len(inputs) == 1 else (dx, dw))
 
 
@@ -645,6 +695,79 @@ def _with_stats(ctx, p: MarginParams, out, lse_other, cos_y):
     lse_other, cos_y = lse_other.clone(), cos_y.clone()
     ctx.mark_non_differentiable(lse_other, cos_y)
     return out, lse_other, cos_y
+
+
+class ShardPartialsFunction(torch.autograd.Function):
+    """One class shard's per-row statistics for fused_margin.distributed:
+    (features [N, D], weight [K, D]) -> row_max, sum_exp, cos_y, wrong_cos,
+    wrong_column, from the forward kernel in PARTIALS mode. `col` [N] is each
+    row's target column in [0, K) or -1 (never a label: the kernels cannot read
+    outside the shard). Only sum_exp and cos_y are differentiable; backward runs
+    the loss's two gradient kernels with lse = the row shift, a = dL/dsum_exp
+    and b = dL/dcos_y."""
+
+    @staticmethod
+    def forward(ctx, p: MarginParams, col, offset, features, weight):
+        n, k = features.shape[0], weight.shape[0]
+        tdt = _acc(features.dtype)[1]
+        dev = features.device
+        ctx.shapes = [(t.shape, t.dtype) for t in (features, weight)]
+        ctx.empty = n == 0 or k == 0
+        if ctx.empty:  # no launch: nothing folded, the reference's values for an empty sweep
+            stats = torch.zeros(N_STATS, n, dtype=tdt, device=dev)
+            stats[PT_MAX] = stats[PT_WRONG] = -math.inf
+            wrong = torch.zeros(n, dtype=torch.int64, device=dev)
+        else:
+            params = p.tensor(tdt, dev)
+            blocks = p.blocks or default_blocks(features.dtype, features.shape[1])
+            stats, wrong, rx, rw = margin_ce_fwd(features, weight, col, kind=p.kind,
+                                                 params=params, m_vec=None, class_weight=None,
+                                                 ignore_index=-1, blocks=blocks, offset=offset,
+                                                 partials=True)
+            ctx.saved = _Saved(KINDS.index(p.kind), params, -1, blocks, rx, rw, stats)
+            ctx.save_for_backward(col, offset, features, weight)
+        out = (stats[PT_MAX], stats[PT_SUM], stats[PT_COSY], stats[PT_WRONG], wrong)
+        ctx.mark_non_differentiable(out[0], out[3], out[4])
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _g_max, g_sum, g_cos_y, _g_wrong, _g_column):
+        head = (None,) * 3
+        if ctx.empty:
+            return head + tuple(torch.zeros(sh, dtype=dt, device=g_sum.device)
+                                for sh, dt in ctx.shapes)
+        col, offset, features, weight = ctx.saved_tensors
+        sv = ctx.saved
+        row_max = sv.stats[PT_MAX]
+        shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        a = torch.zeros_like(shift) if g_sum is None else g_sum.to(shift.dtype).contiguous()
+        b = torch.zeros_like(shift) if g_cos_y is None else g_cos_y.to(shift.dtype).contiguous()
+        dx, dw = margin_ce_bwd(features, weight, col, sv, shift.contiguous(), a, b, offset)
+        return head + (dx, dw)
+
+
+def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
+                          labels: torch.Tensor, *, class_start: int, kind: str = "arcface",
+                          s: float = 64.0, m: Union[float, torch.Tensor] = 0.5,
+                          m1: float = 1.0, m2: float = 0.0, m3: float = 0.0,
+                          ignore_index: int = -100, keep: Optional[torch.Tensor] = None,
+                          logit_offset: Optional[torch.Tensor] = None,
+                          blocks: Optional[Blocks] = None) -> ShardPartials:
+    """reference.sharded.margin_shard_partials on the fused kernels; a sampled
+    shard (`keep`) is gathered into a [K, D] copy first (autograd scatters its
+    gradient back)."""
+    w = weight_shard if keep is None else weight_shard.index_select(0, keep)
+    col = target_columns(labels, class_start=class_start, shard_size=weight_shard.shape[0],
+                         keep=keep, ignore_index=ignore_index)
+    offset = None
+    if logit_offset is not None:
+        offset = logit_offset.detach().to(_acc(features.dtype)[1]).contiguous()
+    p = MarginParams(kind, float(s), 0.0, float(m1), float(m2), float(m3), 0.0, -1, "none",
+                     blocks)
+    stats = ShardPartialsFunction.apply(p, col.contiguous(), offset, features, w)
+    return finish_partials(*stats, labels, col, keep=keep, class_start=class_start, kind=kind,
+                           s=s, m=m, m1=m1, m2=m2, m3=m3)
 
 
 def apply(labels: torch.Tensor, *inputs: torch.Tensor, kind: str, s: float,
