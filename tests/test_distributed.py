@@ -31,7 +31,8 @@ from fused_margin import sharded_partials as sp
 from fused_margin.reference import angular as ref
 from fused_margin.reference import sharded as ref_sharded
 
-from conftest import AllocationRecorder, NativeAllocationRecorder, fused_backends
+from conftest import (AllocationRecorder, NativeAllocationRecorder, device_for, fused_backends,
+                      requires_cuda)
 
 # Tolerances, named once: sharded vs single-process, by dtype (the sums run in
 # another order, nothing else differs).
@@ -564,12 +565,17 @@ def _shard_case(kind_kw, keep, dtype, seed=0):
                                              keep=keep, logit_offset=offset), up.to(dtype)
 
 
-def _partials_and_grads(fn, x, w, y, kw, up, **extra):
-    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
-    kw = {k: v for k, v in kw.items() if k != "elm_lambda"}
-    p = fn(x, w, y, **kw, **extra)
+def _partials_and_grads(fn, x, w, y, kw, up, device=None, **extra):
+    """Partials and both gradients of sum(up[0] * sum_exp + up[1] * target), on
+    `device` (results back on the CPU)."""
+    dev = device or x.device
+    x, w = x.to(dev).requires_grad_(), w.to(dev).requires_grad_()
+    kw = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()
+          if k != "elm_lambda"}
+    p = fn(x, w, y.to(dev), **kw, **extra)
+    up = up.to(dev)
     (p.sum_exp * up[0] + p.target * up[1]).sum().backward()
-    return p, x.grad, w.grad
+    return (ref_sharded.ShardPartials(*(t.cpu() for t in p)), x.grad.cpu(), w.grad.cpu())
 
 
 # (rows, columns) of a tile: row blocks over whole shard rows; several column blocks
@@ -612,7 +618,7 @@ def test_partials_match_reference(name, keep, block, dtype, backend):
     x, w, y, kw, up = _shard_case(dict(kinds())[name], keep, dtype)
     want = _partials_and_grads(ref_sharded.margin_shard_partials, x, w, y, kw, up)
     fn, extra = _partials_impl(backend, block)
-    got = _partials_and_grads(fn, x, w, y, kw, up, **extra)
+    got = _partials_and_grads(fn, x, w, y, kw, up, device=device_for(backend), **extra)
     tol = TOL[dtype]
     for field in ref_sharded.ShardPartials._fields:
         torch.testing.assert_close(getattr(got[0], field), getattr(want[0], field), **tol,
@@ -640,7 +646,7 @@ def test_fused_partials_16_bit(name, dtype, backend):
     want = _partials_and_grads(ref_sharded.margin_shard_partials, x.float(), w.float(), y, kw,
                                up)
     fn, extra = _partials_impl(backend, "tiles")
-    got = _partials_and_grads(fn, x, w, y, kw, up, **extra)
+    got = _partials_and_grads(fn, x, w, y, kw, up, device=device_for(backend), **extra)
     for field in ("row_max", "sum_exp", "target", "wrong_cos"):
         value = getattr(got[0], field)
         assert value.dtype == torch.float32, field
@@ -661,7 +667,7 @@ def test_partials_labels_outside_the_shard_never_reach_a_kernel(backend):
     y[5], y[6], y[7] = 2 ** 40, -(2 ** 40), 11 + 4  # beyond every shard
     want = _partials_and_grads(ref_sharded.margin_shard_partials, x, w, y, kw, up)
     fn, extra = _partials_impl(backend, "tiles")
-    got = _partials_and_grads(fn, x, w, y, kw, up, **extra)
+    got = _partials_and_grads(fn, x, w, y, kw, up, device=device_for(backend), **extra)
     for field in ref_sharded.ShardPartials._fields:
         torch.testing.assert_close(getattr(got[0], field), getattr(want[0], field),
                                    **TOL[torch.float64], msg=field)
@@ -754,10 +760,11 @@ def test_fused_partials_make_no_n_by_c_tensor(backend, keep):
     check can fail."""
     n, c_r, d = 16, 40, 4
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, d, generator=g, requires_grad=True)
-    w = torch.randn(c_r, d, generator=g, requires_grad=True)
-    y = torch.randint(0, 2 * c_r, (n,), generator=g)
-    keep = None if keep is None else torch.tensor(keep)
+    dev = device_for(backend)
+    x = torch.randn(n, d, generator=g).to(dev).requires_grad_()
+    w = torch.randn(c_r, d, generator=g).to(dev).requires_grad_()
+    y = torch.randint(0, 2 * c_r, (n,), generator=g).to(dev)
+    keep = None if keep is None else torch.tensor(keep, device=dev)
     k = c_r if keep is None else keep.numel()
     bound = max(n * d, c_r * d, 6 * n)  # inputs' size, W's gradient, the [6, N] statistics
 
@@ -964,6 +971,52 @@ def test_destroy_process_group_releases_gloo_threads(script):
     (rc, log), = run_bounded([proc], EXAMPLE_TIMEOUT_S)
     assert rc == 0, log[-4000:]
     assert "gloo threads: []" in log, log[-4000:]
+
+
+# world size 1 over NCCL: the same code path as the gloo groups, on the Triton partials
+_NCCL_WORLD_ONE = """
+import torch, torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (before the group)
+from fused_margin import distributed as fd
+from fused_margin.reference import angular as ref
+torch.cuda.set_device(0)
+dist.init_process_group("nccl", rank=0, world_size=1)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(37, 64, generator=g).cuda().requires_grad_()
+w = torch.randn(1000, 64, generator=g).cuda().requires_grad_()
+y = torch.randint(0, 1000, (37,), generator=g).cuda()
+y[3] = -100
+for kind, kw in (("arcface", dict(s=30.0, m=0.5)), ("elm", dict(s=30.0, m=0.3, elm_lambda=0.5)),
+                 ("arcgrad", dict(s=8.0))):
+    for rate in (1.0, 0.5):
+        x.grad = w.grad = None
+        loss = fd.margin_cross_entropy(x, w, y, class_start=0, num_classes=1000, kind=kind,
+                                       sample_rate=rate, **kw)
+        loss.backward()
+        if rate < 1:  # PartialFC: finite, and dropped classes get no gradient
+            assert torch.isfinite(loss) and bool((w.grad.abs().sum(1) == 0).any()), kind
+            continue
+        x2 = x.detach().double().requires_grad_()
+        w2 = w.detach().double().requires_grad_()
+        want = ref.margin_cross_entropy(x2, w2, y, kind=kind, **kw)
+        want.backward()
+        torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(x.grad.double(), x2.grad, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(w.grad.double(), w2.grad, rtol=1e-3, atol=1e-5)
+dist.destroy_process_group()
+print("nccl world 1: ok")
+"""
+
+
+@requires_cuda
+def test_nccl_world_one_matches_single_process():
+    """On a GPU: distributed.margin_cross_entropy over NCCL (world 1), Triton
+    partials, equals the single-process reference loss and gradients."""
+    proc = subprocess.Popen([sys.executable, "-c", _NCCL_WORLD_ONE],
+                            env=loopback_env(1, rank=0), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    (rc, log), = run_bounded([proc], EXAMPLE_TIMEOUT_S)
+    assert rc == 0 and "nccl world 1: ok" in log, log[-4000:]
 
 
 if __name__ == "__main__":
