@@ -26,11 +26,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
-from common import machine
+from common import machine, run_worker, save_results, timed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -95,12 +94,7 @@ def worker(provider: str, N: int, D: int, C: int, repeats: int, warmup: int) -> 
         x.grad = W.grad = None
         step()
     first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        x.grad = W.grad = None
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    times = timed(step, repeats, (x, W))
     peak = _maxrss_mb()
     return dict(loadavg=os.getloadavg(), provider=provider, min_s=min(times), median_s=statistics.median(times),
                 times_s=times, warmup_s=first, rss_after_setup_mb=base, rss_peak_mb=peak,
@@ -113,13 +107,7 @@ def run_provider(provider: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", provider, "--N", str(args.N),
            "--D", str(args.D), "--C", str(args.C), "--repeats", str(args.repeats),
            "--warmup", str(args.warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        err = (proc.stderr or proc.stdout).strip().splitlines()
-        return dict(provider=provider, error=" | ".join(err[-3:]) if err else
-                    f"exit status {proc.returncode}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_worker(cmd, args.timeout, dict(provider=provider))
 
 
 def table(rows, eager, floor, floor_tiled) -> str:
@@ -200,12 +188,7 @@ def main():
             "time <= 0.7 x eager": c["min_s"] <= 0.7 * eager["min_s"],
             "extra peak <= 10% of eager's": c["extra_peak_mb"] <= 0.1 * eager["extra_peak_mb"],
         }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(info, f, indent=2)
-    plot(rows, args.out + ".png", title)
-    print(f"### {title}\n")
-    print(md)
+    save_results(args.out, info, plot, rows, title, md)
     if "targets" in info:
         print("\n" + "\n".join(f"- {k}: {'met' if v else 'NOT met'}" for k, v in info["targets"].items()))
     print(f"\nwrote {args.out}.json and {args.out}.png")

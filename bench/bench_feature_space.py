@@ -24,11 +24,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
-from common import machine
+from common import machine, run_worker, save_results, time_memory_bars, timed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -75,12 +74,7 @@ def worker(workload: str, provider: str, args) -> dict:
         x.grad = None
         step()
     first = time.perf_counter() - t0
-    times = []
-    for _ in range(args.repeats):
-        x.grad = None
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    times = timed(step, args.repeats, (x,))
     peak = _maxrss_mb()
     return dict(workload=workload, provider=provider, min_s=min(times),
                 median_s=statistics.median(times), times_s=times, warmup_s=first,
@@ -96,13 +90,8 @@ def run_one(workload: str, provider: str, threads: int, args) -> dict:
            "--N", str(args.N), "--D", str(args.D), "--classes", str(args.classes),
            "--repeats", str(args.repeats), "--warmup", str(args.warmup),
            "--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        err = (proc.stderr or proc.stdout).strip().splitlines()
-        return dict(workload=workload, provider=provider, threads=threads,
-                    error=" | ".join(err[-3:]) if err else f"exit status {proc.returncode}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_worker(cmd, args.timeout, dict(workload=workload, provider=provider,
+                                              threads=threads))
 
 
 def table(rows) -> str:
@@ -142,30 +131,13 @@ def targets(rows) -> dict:
 
 
 def plot(rows, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in rows if "error" not in r]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     short = {"triplet_semihard": "semihard", "soft_nn": "soft NN"}
-    names = [f"{short.get(r['workload'], r['workload'])}\n{r['provider']}, {r['threads']}t"
-             for r in ok]
-    colors = ["tab:blue" if r["provider"] == "cpu" else "tab:gray" for r in ok]
-    axes[0].bar(names, [r["median_s"] for r in ok], color=colors, label="median")
-    axes[0].scatter(names, [r["min_s"] for r in ok], color="black", zorder=3, label="min")
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("seconds per forward + backward (log)")
-    axes[0].legend()
-    axes[1].bar(names, [max(r["extra_peak_mb"], 0.01) for r in ok], color=colors)
-    axes[1].set_yscale("log")
-    axes[1].set_ylabel("extra peak RSS (MB, log)")
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    time_memory_bars(
+        [f"{short.get(r['workload'], r['workload'])}\n{r['provider']}, {r['threads']}t"
+         for r in ok],
+        [r["min_s"] for r in ok], [r["median_s"] for r in ok], [r["extra_peak_mb"] for r in ok],
+        ["tab:blue" if r["provider"] == "cpu" else "tab:gray" for r in ok], path, title)
 
 
 def main():
@@ -206,12 +178,7 @@ def main():
                 machine=machine(), shape=dict(N=args.N, D=args.D, classes=args.classes),
                 repeats=args.repeats, warmup=args.warmup, results=rows, targets=met,
                 markdown=md)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(info, f, indent=2)
-    plot(rows, args.out + ".png", title)
-    print(f"### {title}\n")
-    print(md)
+    save_results(args.out, info, plot, rows, title, md)
     print("\n" + "\n".join(f"- {k}: {'met' if v else 'NOT met'}" for k, v in met.items()))
     print(f"\nwrote {args.out}.json and {args.out}.png")
 

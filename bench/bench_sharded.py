@@ -31,11 +31,9 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
-import time
 
-from common import machine
+from common import machine, run_worker, save_results, time_memory_bars, timed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -88,12 +86,7 @@ def worker(workload: str, provider: str, repeats: int) -> dict:
     step = make_step(x, w, y)
     base = _maxrss_mb()
     load_before = os.getloadavg()
-    times = []
-    for _ in range(repeats):
-        x.grad = w.grad = None
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    times = timed(step, repeats, (x, w))
     peak = _maxrss_mb()
     dist.destroy_process_group()
     return dict(workload=workload, provider=provider, N=n, C_r=c_r, D=d, min_s=min(times),
@@ -106,22 +99,13 @@ def run_one(workload: str, provider: str, repeats: int, timeout: int) -> dict:
     from contextlib import closing
     import socket
 
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{workload}:{provider}",
            "--repeats", str(repeats)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return dict(workload=workload, provider=provider, error=f"over {timeout} s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        err = (proc.stderr or proc.stdout).strip().splitlines()
-        return dict(workload=workload, provider=provider,
-                    error=" | ".join(err[-3:]) if err else f"exit status {proc.returncode}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_worker(cmd, timeout, dict(workload=workload, provider=provider), env=env)
 
 
 def table(rows) -> str:
@@ -144,27 +128,12 @@ def table(rows) -> str:
 
 
 def plot(rows, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in rows if "error" not in r]
     colors = {"cpu": "tab:blue", "tiled": "tab:orange", "eager": "tab:gray", "floor": "black"}
-    names = [f"{r['workload']}\n{r['provider']}" for r in ok]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    axes[0].bar(names, [r["min_s"] for r in ok], color=[colors[r["provider"]] for r in ok])
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("seconds per forward + backward (min, log)")
-    axes[1].bar(names, [max(r["extra_peak_mb"], 0.1) for r in ok],
-                color=[colors[r["provider"]] for r in ok])
-    axes[1].set_yscale("log")
-    axes[1].set_ylabel("extra peak RSS (MB, log)")
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    time_memory_bars([f"{r['workload']}\n{r['provider']}" for r in ok],
+                     [r["min_s"] for r in ok], [r["median_s"] for r in ok],
+                     [r["extra_peak_mb"] for r in ok], [colors[r["provider"]] for r in ok],
+                     path, title)
 
 
 def main():
@@ -194,12 +163,7 @@ def main():
              f"fwd+bwd, {os.cpu_count()} CPUs")
     info = dict(title=title, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 machine=machine(), kind=KIND, results=rows, markdown=md)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(info, f, indent=2)
-    plot(rows, args.out + ".png", title)
-    print(f"### {title}\n")
-    print(md)
+    save_results(args.out, info, plot, rows, title, md)
     print(f"\nwrote {args.out}.json and {args.out}.png")
 
 

@@ -59,3 +59,70 @@ def cuda_measure(setup, warmup: int, rep: int) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
     finally:
         torch.cuda.empty_cache()
+
+
+def run_worker(cmd: list, timeout: float, ident: dict, env=None) -> dict:
+    """Run one measuring subprocess; its result is the JSON after its last
+    "RESULT " line, or `ident` with an "error" (a failure is a result, not a crash)."""
+    import json
+
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(ident, error=f"over {timeout} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr or proc.stdout).strip().splitlines()
+        return dict(ident, error=" | ".join(err[-3:]) if err else f"exit status {proc.returncode}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def time_memory_bars(names, min_s, median_s, extra_mb, colors, path: str, title: str) -> None:
+    """The CPU scripts' plot: seconds (bars: median, dots: min) and extra peak MB
+    per run, both on log axes, saved to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    axes[0].bar(names, median_s, color=colors, label="median")
+    axes[0].scatter(names, min_s, color="black", zorder=3, label="min")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("seconds per forward + backward (log)")
+    axes[0].legend()
+    axes[1].bar(names, [max(v, 0.01) for v in extra_mb], color=colors)
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("extra peak RSS (MB, log)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def timed(step, repeats: int, leaves=()) -> list:
+    """Wall seconds of `repeats` calls of step(), each after clearing the
+    gradients of `leaves` (so that none accumulates into an old one)."""
+    import time
+
+    times = []
+    for _ in range(repeats):
+        for t in leaves:
+            t.grad = None
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def save_results(out: str, info: dict, plot, rows, title: str, md: str) -> None:
+    """out.json (info), out.png (plot(rows, path, title)), and the table printed."""
+    import json
+
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(info, f, indent=2)
+    plot(rows, out + ".png", title)
+    print(f"### {title}\n")
+    print(md)

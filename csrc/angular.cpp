@@ -437,53 +437,50 @@ void project_rows(at::Tensor& grad, const at::Tensor& v, const at::Tensor& r) {
 // with H = dL/d(dot), then accumulates gX_chunk += H @ W_blk and
 // gW_blk += H^T @ x_chunk (the caller applies project_rows afterwards).
 
-template <typename T, typename Row>
+// `after(r0, nr, c0, cb, dots)` runs once a tile's rows are done.
+template <typename T, typename Row, typename After>
 void sweep_tiles(const at::Tensor& xc, const at::Tensor& wc, int64_t bs, int64_t rb,
-                 at::Tensor& buf, Row&& row) {
+                 at::Tensor& buf, Row&& row, After&& after) {
   const int64_t n = xc.size(0), c = wc.size(0);
   for (int64_t c0 = 0; c0 < c; c0 += bs) {
     const int64_t cb = std::min(bs, c - c0);
-    auto wb = wc.narrow(0, c0, cb);
     for (int64_t r0 = 0; r0 < n; r0 += rb) {
       const int64_t nr = std::min(rb, n - r0);
       auto dots = buf.narrow(0, 0, nr * cb).view({nr, cb});
-      at::mm_out(dots, xc.narrow(0, r0, nr), wb.t());
+      at::mm_out(dots, xc.narrow(0, r0, nr), wc.narrow(0, c0, cb).t());
       T* pd = dots.data_ptr<T>();
       at::parallel_for(0, nr, grain_rows(cb), [&](int64_t b, int64_t e) {
         for (int64_t k = b; k < e; ++k) row(r0 + k, pd + k * cb, c0, cb);
       });
+      after(r0, nr, c0, cb, dots);
     }
   }
+}
+
+template <typename T, typename Row>
+void sweep_tiles(const at::Tensor& xc, const at::Tensor& wc, int64_t bs, int64_t rb,
+                 at::Tensor& buf, Row&& row) {
+  sweep_tiles<T>(xc, wc, bs, rb, buf, row,
+                 [](int64_t, int64_t, int64_t, int64_t, const at::Tensor&) {});
 }
 
 template <typename T, typename Row>
 void sweep_tiles_backward(const at::Tensor& xc, const at::Tensor& wc, int64_t bs, int64_t rb,
                           at::Tensor& buf, bool need_x, bool need_w, at::Tensor& gx,
                           at::Tensor& gw, Row&& row) {
-  const int64_t n = xc.size(0), c = wc.size(0);
-  for (int64_t c0 = 0; c0 < c; c0 += bs) {
-    const int64_t cb = std::min(bs, c - c0);
-    auto wb = wc.narrow(0, c0, cb);
-    for (int64_t r0 = 0; r0 < n; r0 += rb) {
-      const int64_t nr = std::min(rb, n - r0);
-      auto dots = buf.narrow(0, 0, nr * cb).view({nr, cb});
-      auto xb = xc.narrow(0, r0, nr);
-      at::mm_out(dots, xb, wb.t());
-      T* pd = dots.data_ptr<T>();
-      at::parallel_for(0, nr, grain_rows(cb), [&](int64_t b, int64_t e) {
-        for (int64_t k = b; k < e; ++k) row(r0 + k, pd + k * cb, c0, cb);
-      });
-      if (need_x) gx.narrow(0, r0, nr).addmm_(dots, wb);
-      if (need_w) {
-        auto gwb = gw.narrow(0, c0, cb);
-        if (r0 == 0) {
-          at::mm_out(gwb, dots.t(), xb);
-        } else {
-          gwb.addmm_(dots.t(), xb);
-        }
-      }
-    }
-  }
+  sweep_tiles<T>(xc, wc, bs, rb, buf, row,
+                 [&](int64_t r0, int64_t nr, int64_t c0, int64_t cb, const at::Tensor& h) {
+                   auto xb = xc.narrow(0, r0, nr);
+                   if (need_x) gx.narrow(0, r0, nr).addmm_(h, wc.narrow(0, c0, cb));
+                   if (need_w) {
+                     auto gwb = gw.narrow(0, c0, cb);
+                     if (r0 == 0) {
+                       at::mm_out(gwb, h.t(), xb);
+                     } else {
+                       gwb.addmm_(h.t(), xb);
+                     }
+                   }
+                 });
 }
 
 // ------------------------------------------------------------ ops: features + weight
@@ -655,6 +652,41 @@ std::optional<at::Tensor> offsets_in(const std::optional<at::Tensor>& offset, in
   return offset->to(ct).contiguous();
 }
 
+// What both shard ops set up once the shapes are known to be non-empty: the columns
+// checked like labels, placeholder row weights and margin, the inverse norms, the
+// tile sizes and their one scratch.
+struct ShardSetup {
+  at::Tensor lab, ones, marg, rx, rw, buf;
+  std::optional<at::Tensor> off;
+  Cfg g;
+  int64_t k, bs, rb;
+
+  ShardSetup(const at::Tensor& xc, const at::Tensor& wc, const at::Tensor& col,
+             const std::optional<at::Tensor>& offset, int64_t kind, double s, int64_t block,
+             int64_t row_block)
+      : lab(col.contiguous()),
+        ones(at::ones({xc.size(0)}, xc.options())),
+        marg(at::zeros({1}, xc.options())),
+        g(make_cfg(kind, s, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1)),
+        k(wc.size(0)) {
+    const int64_t n = xc.size(0);
+    check_common(lab, ones, marg, n, k, -1);
+    off = offsets_in(offset, k, xc.scalar_type());
+    rx = row_inv_norm_cpu(xc, kNormEps);
+    rw = row_inv_norm_cpu(wc, kNormEps);
+    bs = std::max<int64_t>(1, std::min(block, k));
+    rb = std::max<int64_t>(1, std::min(row_block, n));
+    buf = at::empty({rb * bs}, xc.options());
+  }
+
+  template <typename T>
+  Rows<T> rows() const {
+    auto r = make_rows<T>(lab, ones, marg, rx, rw, g, k);
+    r.off = off.has_value() ? off->data_ptr<T>() : nullptr;
+    return r;
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_partials_fwd(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& col,
     const std::optional<at::Tensor>& offset, int64_t kind, double s, int64_t block,
@@ -663,28 +695,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_par
   const int64_t n = x.size(0), k = w.size(0);
   const auto ct = compute_type(x);
   auto xc = x.to(ct).contiguous(), wc = w.to(ct).contiguous();
-  auto lab = col.contiguous();
-  auto ones = at::ones({n}, xc.options());
-  auto marg = at::zeros({1}, xc.options());
   auto row_max = at::full({n}, -std::numeric_limits<double>::infinity(), xc.options());
   auto sum_exp = at::zeros({n}, xc.options()), cos_y = at::zeros({n}, xc.options());
   auto wrong = at::full({n}, -std::numeric_limits<double>::infinity(), xc.options());
-  auto wcol = at::zeros({n}, lab.options());
+  auto wcol = at::zeros({n}, col.options());
   if (n == 0 || k == 0) return {row_max, sum_exp, cos_y, wrong, wcol};
-  check_common(lab, ones, marg, n, k, -1);
-  const auto off = offsets_in(offset, k, ct);
-  const Cfg g = make_cfg(kind, s, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1);
-  auto rx = row_inv_norm_cpu(xc, kNormEps), rw = row_inv_norm_cpu(wc, kNormEps);
-  const int64_t bs = std::max<int64_t>(1, std::min(block, k));
-  const int64_t rb = std::max<int64_t>(1, std::min(row_block, n));
-  auto buf = at::empty({rb * bs}, xc.options());
+  ShardSetup st(xc, wc, col, offset, kind, s, block, row_block);
   AT_DISPATCH_FLOATING_TYPES(ct, "shard_partials_fwd", [&] {
-    auto rows = make_rows<scalar_t>(lab, ones, marg, rx, rw, g, k);
-    rows.off = off.has_value() ? off->data_ptr<scalar_t>() : nullptr;
+    auto rows = st.rows<scalar_t>();
     rows.all_wrong = true;
     rows.init(n);
-    sweep_tiles<scalar_t>(xc, wc, bs, rb, buf, [&](int64_t i, scalar_t* d, int64_t c0,
-                                                   int64_t cb) { rows.forward(i, d, c0, cb); });
+    sweep_tiles<scalar_t>(xc, wc, st.bs, st.rb, st.buf,
+                          [&](int64_t i, scalar_t* d, int64_t c0, int64_t cb) {
+                            rows.forward(i, d, c0, cb);
+                          });
     scalar_t *pm = row_max.data_ptr<scalar_t>(), *ps = sum_exp.data_ptr<scalar_t>();
     scalar_t *py = cos_y.data_ptr<scalar_t>(), *pw = wrong.data_ptr<scalar_t>();
     int64_t* pc = wcol.data_ptr<int64_t>();
@@ -713,30 +737,20 @@ std::tuple<at::Tensor, at::Tensor> shard_partials_bwd(
   auto xc = x.to(ct).contiguous(), wc = w.to(ct).contiguous();
   auto gx = at::zeros_like(xc), gw = at::zeros_like(wc);
   if (n == 0 || k == 0 || !(need_x || need_w)) return {gx.to(x.scalar_type()), gw.to(w.scalar_type())};
-  auto lab = col.contiguous();
-  auto ones = at::ones({n}, xc.options());
-  auto marg = at::zeros({1}, xc.options());
-  check_common(lab, ones, marg, n, k, -1);
-  const auto off = offsets_in(offset, k, ct);
-  const Cfg g = make_cfg(kind, s, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1);
+  ShardSetup st(xc, wc, col, offset, kind, s, block, row_block);
   auto gs = g_sum.to(ct).contiguous(), gc = g_cos_y.to(ct).contiguous();
   auto rm = row_max.to(ct).contiguous();
-  auto rx = row_inv_norm_cpu(xc, kNormEps), rw = row_inv_norm_cpu(wc, kNormEps);
-  const int64_t bs = std::max<int64_t>(1, std::min(block, k));
-  const int64_t rb = std::max<int64_t>(1, std::min(row_block, n));
-  auto buf = at::empty({rb * bs}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "shard_partials_bwd", [&] {
-    auto rows = make_rows<scalar_t>(lab, ones, marg, rx, rw, g, k);
-    rows.off = off.has_value() ? off->data_ptr<scalar_t>() : nullptr;
+    const auto rows = st.rows<scalar_t>();
     const scalar_t *pgs = gs.data_ptr<scalar_t>(), *pgc = gc.data_ptr<scalar_t>();
     const scalar_t* pm = rm.data_ptr<scalar_t>();
     sweep_tiles_backward<scalar_t>(
-        xc, wc, bs, rb, buf, need_x, need_w, gx, gw,
+        xc, wc, st.bs, st.rb, st.buf, need_x, need_w, gx, gw,
         [&](int64_t i, scalar_t* d, int64_t c0, int64_t cb) {
           rows.backward_partials(i, d, d, c0, cb, shift_of(pm[i]), pgs[i], pgc[i]);
         });
-    if (need_x) project_rows<scalar_t>(gx, xc, rx);
-    if (need_w) project_rows<scalar_t>(gw, wc, rw);
+    if (need_x) project_rows<scalar_t>(gx, xc, st.rx);
+    if (need_w) project_rows<scalar_t>(gw, wc, st.rw);
   });
   return {gx.to(x.scalar_type()), gw.to(w.scalar_type())};
 }
