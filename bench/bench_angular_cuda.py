@@ -91,14 +91,15 @@ def measure(method, N, D, C, dtype, args):
                         args.warmup, args.rep)
 
 
-def plot(rows, path):
+def plot(rows, path, methods=METHODS, title=None):
+    """Bars per (dtype, C) group and method: time and peak memory, log axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["dtype"], r["C"]) for r in rows}, key=lambda g: (g[0], g[1]))
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    methods = [m for m in methods if any(r["method"] == m for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / max(1, len(methods))
     for k, (key, label) in enumerate((("ms", "forward + backward, ms (median)"),
@@ -121,8 +122,8 @@ def plot(rows, path):
         ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
-    fig.suptitle(f"margin_cross_entropy ({rows[0]['kind']}), N={rows[0]['N']}, D={rows[0]['D']}, "
-                 f"{rows[0]['device']}")
+    fig.suptitle(title or f"margin_cross_entropy ({rows[0]['kind']}), N={rows[0]['N']}, "
+                 f"D={rows[0]['D']}, {rows[0]['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
