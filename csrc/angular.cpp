@@ -21,7 +21,8 @@
 // stay scalar); float64 and arcgrad's acos use libm (gradcheck runs in float64).
 // shard_partials_* (fused_margin.distributed): the class-tiled sweep with each row's
 // target column for its label, returning a shard's per-row max, sum of exp, target
-// cosine and best wrong column; its backward recomputes the tiles from those.
+// cosine and best wrong column; its backward recomputes the tiles from those. A
+// sampled shard's kept rows are gathered one class block at a time (Columns).
 // NaN and inf propagate as in the reference: ignored rows and rows of weight 0
 // are computed too and multiplied by 0, so their gradient is NaN where the
 // reference's 0 * softmax is.
@@ -437,48 +438,82 @@ void project_rows(at::Tensor& grad, const at::Tensor& v, const at::Tensor& r) {
 // with H = dL/d(dot), then accumulates gX_chunk += H @ W_blk and
 // gW_blk += H^T @ x_chunk (the caller applies project_rows afterwards).
 
-// `after(r0, nr, c0, cb, dots)` runs once a tile's rows are done.
+// The sweep's columns: every row of W, or (a sampled shard) the rows `keep` lists,
+// gathered one class block at a time into a [bs, D] tile (never a [K, D] copy); the
+// gradient of such a block is accumulated in a tile too and written to its rows once
+// the block's last row chunk is done.
+struct Columns {
+  const at::Tensor& wc;
+  std::optional<at::Tensor> keep;  // int64 [K], distinct rows of wc
+  at::Tensor wtile, gtile;
+
+  Columns(const at::Tensor& w, std::optional<at::Tensor> k, int64_t bs) : wc(w), keep(std::move(k)) {
+    if (keep.has_value()) {
+      wtile = at::empty({std::min<int64_t>(bs, keep->size(0)), wc.size(1)}, wc.options());
+      gtile = at::empty_like(wtile);
+    }
+  }
+  int64_t count() const { return keep.has_value() ? keep->size(0) : wc.size(0); }
+  at::Tensor block(int64_t c0, int64_t cb) {
+    if (!keep.has_value()) return wc.narrow(0, c0, cb);
+    auto out = wtile.narrow(0, 0, cb);
+    at::index_select_out(out, wc, 0, keep->narrow(0, c0, cb));
+    return out;
+  }
+  at::Tensor grad_block(at::Tensor& gw, int64_t c0, int64_t cb) {
+    return keep.has_value() ? gtile.narrow(0, 0, cb) : gw.narrow(0, c0, cb);
+  }
+  void commit(at::Tensor& gw, int64_t c0, int64_t cb) {
+    if (keep.has_value()) gw.index_copy_(0, keep->narrow(0, c0, cb), gtile.narrow(0, 0, cb));
+  }
+};
+
+// `after(r0, nr, c0, cb, dots, w_block)` runs once a tile's rows are done.
 template <typename T, typename Row, typename After>
-void sweep_tiles(const at::Tensor& xc, const at::Tensor& wc, int64_t bs, int64_t rb,
-                 at::Tensor& buf, Row&& row, After&& after) {
-  const int64_t n = xc.size(0), c = wc.size(0);
+void sweep_tiles(const at::Tensor& xc, Columns& cols, int64_t bs, int64_t rb, at::Tensor& buf,
+                 Row&& row, After&& after) {
+  const int64_t n = xc.size(0), c = cols.count();
   for (int64_t c0 = 0; c0 < c; c0 += bs) {
     const int64_t cb = std::min(bs, c - c0);
+    const auto wb = cols.block(c0, cb);
     for (int64_t r0 = 0; r0 < n; r0 += rb) {
       const int64_t nr = std::min(rb, n - r0);
       auto dots = buf.narrow(0, 0, nr * cb).view({nr, cb});
-      at::mm_out(dots, xc.narrow(0, r0, nr), wc.narrow(0, c0, cb).t());
+      at::mm_out(dots, xc.narrow(0, r0, nr), wb.t());
       T* pd = dots.data_ptr<T>();
       at::parallel_for(0, nr, grain_rows(cb), [&](int64_t b, int64_t e) {
         for (int64_t k = b; k < e; ++k) row(r0 + k, pd + k * cb, c0, cb);
       });
-      after(r0, nr, c0, cb, dots);
+      after(r0, nr, c0, cb, dots, wb);
     }
   }
 }
 
 template <typename T, typename Row>
-void sweep_tiles(const at::Tensor& xc, const at::Tensor& wc, int64_t bs, int64_t rb,
-                 at::Tensor& buf, Row&& row) {
-  sweep_tiles<T>(xc, wc, bs, rb, buf, row,
-                 [](int64_t, int64_t, int64_t, int64_t, const at::Tensor&) {});
+void sweep_tiles(const at::Tensor& xc, Columns& cols, int64_t bs, int64_t rb, at::Tensor& buf,
+                 Row&& row) {
+  sweep_tiles<T>(xc, cols, bs, rb, buf, row,
+                 [](int64_t, int64_t, int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
 }
 
 template <typename T, typename Row>
-void sweep_tiles_backward(const at::Tensor& xc, const at::Tensor& wc, int64_t bs, int64_t rb,
+void sweep_tiles_backward(const at::Tensor& xc, Columns& cols, int64_t bs, int64_t rb,
                           at::Tensor& buf, bool need_x, bool need_w, at::Tensor& gx,
                           at::Tensor& gw, Row&& row) {
-  sweep_tiles<T>(xc, wc, bs, rb, buf, row,
-                 [&](int64_t r0, int64_t nr, int64_t c0, int64_t cb, const at::Tensor& h) {
+  const int64_t n = xc.size(0);
+  sweep_tiles<T>(xc, cols, bs, rb, buf, row,
+                 [&](int64_t r0, int64_t nr, int64_t c0, int64_t cb, const at::Tensor& h,
+                     const at::Tensor& wb) {
                    auto xb = xc.narrow(0, r0, nr);
-                   if (need_x) gx.narrow(0, r0, nr).addmm_(h, wc.narrow(0, c0, cb));
+                   if (need_x) gx.narrow(0, r0, nr).addmm_(h, wb);
                    if (need_w) {
-                     auto gwb = gw.narrow(0, c0, cb);
+                     auto gwb = cols.grad_block(gw, c0, cb);
                      if (r0 == 0) {
                        at::mm_out(gwb, h.t(), xb);
                      } else {
                        gwb.addmm_(h.t(), xb);
                      }
+                     if (r0 + nr == n) cols.commit(gw, c0, cb);
                    }
                  });
 }
@@ -525,8 +560,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> angular_c
   AT_DISPATCH_FLOATING_TYPES(ct, "angular_ce_fwd", [&] {
     auto rows = make_rows<scalar_t>(lab, roww, marg, rx, rw, g, c);
     rows.init(n);
-    sweep_tiles<scalar_t>(xc, wc, bs, rb, buf, [&](int64_t i, scalar_t* d, int64_t c0,
-                                                   int64_t cb) { rows.forward(i, d, c0, cb); });
+    Columns cols(wc, std::nullopt, bs);
+    sweep_tiles<scalar_t>(xc, cols, bs, rb, buf, [&](int64_t i, scalar_t* d, int64_t c0,
+                                                     int64_t cb) { rows.forward(i, d, c0, cb); });
     finish_rows<scalar_t>(rows, 0, n, loss.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
                           cstar.data_ptr<int64_t>(), lse_other.data_ptr<scalar_t>(),
                           cos_y.data_ptr<scalar_t>());
@@ -566,8 +602,9 @@ std::tuple<at::Tensor, at::Tensor> angular_ce_bwd(
       const scalar_t* pg = gr.data_ptr<scalar_t>();
       const scalar_t* pls = ls.data_ptr<scalar_t>();
       const int64_t* pc = cst.data_ptr<int64_t>();
+      Columns cols(wc, std::nullopt, bs);
       sweep_tiles_backward<scalar_t>(
-          xc, wc, bs, rb, buf, need_x, need_w, gx, gw,
+          xc, cols, bs, rb, buf, need_x, need_w, gx, gw,
           [&](int64_t i, scalar_t* d, int64_t c0, int64_t cb) {
             rows.backward(i, d, d, c0, cb, pls[i], pc[i], pg[i] * rows.roww[i]);
           });
@@ -652,30 +689,51 @@ std::optional<at::Tensor> offsets_in(const std::optional<at::Tensor>& offset, in
   return offset->to(ct).contiguous();
 }
 
+// A sampled shard's kept rows: int64 [K], strictly increasing, inside [0, C_r).
+std::optional<at::Tensor> keep_in(const std::optional<at::Tensor>& keep, int64_t c_r) {
+  if (!keep.has_value()) return std::nullopt;
+  TORCH_CHECK(keep->dim() == 1 && keep->scalar_type() == at::kLong,
+              "margin_shard_partials: keep must be int64 [K]");
+  auto kc = keep->contiguous();
+  const int64_t* p = kc.data_ptr<int64_t>();
+  for (int64_t j = 0, k = kc.size(0); j < k; ++j)
+    TORCH_CHECK(p[j] >= 0 && p[j] < c_r && (j == 0 || p[j] > p[j - 1]),
+                "margin_shard_partials: keep must list distinct rows of the shard in increasing "
+                "order; entry ",
+                j, " is ", p[j], " (shard of ", c_r, " rows)");
+  return kc;
+}
+
+int64_t columns_of(const at::Tensor& w, const std::optional<at::Tensor>& keep) {
+  return keep.has_value() ? keep->size(0) : w.size(0);
+}
+
 // What both shard ops set up once the shapes are known to be non-empty: the columns
-// checked like labels, placeholder row weights and margin, the inverse norms, the
-// tile sizes and their one scratch.
+// checked like labels, placeholder row weights and margin, the inverse norms (of
+// every row of W, and of the sweep's columns), the tile sizes and their scratch.
 struct ShardSetup {
-  at::Tensor lab, ones, marg, rx, rw, buf;
+  at::Tensor lab, ones, marg, rx, rw_rows, rw, buf;
   std::optional<at::Tensor> off;
   Cfg g;
   int64_t k, bs, rb;
+  Columns cols;
 
   ShardSetup(const at::Tensor& xc, const at::Tensor& wc, const at::Tensor& col,
-             const std::optional<at::Tensor>& offset, int64_t kind, double s, int64_t block,
-             int64_t row_block)
+             const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& keep,
+             int64_t kind, double s, int64_t block, int64_t row_block)
       : lab(col.contiguous()),
         ones(at::ones({xc.size(0)}, xc.options())),
         marg(at::zeros({1}, xc.options())),
         g(make_cfg(kind, s, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1)),
-        k(wc.size(0)) {
-    const int64_t n = xc.size(0);
-    check_common(lab, ones, marg, n, k, -1);
+        k(columns_of(wc, keep)),
+        bs(std::max<int64_t>(1, std::min(block, k))),
+        rb(std::max<int64_t>(1, std::min(row_block, xc.size(0)))),
+        cols(wc, keep, bs) {
+    check_common(lab, ones, marg, xc.size(0), k, -1);
     off = offsets_in(offset, k, xc.scalar_type());
     rx = row_inv_norm_cpu(xc, kNormEps);
-    rw = row_inv_norm_cpu(wc, kNormEps);
-    bs = std::max<int64_t>(1, std::min(block, k));
-    rb = std::max<int64_t>(1, std::min(row_block, n));
+    rw_rows = row_inv_norm_cpu(wc, kNormEps);
+    rw = keep.has_value() ? rw_rows.index_select(0, *keep) : rw_rows;
     buf = at::empty({rb * bs}, xc.options());
   }
 
@@ -689,10 +747,11 @@ struct ShardSetup {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_partials_fwd(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& col,
-    const std::optional<at::Tensor>& offset, int64_t kind, double s, int64_t block,
-    int64_t row_block) {
+    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& keep_arg,
+    int64_t kind, double s, int64_t block, int64_t row_block) {
   check_xw(x, w);
-  const int64_t n = x.size(0), k = w.size(0);
+  const auto keep = keep_in(keep_arg, w.size(0));
+  const int64_t n = x.size(0), k = columns_of(w, keep);
   const auto ct = compute_type(x);
   auto xc = x.to(ct).contiguous(), wc = w.to(ct).contiguous();
   auto row_max = at::full({n}, -std::numeric_limits<double>::infinity(), xc.options());
@@ -700,12 +759,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_par
   auto wrong = at::full({n}, -std::numeric_limits<double>::infinity(), xc.options());
   auto wcol = at::zeros({n}, col.options());
   if (n == 0 || k == 0) return {row_max, sum_exp, cos_y, wrong, wcol};
-  ShardSetup st(xc, wc, col, offset, kind, s, block, row_block);
+  ShardSetup st(xc, wc, col, offset, keep, kind, s, block, row_block);
   AT_DISPATCH_FLOATING_TYPES(ct, "shard_partials_fwd", [&] {
     auto rows = st.rows<scalar_t>();
     rows.all_wrong = true;
     rows.init(n);
-    sweep_tiles<scalar_t>(xc, wc, st.bs, st.rb, st.buf,
+    sweep_tiles<scalar_t>(xc, st.cols, st.bs, st.rb, st.buf,
                           [&](int64_t i, scalar_t* d, int64_t c0, int64_t cb) {
                             rows.forward(i, d, c0, cb);
                           });
@@ -726,10 +785,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_par
 // dL/dx, dL/dW from dL/dsum_exp (g_sum) and dL/dcos_y (g_cos_y), recomputing the tiles.
 std::tuple<at::Tensor, at::Tensor> shard_partials_bwd(
     const at::Tensor& g_sum, const at::Tensor& g_cos_y, const at::Tensor& x, const at::Tensor& w,
-    const at::Tensor& col, const std::optional<at::Tensor>& offset, const at::Tensor& row_max,
-    int64_t kind, double s, int64_t block, int64_t row_block, bool need_x, bool need_w) {
+    const at::Tensor& col, const std::optional<at::Tensor>& offset,
+    const std::optional<at::Tensor>& keep_arg, const at::Tensor& row_max, int64_t kind, double s,
+    int64_t block, int64_t row_block, bool need_x, bool need_w) {
   check_xw(x, w);
-  const int64_t n = x.size(0), k = w.size(0);
+  const auto keep = keep_in(keep_arg, w.size(0));
+  const int64_t n = x.size(0), k = columns_of(w, keep);
   TORCH_CHECK(g_sum.dim() == 1 && g_sum.size(0) == n && g_cos_y.dim() == 1 &&
                   g_cos_y.size(0) == n && row_max.dim() == 1 && row_max.size(0) == n,
               "shard_partials_bwd: g_sum, g_cos_y and row_max must be [N]");
@@ -737,7 +798,7 @@ std::tuple<at::Tensor, at::Tensor> shard_partials_bwd(
   auto xc = x.to(ct).contiguous(), wc = w.to(ct).contiguous();
   auto gx = at::zeros_like(xc), gw = at::zeros_like(wc);
   if (n == 0 || k == 0 || !(need_x || need_w)) return {gx.to(x.scalar_type()), gw.to(w.scalar_type())};
-  ShardSetup st(xc, wc, col, offset, kind, s, block, row_block);
+  ShardSetup st(xc, wc, col, offset, keep, kind, s, block, row_block);
   auto gs = g_sum.to(ct).contiguous(), gc = g_cos_y.to(ct).contiguous();
   auto rm = row_max.to(ct).contiguous();
   AT_DISPATCH_FLOATING_TYPES(ct, "shard_partials_bwd", [&] {
@@ -745,12 +806,12 @@ std::tuple<at::Tensor, at::Tensor> shard_partials_bwd(
     const scalar_t *pgs = gs.data_ptr<scalar_t>(), *pgc = gc.data_ptr<scalar_t>();
     const scalar_t* pm = rm.data_ptr<scalar_t>();
     sweep_tiles_backward<scalar_t>(
-        xc, wc, st.bs, st.rb, st.buf, need_x, need_w, gx, gw,
+        xc, st.cols, st.bs, st.rb, st.buf, need_x, need_w, gx, gw,
         [&](int64_t i, scalar_t* d, int64_t c0, int64_t cb) {
           rows.backward_partials(i, d, d, c0, cb, shift_of(pm[i]), pgs[i], pgc[i]);
         });
     if (need_x) project_rows<scalar_t>(gx, xc, st.rx);
-    if (need_w) project_rows<scalar_t>(gw, wc, st.rw);
+    if (need_w) project_rows<scalar_t>(gw, wc, st.rw_rows);  // rows not kept stay 0
   });
   return {gx.to(x.scalar_type()), gw.to(w.scalar_type())};
 }
@@ -851,11 +912,12 @@ TORCH_LIBRARY_FRAGMENT(fused_margin, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // A class shard's partials (fused_margin.distributed): col [N] is each row's target
   // column in [-1, K); returns row_max, sum_exp, cos_y, wrong_cos, wrong_column.
-  m.def("shard_partials_fwd(Tensor x, Tensor w, Tensor col, Tensor? offset, int kind, float s, "
-        "int block, int row_block) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // keep: the sampled shard's kept rows of w (its columns), None for all of them.
+  m.def("shard_partials_fwd(Tensor x, Tensor w, Tensor col, Tensor? offset, Tensor? keep, "
+        "int kind, float s, int block, int row_block) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("shard_partials_bwd(Tensor g_sum, Tensor g_cos_y, Tensor x, Tensor w, Tensor col, "
-        "Tensor? offset, Tensor row_max, int kind, float s, int block, int row_block, "
-        "bool need_x, bool need_w) -> (Tensor, Tensor)");
+        "Tensor? offset, Tensor? keep, Tensor row_max, int kind, float s, int block, "
+        "int row_block, bool need_x, bool need_w) -> (Tensor, Tensor)");
   m.def("cosine_ce_fwd(Tensor cos, Tensor labels, Tensor row_weight, Tensor margin, int kind, "
         "float s, float m1, float m2, float m3, float elm_lambda, float th, float offset, "
         "int ignore_index) -> (Tensor, Tensor, Tensor)");

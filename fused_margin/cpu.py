@@ -226,16 +226,18 @@ from .reference.sharded import ShardPartials, finish_partials, target_columns  #
 
 
 class _ShardPartials(torch.autograd.Function):
-    """(features, weight [K, D]) -> row_max, sum_exp, cos_y, wrong_cos,
-    wrong_column; only sum_exp and cos_y are differentiable."""
+    """(features, weight [C_r, D]) -> row_max, sum_exp, cos_y, wrong_cos,
+    wrong_column over the rows `keep` lists (all where None); only sum_exp and
+    cos_y are differentiable."""
 
     @staticmethod
-    def forward(ctx, features, weight, col, offset, kind, s, block):
+    def forward(ctx, features, weight, col, offset, keep, kind, s, block):
         elem = torch.empty((), dtype=compute_dtype(features.dtype)).element_size()
-        tiles = _tiles(weight.shape[0], elem) if block is None else block
-        out = ops.shard_partials_fwd(features, weight, col, offset, KIND_CODES[kind], float(s),
-                                     *tiles)
-        ctx.save_for_backward(features, weight, col, offset, out[0])
+        k = weight.shape[0] if keep is None else keep.numel()
+        tiles = _tiles(k, elem) if block is None else block
+        out = ops.shard_partials_fwd(features, weight, col, offset, keep, KIND_CODES[kind],
+                                     float(s), *tiles)
+        ctx.save_for_backward(features, weight, col, offset, keep, out[0])
         ctx.args = (KIND_CODES[kind], float(s)) + tuple(tiles)
         ctx.mark_non_differentiable(out[0], out[3], out[4])
         return out
@@ -243,14 +245,14 @@ class _ShardPartials(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, _g_max, g_sum, g_cos_y, _g_wrong, _g_column):
-        features, weight, col, offset, row_max = ctx.saved_tensors
+        features, weight, col, offset, keep, row_max = ctx.saved_tensors
         zero = torch.zeros_like(row_max)
         gx, gw = ops.shard_partials_bwd(zero if g_sum is None else g_sum,
                                         zero if g_cos_y is None else g_cos_y, features, weight,
-                                        col, offset, row_max, *ctx.args,
+                                        col, offset, keep, row_max, *ctx.args,
                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return (gx if ctx.needs_input_grad[0] else None,
-                gw if ctx.needs_input_grad[1] else None, None, None, None, None, None)
+                gw if ctx.needs_input_grad[1] else None, None, None, None, None, None, None)
 
 
 def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
@@ -262,12 +264,14 @@ def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
                           block: Optional[Tuple[int, int]] = None) -> ShardPartials:
     """reference.sharded.margin_shard_partials on the C++ sweep; `block` =
     (classes, rows) of a tile overrides CLASS_BLOCK / the row sizing (tests).
-    A sampled shard (`keep`) is gathered into a [K, D] copy first."""
-    w = weight_shard if keep is None else weight_shard.index_select(0, keep)
+    A sampled shard's kept rows (`keep`) are gathered one class block at a
+    time, and only they get a gradient (no [K, D] copy of W or its gradient)."""
     col = target_columns(labels, class_start=class_start, shard_size=weight_shard.shape[0],
                          keep=keep, ignore_index=ignore_index)
     offset = None if logit_offset is None else logit_offset.detach()
-    stats = _ShardPartials.apply(features, w, col, offset, kind, s, block)
+    if keep is not None:
+        keep = keep.to(torch.int64).contiguous()
+    stats = _ShardPartials.apply(features, weight_shard, col, offset, keep, kind, s, block)
     return finish_partials(*stats, labels, col, keep=keep, class_start=class_start, kind=kind,
                            s=s, m=m, m1=m1, m2=m2, m3=m3)
 

@@ -677,7 +677,8 @@ def test_partials_labels_outside_the_shard_never_reach_a_kernel(backend):
 
 
 def test_cpu_partials_reject_a_column_outside_the_shard():
-    """The C++ op checks its target columns like labels before any tile runs."""
+    """The C++ op checks its target columns like labels, and the kept rows of a
+    sampled shard, before any tile runs."""
     if not dispatch_ok("cpu"):
         pytest.skip("the C++ extension is not built")
     from fused_margin import cpu
@@ -685,7 +686,12 @@ def test_cpu_partials_reject_a_column_outside_the_shard():
     for bad in (4, -2):
         col = torch.tensor([0, bad, -1])
         with pytest.raises(RuntimeError, match="outside"):
-            cpu.ops.shard_partials_fwd(x, w, col, None, 1, 30.0, 2, 2)
+            cpu.ops.shard_partials_fwd(x, w, col, None, None, 1, 30.0, 2, 2)
+    # and the kept rows of a sampled shard: inside the shard, distinct, increasing
+    col = torch.tensor([0, 1, -1])
+    for keep in ([0, 4], [-1, 2], [2, 1], [1, 1]):
+        with pytest.raises(RuntimeError, match="keep must list"):
+            cpu.ops.shard_partials_fwd(x, w, col, None, torch.tensor(keep), 1, 30.0, 2, 2)
 
 
 def dispatch_ok(backend):
@@ -757,7 +763,7 @@ def test_chunked_partials_make_no_n_by_c_tensor(keep):
 def test_fused_partials_make_no_n_by_c_tensor(backend, keep):
     """The C++ op's scratch (seen by the profiler) and everything the Triton
     path allocates stay below N x K; a whole-shard C++ tile is seen, so the
-    check can fail."""
+    check can fail. A sampled shard's kept rows are never gathered whole."""
     n, c_r, d = 16, 40, 4
     g = torch.Generator().manual_seed(0)
     dev = device_for(backend)
@@ -773,17 +779,20 @@ def test_fused_partials_make_no_n_by_c_tensor(backend, keep):
         with recorder as rec:
             p = fn(x, w, y, class_start=c_r // 2, kind="arcgrad", s=4.0, keep=keep, **extra)
             (p.sum_exp.sum() + p.target.sum()).backward()
-        return max(rec.bytes) // 4 if backend == "cpu" else max(rec.sizes)
+        return rec
 
     if backend == "cpu":
         from fused_margin import cpu
         fn = cpu.margin_shard_partials
-        assert run(block=(5, 2)) <= bound
-        assert run(block=(k, n)) >= n * k  # one tile of the whole shard is seen
+        assert max(run(block=(5, 2)).bytes) // 4 <= bound
+        assert max(run(block=(k, n)).bytes) // 4 >= n * k  # a whole-shard tile is seen
     else:
         from fused_margin.triton import angular as ta
         fn = ta.margin_shard_partials
-        assert run(blocks=ta.Blocks(outer=4, sweep=4, d=4, do=4)) <= bound
+        rec = run(blocks=ta.Blocks(outer=4, sweep=4, d=4, do=4))
+        assert max(rec.sizes) <= bound
+        if keep is not None:  # the kept rows are read in place: no [K, D] gather
+            assert (k, d) not in rec.shapes, rec.shapes
 
 
 

@@ -24,7 +24,9 @@
 #
 # PARTIALS mode (fused_margin.distributed's per-shard statistics): the same forward
 # sweep with each row's target column in [-1, C) for its label, an optional per-class
-# logit offset, and the best wrong column tracked for every row; it stores the row
+# logit offset, a sampled shard's kept rows read through their index (HAS_KEEP: column
+# j is W's row keep[j]; the dW kernel writes those rows of a zero gradient), and the
+# best wrong column tracked for every row; it stores the row
 # max, sum of exp, target cosine and best wrong cosine and stops there (the target
 # logit is formed outside, from O(N) values). Its backward is the two gradient
 # kernels with lse = the row shift, a = dL/dsum_exp and b = dL/dcos_y.
@@ -128,19 +130,20 @@ def _grad_dot(g, b, acc, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.const
 
 
 @triton.jit
-def _cos_tile(x_ptr, w_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd,
+def _cos_tile(x_ptr, w_ptr, rows, wrows, rmask, cmask, stride_xn, stride_xd,
               stride_wc, stride_wd, D, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
               BLOCK_D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
               UPCAST: tl.constexpr):
-    """x @ W.T on a [BLOCK_N, BLOCK_C] tile, summed over D in BLOCK_D chunks; the
-    caller scales by rx, rw (the backward needs the unscaled products too)."""
+    """x @ W.T on a [BLOCK_N, BLOCK_C] tile (column j: W's row wrows[j]), summed over
+    D in BLOCK_D chunks; the caller scales by rx, rw (the backward needs the
+    unscaled products too)."""
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         dmask = dd < D
         a = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
                     mask=rmask[:, None] & dmask[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[:, None] * stride_wc + dd[None, :] * stride_wd,
+        b = tl.load(w_ptr + wrows[:, None] * stride_wc + dd[None, :] * stride_wd,
                     mask=cmask[:, None] & dmask[None, :], other=0.0)
         acc = _dot(a, tl.trans(b), acc, ACC, PREC, UPCAST)
     return acc
@@ -221,6 +224,16 @@ def _row_info(labels_ptr, rows, rmask, stride_l, ignore_index):
 
 
 @triton.jit
+def _wrows(keep_ptr, cols, cmask, HAS_KEEP: tl.constexpr):
+    """W's row of each column: keep[col] for a sampled shard (the kept classes are
+    read in place, never gathered into a copy), else the column itself."""
+    if HAS_KEEP:
+        return tl.load(keep_ptr + cols, mask=cmask, other=0)
+    else:
+        return cols
+
+
+@triton.jit
 def _offset(off_ptr, cols, cmask, ACC: tl.constexpr, HAS_OFFSET: tl.constexpr):
     """The per-class logit offsets of a tile (sampled shards' log 1/q), or 0."""
     if HAS_OFFSET:
@@ -268,12 +281,13 @@ def _margin_ce_fwd_kernel(
         # (FROM_COSINE: x_ptr is the cosine [N, C], the rest unused)
         labels_ptr, m_ptr, cw_ptr, p_ptr,  # labels [N], margins [C], class weights [C], scalars
         off_ptr,  # HAS_OFFSET: per-class logit offsets [C] (non-target logits only)
+        keep_ptr,  # HAS_KEEP: W's row [C] int64 of each column (a sampled shard)
         stats_ptr, cstar_ptr,  # out: statistics [N_STATS, N], elm's c* [N] int64
         stride_xn, stride_xd, stride_wc, stride_wd, stride_l,
         N, C, D, ignore_index,
         KIND: tl.constexpr, FROM_COSINE: tl.constexpr, HAS_M_VEC: tl.constexpr,
-        HAS_CLASS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, PARTIALS: tl.constexpr,
-        IS_F64: tl.constexpr, ACC: tl.constexpr,
+        HAS_CLASS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_KEEP: tl.constexpr,
+        PARTIALS: tl.constexpr, IS_F64: tl.constexpr, ACC: tl.constexpr,
         PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -297,7 +311,8 @@ def _margin_ce_fwd_kernel(
             cos = _load_cos(x_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd, ACC)
         else:
             rw = tl.load(rw_ptr + cols, mask=cmask, other=0.0)
-            cos = _cos_tile(x_ptr, w_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd,
+            cos = _cos_tile(x_ptr, w_ptr, rows, _wrows(keep_ptr, cols, cmask, HAS_KEEP), rmask,
+                            cmask, stride_xn, stride_xd,
                             stride_wc, stride_wd, D, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PREC,
                             UPCAST) * rx[:, None] * rw[None, :]
         is_t = cols[None, :] == y_col[:, None]
@@ -364,12 +379,13 @@ def _margin_ce_fwd_kernel(
 def _margin_ce_bwd_dx_kernel(
         x_ptr, w_ptr, rx_ptr, rw_ptr,  # as forward (x_ptr is the cosine for FROM_COSINE)
         labels_ptr, p_ptr, off_ptr,  # labels, scalars, logit offsets [C] (HAS_OFFSET)
+        keep_ptr,  # HAS_KEEP: W's row of each column
         lse_ptr, a_ptr, b_ptr,  # per row [N]: lse, a (softmax scale), b (target term)
         dx_ptr,  # out: dL/dx [N, D] (dL/dcos [N, C] for FROM_COSINE), contiguous
         stride_xn, stride_xd, stride_wc, stride_wd, stride_l,
         N, C, D, ignore_index,
         KIND: tl.constexpr, FROM_COSINE: tl.constexpr, HAS_OFFSET: tl.constexpr,
-        IS_F64: tl.constexpr,
+        HAS_KEEP: tl.constexpr, IS_F64: tl.constexpr,
         ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DO: tl.constexpr):
@@ -400,13 +416,14 @@ def _margin_ce_bwd_dx_kernel(
                      g.to(dx_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         else:
             rw = tl.load(rw_ptr + cols, mask=cmask, other=0.0)
-            xw = _cos_tile(x_ptr, w_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd,
+            wrows = _wrows(keep_ptr, cols, cmask, HAS_KEEP)
+            xw = _cos_tile(x_ptr, w_ptr, rows, wrows, rmask, cmask, stride_xn, stride_xd,
                            stride_wc, stride_wd, D, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PREC,
                            UPCAST) * rx[:, None]
             g = _grad_tile(xw * rw[None, :], cols, cmask, y_col, lse, a, b,
                            _offset(off_ptr, cols, cmask, ACC, HAS_OFFSET)[None, :], s, lo, hi,
                            KIND, IS_F64)
-            wt = tl.load(w_ptr + cols[:, None] * stride_wc + dout[None, :] * stride_wd,
+            wt = tl.load(w_ptr + wrows[:, None] * stride_wc + dout[None, :] * stride_wd,
                          mask=cmask[:, None] & omask[None, :], other=0.0)
             acc, gw = _grad_dot(g * rw[None, :], wt, acc, ACC, PREC, UPCAST, SPLIT)
             # x_hat . G from the same rounded gw that G is made of, so that the radial
@@ -422,12 +439,13 @@ def _margin_ce_bwd_dx_kernel(
 
 @triton.jit
 def _margin_ce_bwd_dw_kernel(
-        x_ptr, w_ptr, rx_ptr, rw_ptr, labels_ptr, p_ptr, off_ptr,  # as dx's
+        x_ptr, w_ptr, rx_ptr, rw_ptr, labels_ptr, p_ptr, off_ptr, keep_ptr,  # as dx's
         lse_ptr, a_ptr, b_ptr,
-        dw_ptr,  # out: dL/dW [C, D], contiguous
+        dw_ptr,  # out: dL/dW [C, D] (HAS_KEEP: W's rows, the kept ones written), contiguous
         stride_xn, stride_xd, stride_wc, stride_wd, stride_l,
         N, C, D, ignore_index,
-        KIND: tl.constexpr, HAS_OFFSET: tl.constexpr, IS_F64: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+        KIND: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_KEEP: tl.constexpr,
+        IS_F64: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
         UPCAST: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -439,6 +457,7 @@ def _margin_ce_bwd_dw_kernel(
     hi = tl.load(p_ptr + P_HI)
     rw = tl.load(rw_ptr + cols, mask=cmask, other=0.0)
     off = _offset(off_ptr, cols, cmask, ACC, HAS_OFFSET)
+    wrows = _wrows(keep_ptr, cols, cmask, HAS_KEEP)
     acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=ACC)
     col_sum = tl.zeros((BLOCK_C,), dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
@@ -449,7 +468,7 @@ def _margin_ce_bwd_dw_kernel(
         a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
         b = tl.load(b_ptr + rows, mask=rmask, other=0.0)
         rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
-        xw = _cos_tile(x_ptr, w_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd,
+        xw = _cos_tile(x_ptr, w_ptr, rows, wrows, rmask, cmask, stride_xn, stride_xd,
                        stride_wc, stride_wd, D, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PREC,
                        UPCAST) * rw[None, :]
         g = _grad_tile(xw * rx[:, None], cols, cmask, y_col, lse, a, b, off[None, :], s, lo,
@@ -458,10 +477,10 @@ def _margin_ce_bwd_dw_kernel(
                      mask=rmask[:, None] & omask[None, :], other=0.0)
         acc, gx = _grad_dot(tl.trans(g * rx[:, None]), xt, acc, ACC, PREC, UPCAST, SPLIT)
         col_sum += tl.sum(tl.trans(gx) * xw, axis=0)
-    wt = tl.load(w_ptr + cols[:, None] * stride_wc + dout[None, :] * stride_wd,
+    wt = tl.load(w_ptr + wrows[:, None] * stride_wc + dout[None, :] * stride_wd,
                  mask=cmask[:, None] & omask[None, :], other=0.0).to(ACC)
     dw = rw[:, None] * (acc - col_sum[:, None] * wt * rw[:, None])
-    tl.store(dw_ptr + cols[:, None] * D + dout[None, :], dw.to(dw_ptr.dtype.element_ty),
+    tl.store(dw_ptr + wrows[:, None] * D + dout[None, :], dw.to(dw_ptr.dtype.element_ty),
              mask=cmask[:, None] & omask[None, :])
 
 
@@ -566,14 +585,15 @@ def margin_ce_fwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
                   *, kind: str, params: torch.Tensor, m_vec: Optional[torch.Tensor],
                   class_weight: Optional[torch.Tensor], ignore_index: int,
                   blocks: Optional[Blocks] = None, offset: Optional[torch.Tensor] = None,
-                  partials: bool = False):
+                  partials: bool = False, keep: Optional[torch.Tensor] = None):
     """Launch the forward sweep. `weight` None: `features` is the cosine [N, C].
     Returns (stats [N_STATS, N], c* [N] int64, rx, rw); with `partials` the
     stats rows are PT_* (a class shard's) and c* is the best wrong column of
-    every row. `offset` [C] is added to the non-target logits."""
+    every row. `offset` [C] is added to the non-target logits. `keep` [C] int64:
+    the columns are those rows of `weight` (read in place), and rw is theirs."""
     from_cos = weight is None
     N = features.shape[0]
-    C = features.shape[1] if from_cos else weight.shape[0]
+    C = features.shape[1] if from_cos else (weight.shape[0] if keep is None else keep.numel())
     D = 0 if from_cos else features.shape[1]
     blocks = blocks or default_blocks(features.dtype, D)
     acc, tdt = _acc(features.dtype)
@@ -583,14 +603,16 @@ def margin_ce_fwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
     rx = rw = None
     if not from_cos:
         rx, rw = row_inv_norm(features), row_inv_norm(weight)
+        if keep is not None:  # O(C_r) floats, then the kept ones
+            rw = rw.index_select(0, keep)
     w = features if from_cos else weight
     _margin_ce_fwd_kernel[(triton.cdiv(N, blocks.outer),)](
-        features, w, rx, rw, labels, m_vec, class_weight, params, offset, stats, c_star,
+        features, w, rx, rw, labels, m_vec, class_weight, params, offset, keep, stats, c_star,
         features.stride(0), features.stride(1), w.stride(0), w.stride(1), labels.stride(0),
         N, C, D, ignore_index,
         KIND=KINDS.index(kind), FROM_COSINE=from_cos, HAS_M_VEC=m_vec is not None,
         HAS_CLASS_WEIGHT=class_weight is not None, HAS_OFFSET=offset is not None,
-        PARTIALS=partials, IS_F64=features.dtype == torch.float64,
+        HAS_KEEP=keep is not None, PARTIALS=partials, IS_F64=features.dtype == torch.float64,
         ACC=acc, PREC=_precision(features.dtype), UPCAST=_upcast(features.dtype),
         BLOCK_N=blocks.outer, BLOCK_C=blocks.sweep, BLOCK_D=blocks.d,
         num_warps=blocks.num_warps)
@@ -599,17 +621,18 @@ def margin_ce_fwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
 
 def margin_ce_bwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels: torch.Tensor,
                   saved: _Saved, lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                  offset: Optional[torch.Tensor] = None):
+                  offset: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None):
     """dL/dfeatures, dL/dweight (or dL/dcosine, None) for dL/dcos_ij =
     a_i exp(z_ij + offset_j - lse_i) dz_ij/dcos_ij off the target and b_i at it
-    (lse, a, b: contiguous [N])."""
+    (lse, a, b: contiguous [N]). With `keep` the columns are those rows of
+    weight, and dL/dweight is 0 on the others."""
     from_cos = weight is None
     N = features.shape[0]
-    C = features.shape[1] if from_cos else weight.shape[0]
+    C = features.shape[1] if from_cos else (weight.shape[0] if keep is None else keep.numel())
     D = 0 if from_cos else features.shape[1]
     blk = saved.blocks
     acc, _ = _acc(features.dtype)
-    common = dict(KIND=saved.kind, HAS_OFFSET=offset is not None,
+    common = dict(KIND=saved.kind, HAS_OFFSET=offset is not None, HAS_KEEP=keep is not None,
                   IS_F64=features.dtype == torch.float64, ACC=acc,
                   PREC=_precision(features.dtype), UPCAST=_upcast(features.dtype),
                   SPLIT=features.dtype in (torch.float16, torch.bfloat16), BLOCK_D=blk.d,
@@ -619,16 +642,19 @@ def margin_ce_bwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
     dx = torch.empty((N, C) if from_cos else (N, D), dtype=features.dtype, device=features.device)
     n_do = 1 if from_cos else triton.cdiv(D, blk.do)
     if n_do == 0:  # D = 0: nothing depends on the (empty) features
-        return dx, torch.empty((C, 0), dtype=weight.dtype, device=weight.device)
+        return dx, torch.empty((weight.shape[0], 0), dtype=weight.dtype, device=weight.device)
     _margin_ce_bwd_dx_kernel[(triton.cdiv(N, blk.outer), n_do)](
-        features, w, saved.rx, saved.rw, labels, saved.params, offset, lse, a, b, dx, *strides,
+        features, w, saved.rx, saved.rw, labels, saved.params, offset, keep, lse, a, b, dx,
+        *strides,
         N, C, D, saved.ignore_index, FROM_COSINE=from_cos, BLOCK_N=blk.outer, BLOCK_C=blk.sweep,
         **common)
     if from_cos:
         return dx, None
-    dw = torch.empty((C, D), dtype=weight.dtype, device=weight.device)
+    dw = (torch.empty if keep is None else torch.zeros)(weight.shape, dtype=weight.dtype,
+                                                        device=weight.device)
     _margin_ce_bwd_dw_kernel[(triton.cdiv(C, blk.outer), n_do)](
-        features, w, saved.rx, saved.rw, labels, saved.params, offset, lse, a, b, dw, *strides,
+        features, w, saved.rx, saved.rw, labels, saved.params, offset, keep, lse, a, b, dw,
+        *strides,
         N, C, D, saved.ignore_index, BLOCK_N=blk.sweep, BLOCK_C=blk.outer, **common)
     return dx, dw
 
@@ -699,16 +725,18 @@ def _with_stats(ctx, p: MarginParams, out, lse_other, cos_y):
 
 class ShardPartialsFunction(torch.autograd.Function):
     """One class shard's per-row statistics for fused_margin.distributed:
-    (features [N, D], weight [K, D]) -> row_max, sum_exp, cos_y, wrong_cos,
-    wrong_column, from the forward kernel in PARTIALS mode. `col` [N] is each
+    (features [N, D], weight [C_r, D]) -> row_max, sum_exp, cos_y, wrong_cos,
+    wrong_column, from the forward kernel in PARTIALS mode, over the K columns
+    `keep` selects (all C_r rows where keep is None). `col` [N] is each
     row's target column in [0, K) or -1 (never a label: the kernels cannot read
     outside the shard). Only sum_exp and cos_y are differentiable; backward runs
     the loss's two gradient kernels with lse = the row shift, a = dL/dsum_exp
     and b = dL/dcos_y."""
 
     @staticmethod
-    def forward(ctx, p: MarginParams, col, offset, features, weight):
-        n, k = features.shape[0], weight.shape[0]
+    def forward(ctx, p: MarginParams, col, offset, keep, features, weight):
+        n = features.shape[0]
+        k = weight.shape[0] if keep is None else keep.numel()
         tdt = _acc(features.dtype)[1]
         dev = features.device
         ctx.shapes = [(t.shape, t.dtype) for t in (features, weight)]
@@ -723,9 +751,9 @@ class ShardPartialsFunction(torch.autograd.Function):
             stats, wrong, rx, rw = margin_ce_fwd(features, weight, col, kind=p.kind,
                                                  params=params, m_vec=None, class_weight=None,
                                                  ignore_index=-1, blocks=blocks, offset=offset,
-                                                 partials=True)
+                                                 partials=True, keep=keep)
             ctx.saved = _Saved(KINDS.index(p.kind), params, -1, blocks, rx, rw, stats)
-            ctx.save_for_backward(col, offset, features, weight)
+            ctx.save_for_backward(col, offset, keep, features, weight)
         out = (stats[PT_MAX], stats[PT_SUM], stats[PT_COSY], stats[PT_WRONG], wrong)
         ctx.mark_non_differentiable(out[0], out[3], out[4])
         return out
@@ -733,17 +761,17 @@ class ShardPartialsFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, _g_max, g_sum, g_cos_y, _g_wrong, _g_column):
-        head = (None,) * 3
+        head = (None,) * 4
         if ctx.empty:
             return head + tuple(torch.zeros(sh, dtype=dt, device=g_sum.device)
                                 for sh, dt in ctx.shapes)
-        col, offset, features, weight = ctx.saved_tensors
+        col, offset, keep, features, weight = ctx.saved_tensors
         sv = ctx.saved
         row_max = sv.stats[PT_MAX]
         shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         a = torch.zeros_like(shift) if g_sum is None else g_sum.to(shift.dtype).contiguous()
         b = torch.zeros_like(shift) if g_cos_y is None else g_cos_y.to(shift.dtype).contiguous()
-        dx, dw = margin_ce_bwd(features, weight, col, sv, shift.contiguous(), a, b, offset)
+        dx, dw = margin_ce_bwd(features, weight, col, sv, shift.contiguous(), a, b, offset, keep)
         return head + (dx, dw)
 
 
@@ -755,9 +783,8 @@ def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
                           logit_offset: Optional[torch.Tensor] = None,
                           blocks: Optional[Blocks] = None) -> ShardPartials:
     """reference.sharded.margin_shard_partials on the fused kernels; a sampled
-    shard (`keep`) is gathered into a [K, D] copy first (autograd scatters its
-    gradient back)."""
-    w = weight_shard if keep is None else weight_shard.index_select(0, keep)
+    shard's kept rows (`keep`) are read in place and only they get a gradient
+    (no [K, D] copy of W or of its gradient)."""
     col = target_columns(labels, class_start=class_start, shard_size=weight_shard.shape[0],
                          keep=keep, ignore_index=ignore_index)
     offset = None
@@ -765,7 +792,9 @@ def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
         offset = logit_offset.detach().to(_acc(features.dtype)[1]).contiguous()
     p = MarginParams(kind, float(s), 0.0, float(m1), float(m2), float(m3), 0.0, -1, "none",
                      blocks)
-    stats = ShardPartialsFunction.apply(p, col.contiguous(), offset, features, w)
+    if keep is not None:
+        keep = keep.to(device=weight_shard.device, dtype=torch.int64).contiguous()
+    stats = ShardPartialsFunction.apply(p, col.contiguous(), offset, keep, features, weight_shard)
     return finish_partials(*stats, labels, col, keep=keep, class_start=class_start, kind=kind,
                            s=s, m=m, m1=m1, m2=m2, m3=m3)
 
