@@ -22,7 +22,7 @@ import math
 import os
 import sys
 
-from common import cuda_measure
+from common import cuda_measure, cuda_problem, floor_step
 
 METHODS = ("triton", "eager", "compile", "floor")
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
@@ -55,19 +55,10 @@ def _setup(method, N, D, C, dtype, kind, s, m):
     import fused_margin as fm
     from fused_margin.reference import angular as ref
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(N, D, device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
-    W = torch.randn(C, D, device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
-    y = torch.randint(0, C, (N,), device="cuda", generator=gen)
+    x, W, y = cuda_problem(N, D, C, dtype)
     kw = dict(kind=kind, s=s, m=m)
     if method == "floor":
-        xd, Wd = x.detach(), W.detach()
-
-        def step():
-            g = xd @ Wd.T
-            g @ Wd
-            g.T @ xd
-        return step, None
+        return floor_step(x, W), None
     if method == "triton":
         def fn(a, b):
             return fm.margin_cross_entropy(a, b, y, backend="triton", **kw)

@@ -23,7 +23,7 @@ import socket
 import sys
 
 from bench_angular_cuda import DTYPES, plot
-from common import cuda_measure
+from common import cuda_measure, cuda_problem, floor_step
 
 METHODS = ("triton", "tiled", "single", "floor")
 
@@ -51,19 +51,10 @@ def _setup(method, N, D, C, rate, dtype, kind):
     import fused_margin as fm
     from fused_margin import distributed as fd
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(N, D, device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
-    W = torch.randn(C, D, device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
-    y = torch.randint(0, C, (N,), device="cuda", generator=gen)
+    x, W, y = cuda_problem(N, D, C, dtype)
     kw = dict(kind=kind, s=64.0, m=0.5)
     if method == "floor":
-        xd, Wd = x.detach(), W.detach()
-
-        def floor():
-            g = xd @ Wd.T
-            g @ Wd
-            g.T @ xd
-        return floor, None
+        return floor_step(x, W), None
     if method == "single":
         if rate < 1:
             raise ValueError("the single-process loss has no sampling")

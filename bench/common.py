@@ -126,3 +126,26 @@ def save_results(out: str, info: dict, plot, rows, title: str, md: str) -> None:
     plot(rows, out + ".png", title)
     print(f"### {title}\n")
     print(md)
+
+
+def cuda_problem(N: int, D: int, C: int, dtype):
+    """Seeded features x [N, D] and weight W [C, D] (both requiring grad) and
+    labels y [N] on the GPU: the margin benchmarks' inputs."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, D, device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
+    W = torch.randn(C, D, device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
+    y = torch.randint(0, C, (N,), device="cuda", generator=gen)
+    return x, W, y
+
+
+def floor_step(x, W):
+    """The matmuls every margin loss makes at least: x W^T, then g W and g^T x."""
+    xd, Wd = x.detach(), W.detach()
+
+    def floor():
+        g = xd @ Wd.T
+        g @ Wd
+        g.T @ xd
+    return floor
