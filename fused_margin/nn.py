@@ -311,6 +311,8 @@ class ShardedMarginLoss(nn.Module):
     global batch, the same on every rank; every rank calls forward and
     backward together (gradient semantics in fused_margin.distributed).
     A per-class `m` and `class_weight` are the full [num_classes] tensors.
+    `backend` picks the per-shard partials kernel (auto: Triton on CUDA, C++
+    on CPU) and predict()'s argmax sweep.
 
     Initialisation: init_seed=None draws xavier-uniform (the full weight's
     bound) from each rank's default generator; init_seed=k makes the full
