@@ -222,7 +222,7 @@ def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor,
 # column in place of its label; the target logit and global indices are formed
 # here, in O(N), by reference.sharded.finish_partials.
 
-from .reference.sharded import ShardPartials, finish_partials, target_columns  # noqa: E402
+from .reference.sharded import ShardPartials, partials_around  # noqa: E402
 
 
 class _ShardPartials(torch.autograd.Function):
@@ -266,14 +266,14 @@ def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
     (classes, rows) of a tile overrides CLASS_BLOCK / the row sizing (tests).
     A sampled shard's kept rows (`keep`) are gathered one class block at a
     time, and only they get a gradient (no [K, D] copy of W or its gradient)."""
-    col = target_columns(labels, class_start=class_start, shard_size=weight_shard.shape[0],
-                         keep=keep, ignore_index=ignore_index)
     offset = None if logit_offset is None else logit_offset.detach()
     if keep is not None:
         keep = keep.to(torch.int64).contiguous()
-    stats = _ShardPartials.apply(features, weight_shard, col, offset, keep, kind, s, block)
-    return finish_partials(*stats, labels, col, keep=keep, class_start=class_start, kind=kind,
-                           s=s, m=m, m1=m1, m2=m2, m3=m3)
+    return partials_around(
+        lambda col: _ShardPartials.apply(features, weight_shard, col, offset, keep, kind, s,
+                                         block),
+        labels, shard_size=weight_shard.shape[0], class_start=class_start, keep=keep,
+        ignore_index=ignore_index, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3)
 
 
 # ------------------------------------------------------------ feature space

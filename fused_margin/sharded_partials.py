@@ -41,7 +41,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .reference.angular import COS_EPS, compute_dtype, inv_norm
-from .reference.sharded import ShardPartials, class_logit, finish_partials, target_columns
+from .reference.sharded import ShardPartials, class_logit, partials_around
 
 __all__ = ["MIN_ROWS", "TILE_BYTES", "class_logit_backward_", "margin_shard_partials",
            "tiling", "unit_backward"]
@@ -230,8 +230,8 @@ def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
                           block: Optional[Tuple[int, int]] = None) -> ShardPartials:
     """reference.sharded.margin_shard_partials (same arguments, same results)
     in tiles; `block` = (rows, columns) overrides the TILE_BYTES sizing."""
-    col = target_columns(labels, class_start=class_start, shard_size=weight_shard.shape[0],
-                         keep=keep, ignore_index=ignore_index)
-    stats = _RowPartials.apply(features, weight_shard, keep, col, logit_offset, kind, s, block)
-    return finish_partials(*stats, labels, col, keep=keep, class_start=class_start, kind=kind,
-                           s=s, m=m, m1=m1, m2=m2, m3=m3)
+    return partials_around(
+        lambda col: _RowPartials.apply(features, weight_shard, keep, col, logit_offset, kind, s,
+                                       block),
+        labels, shard_size=weight_shard.shape[0], class_start=class_start, keep=keep,
+        ignore_index=ignore_index, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3)

@@ -166,12 +166,11 @@ def case_runs():
             + [("triton", name) for name in TRITON_CASES])
 
 
-def backend_param(backend):
-    """A pytest param for `backend`, skipped where the workers cannot run it."""
-    if backend == "reference" or backend_runs_here(backend):
-        return pytest.param(backend, id=backend)
-    return pytest.param(backend, id=backend, marks=pytest.mark.skip(
-        reason=f"the {backend} backend cannot run in the ranks' processes here"))
+def backend_param(backend, *more, id=None):
+    """A pytest param (backend, *more), skipped where the workers cannot run `backend`."""
+    marks = [] if backend == "reference" or backend_runs_here(backend) else [pytest.mark.skip(
+        reason=f"the {backend} backend cannot run in the ranks' processes here")]
+    return pytest.param(backend, *more, id=id or backend, marks=marks)
 
 
 def _run_case(case, rank, world, backend):
@@ -396,9 +395,8 @@ def single_process(x, w, y, kw):
 # --------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("backend,name", [
-    pytest.param(*backend_param(b).values, name, marks=backend_param(b).marks,
-                 id=f"{b}-{name}") for b, name in case_runs()])
+@pytest.mark.parametrize("backend,name", [backend_param(b, name, id=f"{b}-{name}")
+                                          for b, name in case_runs()])
 def test_loss_and_gradients_match_single_process(group, world, backend, name):
     case = CASES[name]
     results = group(world)
@@ -679,7 +677,7 @@ def test_partials_labels_outside_the_shard_never_reach_a_kernel(backend):
 def test_cpu_partials_reject_a_column_outside_the_shard():
     """The C++ op checks its target columns like labels, and the kept rows of a
     sampled shard, before any tile runs."""
-    if not dispatch_ok("cpu"):
+    if not backend_runs_here("cpu"):
         pytest.skip("the C++ extension is not built")
     from fused_margin import cpu
     x, w = torch.randn(3, D, dtype=torch.float64), torch.randn(4, D, dtype=torch.float64)
@@ -693,10 +691,6 @@ def test_cpu_partials_reject_a_column_outside_the_shard():
         with pytest.raises(RuntimeError, match="keep must list"):
             cpu.ops.shard_partials_fwd(x, w, col, None, torch.tensor(keep), 1, 30.0, 2, 2)
 
-
-def dispatch_ok(backend):
-    from fused_margin import dispatch
-    return dispatch._status(backend)[0]
 
 
 @pytest.mark.parametrize("kind", ["normface", "arcgrad"])

@@ -17,8 +17,8 @@ eager version builds an N x C_r cosine tile and lets PyTorch's autograd keep
 several such tiles: it is the oracle the tests compare against, not what
 fused_margin.distributed runs (that is dispatch's "margin_shard_partials":
 the Triton or C++ kernel, or fused_margin.sharded_partials' eager tiles, all
-with O(N) saved state). No custom autograd here. target_columns and
-finish_partials are the O(N) steps every one of them shares.
+with O(N) saved state). No custom autograd here. partials_around (with
+target_columns and finish_partials) holds the O(N) steps all of them share.
 """
 from __future__ import annotations
 
@@ -152,6 +152,19 @@ def finish_partials(row_max: torch.Tensor, sum_exp: torch.Tensor, cos_y: torch.T
         safe = keep.to(safe.device)[safe]
     wrong_index = torch.where(found, safe + class_start, torch.full_like(safe, NO_CLASS))
     return ShardPartials(row_max, sum_exp, target, wrong_cos, wrong_index)
+
+
+def partials_around(sweep, labels: torch.Tensor, *, shard_size: int, class_start: int,
+                    keep: Optional[torch.Tensor], ignore_index: int, kind: str, s: float,
+                    m: Union[float, torch.Tensor], m1: float, m2: float,
+                    m3: float) -> ShardPartials:
+    """The O(N) steps every backend's margin_shard_partials shares around its
+    sweep: labels to target columns, `sweep(col)` -> (row_max, sum_exp, cos_y,
+    wrong_cos, wrong_column), then finish_partials."""
+    col = target_columns(labels, class_start=class_start, shard_size=shard_size, keep=keep,
+                         ignore_index=ignore_index)
+    return finish_partials(*sweep(col), labels, col, keep=keep, class_start=class_start,
+                           kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3)
 
 
 def sampled_logit_offset(keep: torch.Tensor, positive: torch.Tensor, shard_size: int,

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from ..reference.angular import COS_EPS, NORM_EPS, adacos_scale_from_stats, combined_fallback
-from ..reference.sharded import ShardPartials, finish_partials, target_columns
+from ..reference.sharded import ShardPartials, partials_around
 
 KINDS = ("normface", "arcface", "cosface", "sphereface", "combined", "ldam", "elm", "arcgrad")
 # the kernels' KIND is the index in KINDS (kernels read globals only as tl.constexpr)
@@ -785,8 +785,6 @@ def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
     """reference.sharded.margin_shard_partials on the fused kernels; a sampled
     shard's kept rows (`keep`) are read in place and only they get a gradient
     (no [K, D] copy of W or of its gradient)."""
-    col = target_columns(labels, class_start=class_start, shard_size=weight_shard.shape[0],
-                         keep=keep, ignore_index=ignore_index)
     offset = None
     if logit_offset is not None:
         offset = logit_offset.detach().to(_acc(features.dtype)[1]).contiguous()
@@ -794,9 +792,11 @@ def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
                      blocks)
     if keep is not None:
         keep = keep.to(device=weight_shard.device, dtype=torch.int64).contiguous()
-    stats = ShardPartialsFunction.apply(p, col.contiguous(), offset, keep, features, weight_shard)
-    return finish_partials(*stats, labels, col, keep=keep, class_start=class_start, kind=kind,
-                           s=s, m=m, m1=m1, m2=m2, m3=m3)
+    return partials_around(
+        lambda col: ShardPartialsFunction.apply(p, col.contiguous(), offset, keep, features,
+                                                weight_shard),
+        labels, shard_size=weight_shard.shape[0], class_start=class_start, keep=keep,
+        ignore_index=ignore_index, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3)
 
 
 def apply(labels: torch.Tensor, *inputs: torch.Tensor, kind: str, s: float,
