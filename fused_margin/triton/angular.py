@@ -234,21 +234,22 @@ def _wrows(keep_ptr, cols, cmask, HAS_KEEP: tl.constexpr):
 
 
 @triton.jit
-def _offset(off_ptr, cols, cmask, ACC: tl.constexpr, HAS_OFFSET: tl.constexpr):
-    """The per-class logit offsets of a tile (sampled shards' log 1/q), or 0."""
+def _add_offset(z, off_ptr, cols, cmask, ACC: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    """z plus the tile's per-class logit offsets (sampled shards' log 1/q); the
+    loss itself (HAS_OFFSET off) does no work here."""
     if HAS_OFFSET:
-        return tl.load(off_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    else:
-        return (cols * 0).to(ACC)  # a tile of zeros (folded away by the compiler)
+        z = z + tl.load(off_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    return z
 
 
 @triton.jit
-def _grad_tile(cos, cols, cmask, y_col, lse, a, b, off, s, lo, hi, KIND: tl.constexpr,
-               IS_F64: tl.constexpr):
+def _grad_tile(cos, cols, cmask, y_col, lse, a, b, off_ptr, s, lo, hi, KIND: tl.constexpr,
+               IS_F64: tl.constexpr, ACC: tl.constexpr, HAS_OFFSET: tl.constexpr):
     """dL/dcos of a tile: a_i * exp(z_ij + off_j - lse_i) * dz_ij/dcos off the
     target, b_i (the caller's whole target term) at it."""
     z, dz = _nontarget(cos, s, lo, hi, KIND, IS_F64)
-    p = tl.exp(z + off - lse[:, None])
+    z = _add_offset(z, off_ptr, cols, cmask, ACC, HAS_OFFSET)
+    p = tl.exp(z - lse[:, None])
     is_t = cols[None, :] == y_col[:, None]
     g = tl.where(is_t, b[:, None], p * dz * a[:, None])
     return tl.where(cmask[None, :], g, 0.0)
@@ -318,7 +319,7 @@ def _margin_ce_fwd_kernel(
         is_t = cols[None, :] == y_col[:, None]
         cos_y += tl.sum(tl.where(is_t, cos, 0.0), axis=1)
         z, _ = _nontarget(cos, s, lo, hi, KIND, IS_F64)
-        z = z + _offset(off_ptr, cols, cmask, ACC, HAS_OFFSET)[None, :]
+        z = _add_offset(z, off_ptr, cols, cmask, ACC, HAS_OFFSET)
         off = is_t | (~cmask)[None, :]
         z = tl.where(off, float("-inf"), z)
         m_new = tl.maximum(m_run, tl.max(z, axis=1))
@@ -409,9 +410,8 @@ def _margin_ce_bwd_dx_kernel(
         cmask = cols < C
         if FROM_COSINE:
             cos = _load_cos(x_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd, ACC)
-            g = _grad_tile(cos, cols, cmask, y_col, lse, a, b,
-                           _offset(off_ptr, cols, cmask, ACC, HAS_OFFSET)[None, :], s, lo, hi,
-                           KIND, IS_F64)
+            g = _grad_tile(cos, cols, cmask, y_col, lse, a, b, off_ptr, s, lo, hi, KIND, IS_F64,
+                           ACC, HAS_OFFSET)
             tl.store(dx_ptr + rows[:, None] * C + cols[None, :],
                      g.to(dx_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         else:
@@ -420,9 +420,8 @@ def _margin_ce_bwd_dx_kernel(
             xw = _cos_tile(x_ptr, w_ptr, rows, wrows, rmask, cmask, stride_xn, stride_xd,
                            stride_wc, stride_wd, D, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PREC,
                            UPCAST) * rx[:, None]
-            g = _grad_tile(xw * rw[None, :], cols, cmask, y_col, lse, a, b,
-                           _offset(off_ptr, cols, cmask, ACC, HAS_OFFSET)[None, :], s, lo, hi,
-                           KIND, IS_F64)
+            g = _grad_tile(xw * rw[None, :], cols, cmask, y_col, lse, a, b, off_ptr, s, lo, hi,
+                           KIND, IS_F64, ACC, HAS_OFFSET)
             wt = tl.load(w_ptr + wrows[:, None] * stride_wc + dout[None, :] * stride_wd,
                          mask=cmask[:, None] & omask[None, :], other=0.0)
             acc, gw = _grad_dot(g * rw[None, :], wt, acc, ACC, PREC, UPCAST, SPLIT)
@@ -456,7 +455,6 @@ def _margin_ce_bwd_dw_kernel(
     lo = tl.load(p_ptr + P_LO)
     hi = tl.load(p_ptr + P_HI)
     rw = tl.load(rw_ptr + cols, mask=cmask, other=0.0)
-    off = _offset(off_ptr, cols, cmask, ACC, HAS_OFFSET)
     wrows = _wrows(keep_ptr, cols, cmask, HAS_KEEP)
     acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=ACC)
     col_sum = tl.zeros((BLOCK_C,), dtype=ACC)
@@ -471,8 +469,8 @@ def _margin_ce_bwd_dw_kernel(
         xw = _cos_tile(x_ptr, w_ptr, rows, wrows, rmask, cmask, stride_xn, stride_xd,
                        stride_wc, stride_wd, D, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PREC,
                        UPCAST) * rw[None, :]
-        g = _grad_tile(xw * rx[:, None], cols, cmask, y_col, lse, a, b, off[None, :], s, lo,
-                       hi, KIND, IS_F64)
+        g = _grad_tile(xw * rx[:, None], cols, cmask, y_col, lse, a, b, off_ptr, s, lo, hi,
+                       KIND, IS_F64, ACC, HAS_OFFSET)
         xt = tl.load(x_ptr + rows[:, None] * stride_xn + dout[None, :] * stride_xd,
                      mask=rmask[:, None] & omask[None, :], other=0.0)
         acc, gx = _grad_dot(tl.trans(g * rx[:, None]), xt, acc, ACC, PREC, UPCAST, SPLIT)
