@@ -9,7 +9,7 @@ provider's extra peak. Providers:
   cpu     the C++ partials kernel (csrc/angular.cpp, shard_partials_*), what
           backend="auto" picks for CPU tensors
   tiled   backend="reference": the same sweep as eager PyTorch tiles
-          (fused_margin/sharded_partials.py)
+          (fused_margin/reference/sharded_tiles.py)
   eager   the N x C_r oracle (fused_margin/reference/sharded.py, plain autograd)
   floor   the matmuls alone: cos = x W^T, then the two gradient products
           g W and g^T x with g of cos's shape (no normalisation, no softmax)

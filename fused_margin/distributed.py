@@ -18,7 +18,7 @@ N_r may differ per rank). One forward:
    the loss in its PARTIALS mode (fused_margin.triton.angular), on CPU the C++
    class-tiled sweep (csrc/angular.cpp, shard_partials_*), each an autograd
    Function whose backward runs the loss's own gradient kernels from O(N)
-   saved statistics. backend="reference" runs fused_margin.sharded_partials,
+   saved statistics. backend="reference" runs fused_margin.reference.sharded_tiles,
    the same sweep as eager PyTorch tiles. None of them holds an N_global x C_r
    tensor. reference.sharded holds the plain N x C_r oracle the tests compare
    to. The kernels never see a label: each row's target column in [-1, C_r)

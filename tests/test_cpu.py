@@ -18,7 +18,7 @@ from conftest import AllocationRecorder, NativeAllocationRecorder
 _ok, _why = dispatch._cpu_status()
 pytestmark = pytest.mark.skipif(not _ok, reason=_why)
 if _ok:
-    from fused_margin import cpu
+    from fused_margin.cpu import angular as cpu
 
 # Tolerances, named once: the cpu backend vs the reference, by input dtype.
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5),

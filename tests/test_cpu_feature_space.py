@@ -14,7 +14,7 @@ from conftest import NativeAllocationRecorder
 ok, why = dispatch._status("cpu")
 pytestmark = pytest.mark.skipif(not ok, reason=why)
 if ok:
-    from fused_margin import cpu
+    from fused_margin.cpu import feature_space as cpu
 
 MININGS = ("semihard", "hard", "all")
 DISTANCES = ("l2", "squared_l2", "cosine")
@@ -339,6 +339,6 @@ def test_cpp_shape_checks():
 def test_dispatch_registers_cpu():
     for op in ("center_loss", "contrastive_center_loss", "knn_std", "sigma2r_loss",
                "soft_nearest_neighbor_loss", "triplet_margin_loss"):
-        assert dispatch.OPS[op]["cpu"].startswith("fused_margin.cpu:")
+        assert dispatch.OPS[op]["cpu"].startswith("fused_margin.cpu.feature_space:")
     loss = fm.soft_nearest_neighbor_loss(torch.randn(4, 2), torch.tensor([0, 0, 1, 1]), **CPU)
     assert math.isfinite(loss.item())

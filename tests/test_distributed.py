@@ -27,7 +27,7 @@ import torch
 import fused_margin as fm
 from fused_margin import distributed as fd
 from fused_margin import nn as fnn
-from fused_margin import sharded_partials as sp
+from fused_margin.reference import sharded_tiles as sp
 from fused_margin.reference import angular as ref
 from fused_margin.reference import sharded as ref_sharded
 
@@ -53,7 +53,7 @@ SAMPLED = [("arcface", False), ("arcface", True), ("elm", False)]
 WORLDS = (2, 3)
 # the workers' tiles: 4 rows x 1 to 3 classes at these shard sizes, so every
 # distributed case runs each backend's partials over several row and column blocks
-WORKER_TILE_BYTES, WORKER_MIN_ROWS = 96, 4      # reference (sharded_partials)
+WORKER_TILE_BYTES, WORKER_MIN_ROWS = 96, 4      # reference (sharded_tiles)
 WORKER_CPU_CLASS_BLOCK, WORKER_CPU_ROW_BLOCK = 3, 4
 WORKER_TRITON_BLOCK = 4                         # rows, classes, D step, D chunk
 # the partials backends the distributed cases run on, in the ranks' processes (cpu is
@@ -304,7 +304,7 @@ def _worker(out_dir):
     sp.TILE_BYTES, sp.MIN_ROWS = WORKER_TILE_BYTES, WORKER_MIN_ROWS
     here = [b for b in PARTIAL_BACKENDS if backend_runs_here(b)]
     if "cpu" in here:
-        from fused_margin import cpu
+        from fused_margin.cpu import angular as cpu
         cpu.CLASS_BLOCK, cpu.ROW_BLOCK = WORKER_CPU_CLASS_BLOCK, WORKER_CPU_ROW_BLOCK
     if "triton" in here:
         from fused_margin.triton import angular as ta
@@ -590,7 +590,7 @@ def _partials_impl(backend, block):
     if backend == "reference":
         return sp.margin_shard_partials, dict(block=(rows, cols))
     if backend == "cpu":
-        from fused_margin import cpu
+        from fused_margin.cpu import angular as cpu
         return cpu.margin_shard_partials, dict(block=(cols, rows))
     from fused_margin.triton import angular as ta
     # tl.arange needs powers of two; 4 x 4 tiles, D in steps of 4 (D = 6: a ragged step)
@@ -679,7 +679,7 @@ def test_cpu_partials_reject_a_column_outside_the_shard():
     sampled shard, before any tile runs."""
     if not backend_runs_here("cpu"):
         pytest.skip("the C++ extension is not built")
-    from fused_margin import cpu
+    from fused_margin.cpu import angular as cpu
     x, w = torch.randn(3, D, dtype=torch.float64), torch.randn(4, D, dtype=torch.float64)
     for bad in (4, -2):
         col = torch.tensor([0, bad, -1])
@@ -776,7 +776,7 @@ def test_fused_partials_make_no_n_by_c_tensor(backend, keep):
         return rec
 
     if backend == "cpu":
-        from fused_margin import cpu
+        from fused_margin.cpu import angular as cpu
         fn = cpu.margin_shard_partials
         assert max(run(block=(5, 2)).bytes) // 4 <= bound
         assert max(run(block=(k, n)).bytes) // 4 >= n * k  # a whole-shard tile is seen

@@ -16,7 +16,7 @@ _per_row): the sharded loss equals the single-process one term by term. This
 eager version builds an N x C_r cosine tile and lets PyTorch's autograd keep
 several such tiles: it is the oracle the tests compare against, not what
 fused_margin.distributed runs (that is dispatch's "margin_shard_partials":
-the Triton or C++ kernel, or fused_margin.sharded_partials' eager tiles, all
+the Triton or C++ kernel, or fused_margin.reference.sharded_tiles' eager tiles, all
 with O(N) saved state). No custom autograd here. partials_around (with
 target_columns and finish_partials) holds the O(N) steps all of them share.
 """

@@ -40,8 +40,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .reference.angular import COS_EPS, compute_dtype, inv_norm
-from .reference.sharded import ShardPartials, class_logit, partials_around
+from .angular import COS_EPS, compute_dtype, inv_norm
+from .sharded import ShardPartials, class_logit, partials_around
 
 __all__ = ["MIN_ROWS", "TILE_BYTES", "class_logit_backward_", "margin_shard_partials",
            "tiling", "unit_backward"]

@@ -1,0 +1,261 @@
+"""C++ bindings of the angular family: margin_cross_entropy, its from_cosine form,
+AdaCos's one-sweep loss and the class-shard partials (csrc/angular.cpp).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..reference.angular import adacos_scale_from_stats, combined_fallback, compute_dtype
+from ..reference.reduction import reduce_loss
+from ..reference.sharded import ShardPartials, partials_around
+
+ops = torch.ops.fused_margin
+
+# ------------------------------------------------------------------ angular
+# margin_cross_entropy / margin_cross_entropy_from_cosine (csrc/angular.cpp).
+# The kernels return per-row losses w_i * (lse_i - logit_iy) (0 for ignored
+# rows); the reduction is the reference's reduce_loss on those [N] values, so
+# its gradient reaches the kernels as a per-row grad_output.
+
+KIND_CODES = {"normface": 0, "arcface": 1, "cosface": 2, "sphereface": 3, "combined": 4,
+              "ldam": 5, "elm": 6, "arcgrad": 7}
+# Class-tiled path (no gradients, reduction="none", or FUSED off): classes per GEMM
+# block; tests shrink it to exercise tiling.
+CLASS_BLOCK = int(os.environ.get("FUSED_MARGIN_CPU_CLASS_BLOCK", "4096"))
+# Rows per chunk on both paths: scratch ROW_BLOCK x C (fused) or ROW_BLOCK x
+# min(CLASS_BLOCK, C) (class-tiled), whatever N. None sizes the chunk to
+# ROW_SCRATCH_BYTES with at least 8 rows (fewer chunks = less gW read-modify-write).
+# FUSED_MARGIN_CPU_FUSED=0 switches the fused path off (forward, then a recomputing backward).
+ROW_BLOCK: Optional[int] = (int(os.environ["FUSED_MARGIN_CPU_ROW_BLOCK"])
+                            if "FUSED_MARGIN_CPU_ROW_BLOCK" in os.environ else None)
+ROW_SCRATCH_BYTES = 16 << 20
+FUSED = os.environ.get("FUSED_MARGIN_CPU_FUSED", "1") != "0"
+
+
+def _row_block(row_len: int, elem_bytes: int) -> int:
+    """Rows per chunk for a scratch of rows x row_len elements of elem_bytes."""
+    if ROW_BLOCK is not None:
+        return ROW_BLOCK
+    return max(8, ROW_SCRATCH_BYTES // max(1, row_len * elem_bytes))
+
+
+def _tiles(num_classes: int, elem_bytes: int):
+    """(class block, row chunk) of the class-tiled path."""
+    block = max(1, min(CLASS_BLOCK, num_classes))
+    return block, _row_block(block, elem_bytes)
+
+
+def _prepare(x: torch.Tensor, labels: torch.Tensor, kind: str, m, m1: float, m2: float,
+             class_weight: Optional[torch.Tensor], ignore_index: int):
+    """Row weights (class weight of the target, 0 if ignored), margin [1] or [C],
+    the scalar arguments the kernels take, all in the compute dtype."""
+    dt = compute_dtype(x.dtype)
+    valid = labels != ignore_index
+    w = valid.to(dt)
+    if class_weight is not None:
+        y = torch.where(valid, labels, torch.zeros_like(labels))
+        w = w * class_weight.to(dt)[y]
+    if isinstance(m, torch.Tensor):
+        marg = m.detach().to(dt).reshape(-1)
+    else:
+        marg = torch.full((1,), float(m), dtype=dt)
+    th, offset = combined_fallback(m1, m2) if kind == "combined" else (0.0, 0.0)
+    return w, marg, th, offset
+
+
+class _MarginCrossEntropy(torch.autograd.Function):
+    """Per-row losses, plus AdaCos's row statistics (lse_other, cos_y) of the same sweep
+    as outputs without gradient."""
+
+    @staticmethod
+    def forward(ctx, features, weight, labels, row_w, marg, args):
+        block, rows = _tiles(weight.shape[0], row_w.element_size())
+        loss, lse, cstar, lse_other, cos_y = ops.angular_ce_fwd(
+            features, weight, labels, row_w, marg, *args, block, rows)
+        ctx.save_for_backward(features, weight, labels, row_w, marg, lse, cstar)
+        ctx.args = args
+        ctx.mark_non_differentiable(lse_other, cos_y)
+        return loss, lse_other, cos_y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, _lse_other, _cos_y):
+        features, weight, labels, row_w, marg, lse, cstar = ctx.saved_tensors
+        block, rows = _tiles(weight.shape[0], row_w.element_size())
+        gx, gw = ops.angular_ce_bwd(grad, features, weight, labels, row_w, marg, lse, cstar,
+                                    *ctx.args, block, rows, ctx.needs_input_grad[0],
+                                    ctx.needs_input_grad[1])
+        return (gx if ctx.needs_input_grad[0] else None,
+                gw if ctx.needs_input_grad[1] else None, None, None, None, None)
+
+
+class _MarginCrossEntropyFused(torch.autograd.Function):
+    """Scalar reductions only: gradients are formed in the forward pass for a unit
+    upstream gradient (row weights carry the mean's 1/sum(w)) and scaled here.
+    Also returns the sweep's (lse_other, cos_y), without gradient."""
+
+    @staticmethod
+    def forward(ctx, features, weight, labels, row_w, marg, args):
+        loss, gx, gw, lse_other, cos_y = _fused(features, weight, labels, row_w, marg, args,
+                                                features.requires_grad, weight.requires_grad)
+        # held on ctx, not saved: the first backward hands them over (autograd then
+        # adopts them as .grad without a C x D copy); a later backward through a
+        # retained graph recomputes them from the saved inputs
+        ctx.grads = (gx, gw)
+        ctx.save_for_backward(features, weight, labels, row_w, marg)
+        ctx.args = args
+        ctx.mark_non_differentiable(lse_other, cos_y)
+        return loss.sum(), lse_other, cos_y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, _lse_other, _cos_y):
+        if ctx.grads is None:
+            features, weight, labels, row_w, marg = ctx.saved_tensors
+            _, gx, gw, _, _ = _fused(features, weight, labels, row_w, marg, ctx.args,
+                                     ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        else:
+            gx, gw = ctx.grads
+            ctx.grads = None
+        if not bool(grad == 1):  # a plain .backward() passes 1: no C x D copy then
+            gx, gw = gx * grad.to(gx.dtype), gw * grad.to(gw.dtype)
+        return (gx if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
+                None, None, None, None)
+
+
+def _fused(features, weight, labels, row_w, marg, args, need_x, need_w):
+    return ops.angular_ce_fused(features, weight, labels, row_w, marg, *args,
+                                _row_block(weight.shape[0], row_w.element_size()), need_x, need_w)
+
+
+def _margin_ce(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda, class_weight,
+               ignore_index, reduction):
+    """(reduced loss, lse_other [N], cos_y [N]) from one sweep on whichever path applies."""
+    w, marg, th, offset = _prepare(features, labels, kind, m, m1, m2, class_weight, ignore_index)
+    args = (KIND_CODES[kind], float(s), float(m1), float(m2), float(m3), float(elm_lambda),
+            float(th), float(offset), int(ignore_index))
+    grads = torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad)
+    if FUSED and grads and reduction != "none" and features.shape[0] > 0:
+        # the gradient of a sum / mean is a known per-row scale: form it now, once
+        scale = 1.0
+        if reduction == "mean":  # reduce_loss's mean: 0 when the weights sum to 0
+            denom = w.sum()
+            safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+            scale = torch.where(denom > 0, 1 / safe, torch.zeros_like(denom))
+        return _MarginCrossEntropyFused.apply(features, weight, labels, w * scale, marg, args)
+    per, lse_other, cos_y = _MarginCrossEntropy.apply(features, weight, labels, w, marg, args)
+    return reduce_loss(per, w, reduction), lse_other, cos_y
+
+
+def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         kind: str = "arcface", s: float = 64.0,
+                         m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0, m2: float = 0.0,
+                         m3: float = 0.0, elm_lambda: float = 0.5,
+                         class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                         reduction: str = "mean") -> torch.Tensor:
+    return _margin_ce(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda, class_weight,
+                      ignore_index, reduction)[0]
+
+
+def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, *,
+                class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                reduction: str = "mean"):
+    """(normface margin cross-entropy at scale s, AdaCos's next scale): the scale is
+    Eq. 10 of the ArcGrad paper from the per-row statistics the loss's own C++ sweep
+    returns (no second pass over the classes); a 0-d float32 tensor without gradient."""
+    loss, lse_other, cos_y = _margin_ce(features, weight, labels, "normface", s, 0.0, 1.0, 0.0,
+                                        0.0, 0.0, class_weight, ignore_index, reduction)
+    next_s = adacos_scale_from_stats(lse_other, cos_y, labels != ignore_index, float(s))
+    return loss, next_s.to(torch.float32)
+
+
+class _MarginCrossEntropyFromCosine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cosine, labels, row_w, marg, args):
+        loss, lse, cstar = ops.cosine_ce_fwd(cosine, labels, row_w, marg, *args)
+        ctx.save_for_backward(cosine, labels, row_w, marg, lse, cstar)
+        ctx.args = args
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        cosine, labels, row_w, marg, lse, cstar = ctx.saved_tensors
+        g = ops.cosine_ce_bwd(grad, cosine, labels, row_w, marg, lse, cstar, *ctx.args)
+        return g, None, None, None, None
+
+
+def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,
+                                     kind: str = "arcface", s: float = 64.0,
+                                     m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0,
+                                     m2: float = 0.0, m3: float = 0.0, elm_lambda: float = 0.5,
+                                     class_weight: Optional[torch.Tensor] = None,
+                                     ignore_index: int = -100,
+                                     reduction: str = "mean") -> torch.Tensor:
+    w, marg, th, offset = _prepare(cosine, labels, kind, m, m1, m2, class_weight, ignore_index)
+    args = (KIND_CODES[kind], float(s), float(m1), float(m2), float(m3), float(elm_lambda),
+            float(th), float(offset), int(ignore_index))
+    per = _MarginCrossEntropyFromCosine.apply(cosine, labels, w, marg, args)
+    return reduce_loss(per, w, reduction)
+
+
+# ------------------------------------------------------------ class-shard partials
+# fused_margin.distributed's per-shard statistics (csrc/angular.cpp,
+# shard_partials_*): the class-tiled sweep of the loss with each row's target
+# column in place of its label; the target logit and global indices are formed
+# here, in O(N), by reference.sharded.finish_partials.
+
+
+class _ShardPartials(torch.autograd.Function):
+    """(features, weight [C_r, D]) -> row_max, sum_exp, cos_y, wrong_cos,
+    wrong_column over the rows `keep` lists (all where None); only sum_exp and
+    cos_y are differentiable."""
+
+    @staticmethod
+    def forward(ctx, features, weight, col, offset, keep, kind, s, block):
+        elem = torch.empty((), dtype=compute_dtype(features.dtype)).element_size()
+        k = weight.shape[0] if keep is None else keep.numel()
+        tiles = _tiles(k, elem) if block is None else block
+        out = ops.shard_partials_fwd(features, weight, col, offset, keep, KIND_CODES[kind],
+                                     float(s), *tiles)
+        ctx.save_for_backward(features, weight, col, offset, keep, out[0])
+        ctx.args = (KIND_CODES[kind], float(s)) + tuple(tiles)
+        ctx.mark_non_differentiable(out[0], out[3], out[4])
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _g_max, g_sum, g_cos_y, _g_wrong, _g_column):
+        features, weight, col, offset, keep, row_max = ctx.saved_tensors
+        zero = torch.zeros_like(row_max)
+        gx, gw = ops.shard_partials_bwd(zero if g_sum is None else g_sum,
+                                        zero if g_cos_y is None else g_cos_y, features, weight,
+                                        col, offset, keep, row_max, *ctx.args,
+                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (gx if ctx.needs_input_grad[0] else None,
+                gw if ctx.needs_input_grad[1] else None, None, None, None, None, None, None)
+
+
+def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
+                          labels: torch.Tensor, *, class_start: int, kind: str = "arcface",
+                          s: float = 64.0, m: Union[float, torch.Tensor] = 0.5,
+                          m1: float = 1.0, m2: float = 0.0, m3: float = 0.0,
+                          ignore_index: int = -100, keep: Optional[torch.Tensor] = None,
+                          logit_offset: Optional[torch.Tensor] = None,
+                          block: Optional[Tuple[int, int]] = None) -> ShardPartials:
+    """reference.sharded.margin_shard_partials on the C++ sweep; `block` =
+    (classes, rows) of a tile overrides CLASS_BLOCK / the row sizing (tests).
+    A sampled shard's kept rows (`keep`) are gathered one class block at a
+    time, and only they get a gradient (no [K, D] copy of W or its gradient)."""
+    offset = None if logit_offset is None else logit_offset.detach()
+    if keep is not None:
+        keep = keep.to(torch.int64).contiguous()
+    return partials_around(
+        lambda col: _ShardPartials.apply(features, weight_shard, col, offset, keep, kind, s,
+                                         block),
+        labels, shard_size=weight_shard.shape[0], class_start=class_start, keep=keep,
+        ignore_index=ignore_index, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3)
