@@ -6,7 +6,7 @@
     pytest bench/ --benchmark-only -k "not compile"       # without compiling
 
 Not part of the test suite (pytest's testpaths is tests/). The cases and the
-providers are fused_margin.bench's (the ones `fused-margin bench` measures),
+providers are fused_margin.cli.bench's (the ones `fused-margin bench` measures),
 at its --quick sizes; a provider without a kernel for the op is skipped with
 the reason, never replaced, and so is torch.compile where it cannot compile
 (no C++ compiler for inductor, an unsupported Python). Compiling happens in
@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from fused_margin import bench  # noqa: E402
+from fused_margin.cli import bench  # noqa: E402
 
 CASES = {c.op: c for c in bench.build_cases(bench.OPS, quick=True)}  # one shape per op
 PROVIDERS = ("eager", "compile", "cpu", "floor")

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from fused_margin import bench, cli, dispatch, reproduce
+from fused_margin import cli, dispatch
+from fused_margin.cli import bench, reproduce
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RESULT_KEYS = {"op", "shape", "provider", "status", "reason", "mode", "min_ms", "median_ms",

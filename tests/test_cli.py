@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fused_margin import cli
-from fused_margin.data import DataError, load_split, long_tail_counts
-from fused_margin.train import LOSSES, angle_statistics, classification_metrics
+from fused_margin.cli.data import DataError, load_split, long_tail_counts
+from fused_margin.cli.train import LOSSES, angle_statistics, classification_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ANGLE_ATOL = 1e-6  # degrees, float64 metrics on exact geometry
@@ -270,7 +270,7 @@ def test_test_size_error_names_a_range_that_works(name, bad):
     "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
     "tried to allocate 160000000000 bytes.\nmore")])
 def test_allocation_failure_exits_2_with_one_line(monkeypatch, capsys, exc):
-    from fused_margin import train as T
+    from fused_margin.cli import train as T
 
     def fail(*a, **k):
         raise exc
@@ -283,7 +283,7 @@ def test_allocation_failure_exits_2_with_one_line(monkeypatch, capsys, exc):
 
 
 def test_other_runtime_errors_are_not_hidden(monkeypatch):
-    from fused_margin import train as T
+    from fused_margin.cli import train as T
 
     def fail(*a, **k):
         raise RuntimeError("a kernel bug")
@@ -334,7 +334,7 @@ def test_console_script(tmp_path):
 
 
 def test_progress_bar_goes_to_stderr(capsys):
-    from fused_margin.train import TrainConfig, train
+    from fused_margin.cli.train import TrainConfig, train
 
     train(TrainConfig(loss="ce", dataset="iris", epochs=2), progress=True)
     out, err = capsys.readouterr()

@@ -1,7 +1,7 @@
 """The `fused-margin` command line: parse, call the library, print.
 
 Subcommands register themselves in COMMANDS (name -> (add_parser, run)); the
-training work lives in fused_margin.train. Bad input exits with status 2 and
+training work lives in fused_margin.cli.train. Bad input exits with status 2 and
 one line on stderr, never a traceback.
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _train_epilog() -> str:
 
 def _add_train(sub) -> argparse.ArgumentParser:
     from .data import DATASETS
-    from .dispatch import BACKENDS
+    from ..dispatch import BACKENDS
     from .train import ARCGRAD_GAP, LOSSES
 
     p = sub.add_parser(

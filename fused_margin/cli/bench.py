@@ -227,7 +227,7 @@ def _impl(case: Case, provider: str):
     """The function a provider runs for this case, or raise with the reason it is n/a."""
     import torch
 
-    from . import dispatch, functional
+    from .. import dispatch, functional
 
     impls = dispatch.OPS[case.family]
     public = getattr(functional, case.family)
@@ -472,7 +472,7 @@ def machine(device: str) -> dict:
 def run(ops: Sequence[str], *, device: str = "cpu", quick: bool = False, compile: bool = True,
         threads: Optional[int] = None, progress: Optional[Callable] = None) -> dict:
     """Benchmark `ops` on `device`; the JSON-ready report."""
-    from . import dispatch
+    from .. import dispatch
 
     import torch
 

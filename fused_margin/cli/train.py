@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.nn import functional as torch_F
 
-from . import functional as F
-from . import nn as fm_nn
+from .. import functional as F
+from .. import nn as fm_nn
 from .data import DATASETS, DataError, Split, load_split
-from .dispatch import BACKENDS, OPS, resolve
+from ..dispatch import BACKENDS, OPS, resolve
 
 MARGIN_LOSSES = ("normface", "arcface", "cosface", "sphereface", "combined", "camri", "arcgrad",
                  "adacos", "ldam", "elm")

@@ -1,6 +1,6 @@
 """Small re-runs of the seed papers' headline claims, behind `fused-margin reproduce`.
 
-Each claim trains a few losses with fused_margin.train (same MLP, same
+Each claim trains a few losses with fused_margin.cli.train (same MLP, same
 training loop as `fused-margin train`) on bundled scikit-learn data, over
 several seeds (a seed fixes the split, the initialisation and the batch
 order, shared by every loss), and compares them with paired differences
@@ -473,7 +473,7 @@ def write_report(results: List[ClaimResult], out_dir: str, *, seeds: int, quick:
         f"{platform.machine()} ({_cpu_name()}) with {os.cpu_count()} CPU cores (shared with "
         f"other jobs), "
         f"torch {torch.__version__}; {total_s / 60:.1f} min in all.", "",
-        "Every run is `fused-margin train`'s loop (fused_margin.train): an MLP input -> 64 -> "
+        "Every run is `fused-margin train`'s loop (fused_margin.cli.train): an MLP input -> 64 -> "
         "ReLU -> 32-d embedding, the loss head, Adam lr 0.01, batch 64, one intra-op thread, "
         f"backend auto (the C++ kernels where registered). {n_seeds} seed(s) 0..{n_seeds - 1}; a "
         "seed fixes the train/test split, the initialisation and the batch order and is "
