@@ -139,7 +139,8 @@ def combined_margins(kind: str, m1: float, m2: float) -> None:
 # ---------------------------------------------------------------- per family
 
 def margin_cross_entropy(features, weight, labels_, *, kind, s, m, m1, m2, m3, elm_lambda,
-                         class_weight, ignore_index, reduction_) -> None:
+                         class_weight, ignore_index, reduction_, normalize=True, bias=None,
+                         label_smoothing=0.0) -> None:
     tensor("features", features, dim=2, floating=True)
     tensor("weight", weight, dim=2, floating=True)
     if features.shape[1] != weight.shape[1]:
@@ -151,6 +152,31 @@ def margin_cross_entropy(features, weight, labels_, *, kind, s, m, m1, m2, m3, e
                    ignore_index=ignore_index, reduction_=reduction_)
     same_device(features=features, weight=weight, labels=labels_, class_weight=class_weight,
                 m=m if isinstance(m, torch.Tensor) else None)
+    linear_mode(kind, normalize, bias, label_smoothing, weight)
+
+
+# kinds that normalize=False accepts (reference.angular.LINEAR_KINDS)
+LINEAR_KINDS = ("normface", "cosface", "ldam")
+
+
+def linear_mode(kind, normalize, bias, label_smoothing, weight) -> None:
+    """normalize / bias / label_smoothing of margin_cross_entropy."""
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    if not normalize and kind not in LINEAR_KINDS:
+        raise ValueError(f"normalize=False supports the additive kinds {LINEAR_KINDS} (logits "
+                         f"s*(x.W_j + b_j), the target lowered by s*m); {kind!r} is defined on "
+                         "cosines or angles")
+    finite("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if bias is not None:
+        if normalize:
+            raise ValueError("bias applies only with normalize=False (logits s*(x.W_j + b_j))")
+        tensor("bias", bias, dim=1, floating=True)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be [C] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        same_device(weight=weight, bias=bias)
 
 
 def margin_cross_entropy_from_cosine(cosine, labels_, *, kind, s, m, m1, m2, m3, elm_lambda,

@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import checks
-from .dispatch import resolve
+from .dispatch import resolve, resolve_unless
 from .reference.angular import arcgrad_scale, camri_margins, drw_weights, ldam_margins
 
 __all__ = [
@@ -19,7 +19,8 @@ __all__ = [
     "ldam_margins", "drw_weights", "camri_margins", "arcgrad_scale",
     "weighted_cross_entropy", "crwwce_loss", "sinkhorn", "wasserstein_loss",
     "center_loss", "contrastive_center_loss", "knn_std", "sigma2r_loss",
-    "soft_nearest_neighbor_loss", "triplet_margin_loss",
+    "soft_nearest_neighbor_loss", "triplet_margin_loss", "git_loss", "triplet_center_loss",
+    "contrastive_loss",
 ]
 
 Margin = Union[float, torch.Tensor]
@@ -32,18 +33,37 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          m1: float = 1.0, m2: float = 0.0, m3: float = 0.0,
                          elm_lambda: float = 0.5, class_weight: Optional[torch.Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean",
-                         backend: str = "auto") -> torch.Tensor:
+                         normalize: bool = True, bias: Optional[torch.Tensor] = None,
+                         label_smoothing: float = 0.0, backend: str = "auto") -> torch.Tensor:
     """Softmax cross-entropy over s*cos(x, W_j) with the target logit shaped by `kind`.
 
     features [N, D], weight [C, D], labels [N] int64. See API.md for the kinds.
+    normalize=False (kinds normface, cosface, ldam): logits s*(x.W_j + b_j), the
+    target's lowered by s*m_y; kind="normface", s=1 is plain linear cross-entropy,
+    equal to F.cross_entropy(x @ W.T + bias, ...), without an N x C buffer on the
+    fused backends. bias [C]: normalize=False only. label_smoothing: as
+    F.cross_entropy defines it (class weights included), on the margined logits.
     """
     checks.margin_cross_entropy(features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2,
                                 m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
-                                ignore_index=ignore_index, reduction_=reduction)
-    fn = resolve("margin_cross_entropy", backend, features.device)
+                                ignore_index=ignore_index, reduction_=reduction,
+                                normalize=normalize, bias=bias, label_smoothing=label_smoothing)
+    if normalize and bias is None and not label_smoothing:
+        fn = resolve("margin_cross_entropy", backend, features.device)
+        return fn(features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+                  elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
+                  reduction=reduction)
+    fn = resolve_unless("margin_cross_entropy", backend, features.device, _LINEAR_PENDING,
+                        "normalize=False / bias / label_smoothing")
     return fn(features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
               elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
-              reduction=reduction)
+              reduction=reduction, normalize=normalize, bias=bias,
+              label_smoothing=float(label_smoothing))
+
+
+# backends whose margin_cross_entropy kernel does not yet take normalize=False, bias
+# or label_smoothing: the reference serves those calls (one warning)
+_LINEAR_PENDING = {"triton": "pending in the rewritten Triton margin kernel"}
 
 
 def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,
@@ -250,3 +270,46 @@ def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margi
     fn = resolve("triplet_margin_loss", backend, embeddings.device)
     return fn(embeddings, labels, margin=margin, mining=mining, distance=distance,
               reduction=reduction)
+
+
+CENTER_DISTANCES = ("l2", "squared_l2")
+
+
+def git_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
+             lambda_c: float = 1.0, lambda_g: float = 1.0, reduction: str = "mean",
+             backend: str = "auto") -> torch.Tensor:
+    """Git loss's pull + push (Eq. 3 of the sigma^2R paper; add the cross-entropy):
+    mean_i lambda_c 0.5 ||x_i - c_{y_i}||^2 + lambda_g sum_{j != y_i} 1/(1 + ||x_i - c_j||^2)."""
+    checks.features_centers(features, labels, centers)
+    checks.finite("lambda_c", lambda_c, nonnegative=True)
+    checks.finite("lambda_g", lambda_g, nonnegative=True)
+    checks.reduction(reduction)
+    fn = resolve("git_loss", backend, features.device)
+    return fn(features, labels, centers, lambda_c=float(lambda_c), lambda_g=float(lambda_g),
+              reduction=reduction)
+
+
+def triplet_center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
+                        margin: float = 5.0, distance: str = "l2", reduction: str = "mean",
+                        backend: str = "auto") -> torch.Tensor:
+    """Triplet-center loss (He et al.): mean_i max(0, margin + D(x_i, c_{y_i}) - min_{j != y_i} D(x_i, c_j))."""
+    checks.features_centers(features, labels, centers)
+    checks.finite("margin", margin, nonnegative=True)
+    checks.choice("distance", distance, CENTER_DISTANCES)
+    checks.reduction(reduction)
+    fn = resolve("triplet_center_loss", backend, features.device)
+    return fn(features, labels, centers, margin=float(margin), distance=distance,
+              reduction=reduction)
+
+
+def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0,
+                     distance: str = "l2", reduction: str = "mean",
+                     backend: str = "auto") -> torch.Tensor:
+    """Eq. 7 of the sigma^2R paper over ordered pairs a != b: d_ab (same class) or
+    max(0, margin - d_ab); mean over pairs, "none" per-anchor sums."""
+    checks.embeddings_labels("embeddings", embeddings, labels)
+    checks.finite("margin", margin, nonnegative=True)
+    checks.choice("distance", distance, CENTER_DISTANCES)
+    checks.reduction(reduction)
+    fn = resolve("contrastive_loss", backend, embeddings.device)
+    return fn(embeddings, labels, margin=float(margin), distance=distance, reduction=reduction)

@@ -19,7 +19,8 @@ from .reference.angular import camri_margins, ldam_margins
 __all__ = [
     "MarginLoss", "NormFace", "ArcFace", "CosFace", "SphereFace", "CombinedMargin", "CAMRI",
     "ArcGrad", "AdaCos", "LDAM", "ELM", "CenterLoss", "Sigma2R", "WassersteinLoss",
-    "TripletMarginLoss", "SoftNearestNeighborLoss", "ShardedMarginLoss",
+    "TripletMarginLoss", "SoftNearestNeighborLoss", "ShardedMarginLoss", "GitLoss",
+    "TripletCenterLoss", "ContrastiveLoss", "LinearCrossEntropy", "MSoftmax",
 ]
 
 
@@ -225,6 +226,46 @@ class CenterLoss(nn.Module):
         return f"num_classes={self.centers.shape[0]}, feat_dim={self.centers.shape[1]}, {rule}"
 
 
+class GitLoss(nn.Module):
+    """Git loss's pull + push terms with learnable centres [C, D] (add the
+    cross-entropy yourself, as with CenterLoss)."""
+
+    def __init__(self, num_classes: int, feat_dim: int, *, lambda_c: float = 1.0,
+                 lambda_g: float = 1.0, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+        self.lambda_c, self.lambda_g = float(lambda_c), float(lambda_g)
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.git_loss(features, labels, self.centers, lambda_c=self.lambda_c,
+                          lambda_g=self.lambda_g, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.centers.shape[0]}, feat_dim={self.centers.shape[1]}, "
+                f"lambda_c={self.lambda_c}, lambda_g={self.lambda_g}")
+
+
+class TripletCenterLoss(nn.Module):
+    """Triplet-center loss (He et al. 2018) with learnable centres [C, D]."""
+
+    def __init__(self, num_classes: int, feat_dim: int, *, margin: float = 5.0,
+                 distance: str = "l2", reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+        self.margin, self.distance = float(margin), distance
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.triplet_center_loss(features, labels, self.centers, margin=self.margin,
+                                     distance=self.distance, reduction=self.reduction,
+                                     backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.centers.shape[0]}, feat_dim={self.centers.shape[1]}, "
+                f"margin={self.margin}, distance={self.distance!r}")
+
+
 class Sigma2R(nn.Module):
     """sigma^2R loss with learnable centres [C, D] and per-class slopes w_K [C]."""
 
@@ -291,6 +332,91 @@ class SoftNearestNeighborLoss(nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.soft_nearest_neighbor_loss(features, labels, temperature=self.temperature,
                                             reduction=self.reduction, backend=self.backend)
+
+
+class ContrastiveLoss(nn.Module):
+    """Contrastive loss over all in-batch pairs (Eq. 7 of the sigma^2R paper)."""
+
+    def __init__(self, margin: float = 1.0, distance: str = "l2", *, reduction: str = "mean",
+                 backend: str = "auto"):
+        super().__init__()
+        self.margin, self.distance = float(margin), distance
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.contrastive_loss(embeddings, labels, margin=self.margin,
+                                  distance=self.distance, reduction=self.reduction,
+                                  backend=self.backend)
+
+
+# ------------------------------------------------------------ raw linear logits
+
+class LinearCrossEntropy(nn.Module):
+    """A linear layer and its cross-entropy in one fused call, never holding the
+    [N, C] logits on the fused backends: forward(x, y) = F.cross_entropy(x @ W.T + b,
+    y, weight=class_weight, ignore_index=..., label_smoothing=...).
+
+    Arguments in torch.nn.Linear's order (in_features, num_classes); bias=False by
+    default, as torch.nn.LinearCrossEntropyLoss has it. `weight` [C, D] and `bias`
+    [C] are initialised as nn.Linear's. margin_cross_entropy(kind="normface", s=1,
+    normalize=False) underneath; MSoftmax adds the margin.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = False, *,
+                 class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                 label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        if in_features < 1 or num_classes < 1:
+            raise ValueError("in_features and num_classes must be positive")
+        self.in_features, self.num_classes = in_features, num_classes
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        self.bias = nn.Parameter(torch.empty(num_classes)) if bias else None
+        self.register_buffer("class_weight",
+                             None if class_weight is None else class_weight.detach().clone())
+        self.ignore_index, self.label_smoothing = ignore_index, float(label_smoothing)
+        self.reduction, self.backend = reduction, backend
+        self.kind, self.s, self.m = "normface", 1.0, 0.0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's initialisation
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.margin_cross_entropy(
+            features, self.weight, labels, kind=self.kind, s=self.s, m=self.m,
+            class_weight=self.class_weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, normalize=False, bias=self.bias,
+            label_smoothing=self.label_smoothing, backend=self.backend)
+
+    @torch.no_grad()
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """s * (x @ W.T + b), [N, C], no margin."""
+        z = features @ self.weight.to(features.dtype).T
+        if self.bias is not None:
+            z = z + self.bias.to(z.dtype)
+        return self.s * z
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
+                f"bias={self.bias is not None}")
+
+
+class MSoftmax(LinearCrossEntropy):
+    """Soft-margin softmax (Liang et al. 2017; compared in the ArcGrad paper):
+    cross-entropy over raw logits x.W_j (+ b_j) with the target's lowered by m
+    (margin_cross_entropy(kind="cosface", s=1, normalize=False))."""
+
+    def __init__(self, in_features: int, num_classes: int, m: float = 0.35, bias: bool = False,
+                 **kw):
+        super().__init__(in_features, num_classes, bias, **kw)
+        self.kind, self.m = "cosface", float(m)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", m={self.m}"
 
 
 # ------------------------------------------------------------ beyond one machine

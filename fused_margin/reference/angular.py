@@ -125,14 +125,39 @@ def margin_logits(cos: torch.Tensor, labels: torch.Tensor, *, kind: str = "arcfa
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, class_weight: Optional[torch.Tensor],
-                   ignore_index: int, reduction: str) -> torch.Tensor:
+                   ignore_index: int, reduction: str, label_smoothing: float = 0.0) -> torch.Tensor:
+    """torch.nn.functional.cross_entropy on `logits`, label smoothing included:
+    per row (1 - eps) w_y (lse - z_y) + eps / C sum_j w_j (lse - z_j) (w the class
+    weights, 1 without), 0 for ignored rows; "mean" divides by sum_i w_{y_i}."""
     valid = labels != ignore_index
     y = torch.where(valid, labels, torch.zeros_like(labels))
-    per = torch.logsumexp(logits, dim=1) - logits.gather(1, y[:, None]).squeeze(1)
+    lse = torch.logsumexp(logits, dim=1)
+    per = lse - logits.gather(1, y[:, None]).squeeze(1)
     w = valid.to(logits.dtype)
     if class_weight is not None:
         w = w * class_weight.to(logits.dtype)[y]
+    if label_smoothing:
+        eps = float(label_smoothing)
+        nll = lse[:, None] - logits
+        if class_weight is not None:
+            nll = nll * class_weight.to(logits.dtype)[None, :]
+        smooth = nll.sum(1) / logits.shape[1]
+        loss = (1 - eps) * per * w + eps * smooth
+        return reduce_loss(torch.where(valid, loss, torch.zeros_like(per)), w, reduction)
     return reduce_loss(torch.where(valid, per * w, torch.zeros_like(per)), w, reduction)
+
+
+# kinds that margin_cross_entropy(normalize=False) accepts: their target logit is
+# additive (s * (x.W_y + b_y - m_y)), which reads the same on raw logits
+LINEAR_KINDS = ("normface", "cosface", "ldam")
+
+
+def linear_logits(features: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ W.T (+ b), [N, C], in the compute dtype: normalize=False's "cosines"."""
+    dt = compute_dtype(features.dtype)
+    z = features.to(dt) @ weight.to(dt).T
+    return z if bias is None else z + bias.to(dt)[None, :]
 
 
 def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,
@@ -140,12 +165,12 @@ def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor,
                                      m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0,
                                      m2: float = 0.0, m3: float = 0.0, elm_lambda: float = 0.5,
                                      class_weight: Optional[torch.Tensor] = None,
-                                     ignore_index: int = -100,
-                                     reduction: str = "mean") -> torch.Tensor:
+                                     ignore_index: int = -100, reduction: str = "mean",
+                                     label_smoothing: float = 0.0) -> torch.Tensor:
     cos = cosine.to(compute_dtype(cosine.dtype))
     logits = margin_logits(cos, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
                            elm_lambda=elm_lambda, ignore_index=ignore_index)
-    return _cross_entropy(logits, labels, class_weight, ignore_index, reduction)
+    return _cross_entropy(logits, labels, class_weight, ignore_index, reduction, label_smoothing)
 
 
 def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -153,11 +178,24 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0, m2: float = 0.0,
                          m3: float = 0.0, elm_lambda: float = 0.5,
                          class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                         reduction: str = "mean") -> torch.Tensor:
+                         reduction: str = "mean", normalize: bool = True,
+                         bias: Optional[torch.Tensor] = None,
+                         label_smoothing: float = 0.0) -> torch.Tensor:
+    """normalize=False (kinds LINEAR_KINDS): logits s * (x.W_j + b_j), the target's
+    lowered by s * m_y (cosface, ldam); normface with s=1 is plain linear
+    cross-entropy. bias (optional [C], normalize=False only) joins the raw dot products."""
+    if normalize:
+        if bias is not None:
+            raise ValueError("bias applies only with normalize=False")
+        cos = cosine(features, weight)
+    else:
+        if kind not in LINEAR_KINDS:
+            raise ValueError(f"normalize=False supports kinds {LINEAR_KINDS}, got {kind!r}")
+        cos = linear_logits(features, weight, bias)
     return margin_cross_entropy_from_cosine(
-        cosine(features, weight), labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+        cos, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
         elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
-        reduction=reduction)
+        reduction=reduction, label_smoothing=label_smoothing)
 
 
 def scaled_cosine(features: torch.Tensor, weight: torch.Tensor, s: float) -> torch.Tensor:

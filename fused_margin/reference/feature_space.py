@@ -293,3 +293,77 @@ def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margi
         return reduce_loss(per, (per > 0).to(dt), reduction)
 
     raise ValueError(f"unknown mining {mining!r}")
+
+
+# ------------------------------------------- Git, triplet-center, contrastive
+
+def _sq_to(distance: str, sq: torch.Tensor) -> torch.Tensor:
+    """A squared distance as the distance `distance` names ("l2": safe sqrt)."""
+    if distance == "squared_l2":
+        return sq
+    if distance == "l2":
+        return safe_sqrt(sq)
+    raise ValueError(f"distance must be 'l2' or 'squared_l2', got {distance!r}")
+
+
+def git_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
+             lambda_c: float = 1.0, lambda_g: float = 1.0,
+             reduction: str = "mean") -> torch.Tensor:
+    """Git loss (Calefati et al.; Eq. 3 of the sigma^2R paper) less its cross-entropy:
+    per sample lambda_c * 0.5 ||x_i - c_{y_i}||^2 (center_loss's term, which holds
+    the paper's 1/2) + lambda_g * sum_{j != y_i} 1 / (1 + ||x_i - c_j||^2), mean over
+    samples. The push term reads the paper's pair (i, j) as sample i and every
+    centre c_j of another class, as the authors' code does. The pull distance is
+    formed from explicit differences, the push distances by expansion (clamped at 0)."""
+    dt = compute_dtype(features.dtype)
+    x, c = features.to(dt), centers.to(dt)
+    pull = 0.5 * ((x - c[labels]) ** 2).sum(1)
+    d = pairwise_sq_dists(x, c)
+    target = torch.zeros_like(d, dtype=torch.bool).scatter(1, labels[:, None], True)
+    push = (1.0 / (1.0 + d)).masked_fill(target, 0).sum(1)
+    per = lambda_c * pull + lambda_g * push
+    return reduce_loss(per, torch.ones_like(per), reduction)
+
+
+def triplet_center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
+                        margin: float = 5.0, distance: str = "l2",
+                        reduction: str = "mean") -> torch.Tensor:
+    """Triplet-center loss (He et al. 2018; Eq. 6 of the sigma^2R paper with the
+    positives replaced by learnable centres, as He et al. define it): per sample
+    max(0, margin + D(x_i, c_{y_i}) - min_{j != y_i} D(x_i, c_j)), mean over samples.
+    D is "l2" (safe sqrt) or "squared_l2" (He et al.'s choice). The own distance
+    uses explicit differences, the others the expansion; the nearest other centre
+    is chosen under no_grad, the lower index on ties. With one class there is no
+    other centre: every term is 0 (and counts in the mean)."""
+    dt = compute_dtype(features.dtype)
+    x, c = features.to(dt), centers.to(dt)
+    own = _sq_to(distance, ((x - c[labels]) ** 2).sum(1))
+    if c.shape[0] < 2:
+        per = own * 0
+        return reduce_loss(per, torch.ones_like(per), reduction)
+    d = _sq_to(distance, pairwise_sq_dists(x, c))
+    target = torch.zeros_like(d, dtype=torch.bool).scatter(1, labels[:, None], True)
+    with torch.no_grad():
+        key = d.masked_fill(torch.isnan(d), float("inf")).masked_fill(target, float("inf"))
+        nearest = key.argmin(1)
+    near = d.gather(1, nearest[:, None]).squeeze(1)
+    per = torch.relu(margin + own - near)
+    return reduce_loss(per, torch.ones_like(per), reduction)
+
+
+def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0,
+                     distance: str = "l2", reduction: str = "mean") -> torch.Tensor:
+    """Contrastive loss, Eq. 7 of the sigma^2R paper: over ordered in-batch pairs
+    a != b, d_ab if y_a = y_b else max(0, margin - d_ab), d "l2" (safe sqrt) or
+    "squared_l2" (the same formula on squared distances). "none" gives per anchor
+    the sum over its N - 1 partners; "mean" is the mean over the N (N - 1) pairs
+    (0 for N < 2), "sum" their sum. The reference holds N x N; the fused backends do not."""
+    dt = compute_dtype(embeddings.dtype)
+    x = embeddings.to(dt)
+    n = x.shape[0]
+    d = _sq_to(distance, pairwise_sq_dists(x, x, self_pairs=True))
+    same = labels[:, None] == labels[None, :]
+    others = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    term = torch.where(same, d, torch.relu(margin - d))
+    per = term.masked_fill(~others, 0).sum(1)
+    return reduce_loss(per, torch.full_like(per, float(max(n - 1, 0))), reduction)
