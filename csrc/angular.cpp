@@ -937,3 +937,214 @@ TORCH_LIBRARY_IMPL(fused_margin, CPU, m) {
 }
 
 }  // namespace fused_margin
+
+// ============================================================ raw linear logits
+// margin_cross_entropy(normalize=False): logits z_ij = s * (x_i . W_j + b_j), the
+// target's lowered by s * m_y (cosface / ldam; normface is plain linear cross-entropy).
+// The same Rows fold and tile sweeps as above run on the logits themselves: each
+// tile's dots are turned into logits in place, the Rows see them as "cosines" with
+// unit inverse norms, scale 1 and margin s * m (scaled by the caller), and the
+// per-row coefficient carries s, so what they write back is dL/d(dot) = dL/db
+// directly. No normalisation Jacobian; the bias gradient is H's column sum. Scratch:
+// one [row_block, block] tile (class-tiled) or [row_block, C] (fused), whatever N.
+namespace fused_margin {
+namespace {
+
+// d[j] <- s * (d[j] + b[j]) over one row segment (b: nullptr, or the segment's bias).
+template <typename T>
+FM_INLINE void to_logits(T* d, int64_t cb, T s, const T* b) {
+  if (b == nullptr) {
+    if (s == T(1)) return;
+#pragma omp simd
+    for (int64_t j = 0; j < cb; ++j) d[j] *= s;
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < cb; ++j) d[j] = s * (d[j] + b[j]);
+}
+
+struct LinearIn {
+  at::Tensor xc, wc, lab, roww, marg, bias, ones_n, ones_c;
+  bool has_bias;
+};
+
+LinearIn linear_in(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& labels, const at::Tensor& row_weight,
+                   const at::Tensor& margin, int64_t kind, int64_t ignore_index) {
+  check_xw(x, w);
+  const int64_t n = x.size(0), c = w.size(0);
+  check_common(labels, row_weight, margin, n, c, ignore_index);
+  TORCH_CHECK(kind == NORMFACE || kind == COSFACE || kind == LDAM,
+              "margin_cross_entropy(normalize=False): kinds normface, cosface, ldam only");
+  const auto ct = compute_type(x);
+  LinearIn in;
+  in.xc = x.to(ct).contiguous();
+  in.wc = w.to(ct).contiguous();
+  in.lab = labels.contiguous();
+  in.roww = row_weight.to(ct).contiguous();
+  in.marg = margin.to(ct).contiguous();
+  in.has_bias = bias.has_value();
+  if (in.has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == c, "margin_cross_entropy: bias must be [C]");
+    in.bias = bias->to(ct).contiguous();
+  }
+  in.ones_n = at::ones({n}, in.xc.options());
+  in.ones_c = at::ones({c}, in.xc.options());
+  return in;
+}
+
+// loss, lse per row (class-tiled; no gradients, or reduction="none").
+std::tuple<at::Tensor, at::Tensor> linear_ce_fwd(
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const at::Tensor& row_weight, const at::Tensor& margin,
+    int64_t kind, double s, int64_t ignore_index, int64_t block, int64_t row_block) {
+  auto in = linear_in(x, w, bias, labels, row_weight, margin, kind, ignore_index);
+  const int64_t n = x.size(0), c = w.size(0);
+  auto loss = at::zeros({n}, in.xc.options()), lse = at::zeros({n}, in.xc.options());
+  if (n == 0) return {loss, lse};
+  const Cfg g = make_cfg(kind, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, ignore_index);
+  const int64_t bs = std::max<int64_t>(1, std::min(block, c));
+  const int64_t rb = std::max<int64_t>(1, std::min(row_block, n));
+  auto buf = at::empty({rb * bs}, in.xc.options());
+  AT_DISPATCH_FLOATING_TYPES(in.xc.scalar_type(), "linear_ce_fwd", [&] {
+    using T = scalar_t;
+    auto rows = make_rows<T>(in.lab, in.roww, in.marg, in.ones_n, in.ones_c, g, c);
+    rows.init(n);
+    const T* pb = in.has_bias ? in.bias.data_ptr<T>() : nullptr;
+    const T sc = T(s);
+    Columns cols(in.wc, std::nullopt, bs);
+    sweep_tiles<T>(in.xc, cols, bs, rb, buf, [&](int64_t i, T* d, int64_t c0, int64_t cb) {
+      to_logits<T>(d, cb, sc, pb == nullptr ? nullptr : pb + c0);
+      rows.forward(i, d, c0, cb);
+    });
+    T* pl = loss.data_ptr<T>();
+    T* ps = lse.data_ptr<T>();
+    for (int64_t i = 0; i < n; ++i) ps[i] = rows.finish(i, pl + i);
+  });
+  return {loss, lse};
+}
+
+// Recomputing backward over the same tiles; gx, gw, gb (zeros where not needed).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_bwd(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w,
+    const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& row_weight,
+    const at::Tensor& margin, const at::Tensor& lse, int64_t kind, double s, int64_t ignore_index,
+    int64_t block, int64_t row_block, bool need_x, bool need_w, bool need_b) {
+  auto in = linear_in(x, w, bias, labels, row_weight, margin, kind, ignore_index);
+  const int64_t n = x.size(0), c = w.size(0);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == n && lse.dim() == 1 && lse.size(0) == n,
+              "linear_ce_bwd: grad and lse must be [N]");
+  const auto ct = in.xc.scalar_type();
+  auto gr = grad.to(ct).contiguous(), ls = lse.to(ct).contiguous();
+  auto gx = at::zeros_like(in.xc), gw = at::zeros_like(in.wc);
+  auto gb = at::zeros({c}, in.xc.options());
+  need_b = need_b && in.has_bias;
+  if (n > 0 && (need_x || need_w || need_b)) {
+    const Cfg g = make_cfg(kind, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, ignore_index);
+    const int64_t bs = std::max<int64_t>(1, std::min(block, c));
+    const int64_t rb = std::max<int64_t>(1, std::min(row_block, n));
+    auto buf = at::empty({rb * bs}, in.xc.options());
+    AT_DISPATCH_FLOATING_TYPES(ct, "linear_ce_bwd", [&] {
+      using T = scalar_t;
+      auto rows = make_rows<T>(in.lab, in.roww, in.marg, in.ones_n, in.ones_c, g, c);
+      const T* pb = in.has_bias ? in.bias.data_ptr<T>() : nullptr;
+      const T* pg = gr.data_ptr<T>();
+      const T* pls = ls.data_ptr<T>();
+      const T sc = T(s);
+      Columns cols(in.wc, std::nullopt, bs);
+      sweep_tiles<T>(
+          in.xc, cols, bs, rb, buf,
+          [&](int64_t i, T* d, int64_t c0, int64_t cb) {
+            to_logits<T>(d, cb, sc, pb == nullptr ? nullptr : pb + c0);
+            rows.backward(i, d, d, c0, cb, pls[i], -1, pg[i] * rows.roww[i] * sc);
+          },
+          [&](int64_t r0, int64_t nr, int64_t c0, int64_t cb, const at::Tensor& h,
+              const at::Tensor& wb) {
+            auto xb = in.xc.narrow(0, r0, nr);
+            if (need_x) gx.narrow(0, r0, nr).addmm_(h, wb);
+            if (need_w) {
+              auto gwb = gw.narrow(0, c0, cb);
+              if (r0 == 0) at::mm_out(gwb, h.t(), xb); else gwb.addmm_(h.t(), xb);
+            }
+            if (need_b) gb.narrow(0, c0, cb).add_(h.sum(0));
+          });
+    });
+  }
+  return {gx.to(x.scalar_type()), gw.to(w.scalar_type()), gb};
+}
+
+// Forward with gradients (scalar reductions): rows tiled, each chunk's [rows, C] logits
+// formed once; row_weight holds the reduction's scale, the caller scales by the
+// incoming gradient. Returns loss [N], gx, gw, gb.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_fused(
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const at::Tensor& row_weight, const at::Tensor& margin,
+    int64_t kind, double s, int64_t ignore_index, int64_t row_block, bool need_x, bool need_w,
+    bool need_b) {
+  auto in = linear_in(x, w, bias, labels, row_weight, margin, kind, ignore_index);
+  const int64_t n = x.size(0), c = w.size(0);
+  auto loss = at::zeros({n}, in.xc.options());
+  auto gx = at::zeros_like(in.xc), gw = at::zeros_like(in.wc);
+  auto gb = at::zeros({c}, in.xc.options());
+  if (n == 0) return {loss, gx, gw, gb};
+  need_b = need_b && in.has_bias;
+  const Cfg g = make_cfg(kind, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, ignore_index);
+  const int64_t rb = std::max<int64_t>(1, std::min(row_block, n));
+  auto buf = at::empty({rb * c}, in.xc.options());
+  AT_DISPATCH_FLOATING_TYPES(in.xc.scalar_type(), "linear_ce_fused", [&] {
+    using T = scalar_t;
+    auto rows = make_rows<T>(in.lab, in.roww, in.marg, in.ones_n, in.ones_c, g, c);
+    rows.init(n);
+    const T* pb = in.has_bias ? in.bias.data_ptr<T>() : nullptr;
+    const T sc = T(s);
+    T* pl = loss.data_ptr<T>();
+    for (int64_t r0 = 0; r0 < n; r0 += rb) {
+      const int64_t nr = std::min(rb, n - r0);
+      auto dots = buf.narrow(0, 0, nr * c).view({nr, c});
+      auto xb = in.xc.narrow(0, r0, nr);
+      at::mm_out(dots, xb, in.wc.t());
+      T* pd = dots.data_ptr<T>();
+      at::parallel_for(0, nr, grain_rows(c), [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k) {
+          const int64_t i = r0 + k;
+          T* d = pd + k * c;
+          to_logits<T>(d, c, sc, pb);
+          rows.forward(i, d, 0, c);
+          const T lse = rows.finish(i, pl + i);
+          rows.backward(i, d, d, 0, c, lse, -1, rows.roww[i] * sc);
+        }
+      });
+      if (need_x) {
+        auto gxb = gx.narrow(0, r0, nr);
+        at::mm_out(gxb, dots, in.wc);
+      }
+      if (need_w) gw.addmm_(dots.t(), xb);
+      if (need_b) gb.add_(dots.sum(0));
+    }
+  });
+  return {loss, gx.to(x.scalar_type()), gw.to(w.scalar_type()), gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fused_margin, m) {
+  // normalize=False: kind 0 normface, 2 cosface, 5 ldam; margin already times s.
+  m.def("linear_ce_fwd(Tensor x, Tensor w, Tensor? bias, Tensor labels, Tensor row_weight, "
+        "Tensor margin, int kind, float s, int ignore_index, int block, int row_block) "
+        "-> (Tensor, Tensor)");
+  m.def("linear_ce_bwd(Tensor grad, Tensor x, Tensor w, Tensor? bias, Tensor labels, "
+        "Tensor row_weight, Tensor margin, Tensor lse, int kind, float s, int ignore_index, "
+        "int block, int row_block, bool need_x, bool need_w, bool need_b) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("linear_ce_fused(Tensor x, Tensor w, Tensor? bias, Tensor labels, Tensor row_weight, "
+        "Tensor margin, int kind, float s, int ignore_index, int row_block, bool need_x, "
+        "bool need_w, bool need_b) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fused_margin, CPU, m) {
+  m.impl("linear_ce_fwd", &linear_ce_fwd);
+  m.impl("linear_ce_bwd", &linear_ce_bwd);
+  m.impl("linear_ce_fused", &linear_ce_fused);
+}
+
+}  // namespace fused_margin

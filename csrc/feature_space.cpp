@@ -1093,3 +1093,303 @@ TORCH_LIBRARY_IMPL(fused_margin, CPU, m) {
 }
 
 }  // namespace fused_margin
+
+// ============================================================ Git, triplet-center, contrastive
+// git_fwd / git_bwd: lambda_c 0.5 ||x_i - c_{y_i}||^2 (explicit differences) plus
+// lambda_g sum_{j != y_i} 1 / (1 + d_ij), d_ij the clamped expansion, swept over
+// blocks of `block` centres (scratch [N, block]); backward recomputes each block and
+// applies v_ij = -lambda_g g_i / (1 + d_ij)^2 through the expansion's Jacobian.
+// tcl_fwd: per row the nearest other centre on the same sweep (squared values: the
+// square root is monotone; ties to the lower index; NaN ranks last) and its distance;
+// the backward is O(N D) in Python from the saved index.
+// contrastive_fwd / contrastive_bwd: per anchor the sum over partners b != a of
+// d_ab (same class) or max(0, margin - d_ab) on the Gram row blocks (scratch
+// [block, N] per thread); backward with S_ab = (g_a + g_b) dterm_ab/draw_ab, symmetric,
+// so each thread's row block gives gx[rows] = 2 rowsum(S) x - 2 S x with no
+// transposed accumulation.
+namespace fused_margin {
+namespace {
+
+// d(distance)/d(raw squared distance) at the clamped value v and raw: 1 (squared,
+// where the clamp passes) or 1 / (2 sqrt v) (l2, 0 at v = 0: the safe sqrt).
+template <typename T>
+FM_INLINE T ddist(T raw, T v, int64_t distance) {
+  if (distance == SQUARED_L2) return raw >= T(0) ? T(1) : T(0);
+  return v > T(0) ? T(0.5) / std::sqrt(v) : T(0);
+}
+
+template <typename T>
+FM_INLINE T dist_of(T v, int64_t distance) {
+  return distance == L2 ? (v > T(0) ? std::sqrt(v) : v) : v;
+}
+
+std::tuple<at::Tensor, at::Tensor> git_fwd(const at::Tensor& x_, const at::Tensor& labels_,
+                                           const at::Tensor& c_, double lambda_c, double lambda_g,
+                                           int64_t block) {
+  check_centers(x_, labels_, c_, "git_fwd");
+  auto x = x_.contiguous(), c = c_.contiguous(), labels = labels_.contiguous();
+  const int64_t n = x.size(0), d = x.size(1), nc = c.size(0);
+  auto own = at::empty({n}, x.options());
+  auto push = at::zeros({n}, x.options());
+  block = std::max<int64_t>(1, std::min(block, std::max<int64_t>(nc, 1)));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "git_fwd", [&] {
+    using T = scalar_t;
+    const int64_t* y = labels.data_ptr<int64_t>();
+    own_dists<T>(x.data_ptr<T>(), c.data_ptr<T>(), y, n, d, own.data_ptr<T>());
+    std::vector<T> sq, inv, csq, cinv;
+    row_stats(x.data_ptr<T>(), n, d, sq, inv);
+    row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
+    T* pp = push.data_ptr<T>();
+    if (n > 0 && nc > 0) {
+      auto buf = at::empty({n, block}, x.options());
+      for (int64_t c0 = 0; c0 < nc; c0 += block) {
+        const int64_t cb = std::min(block, nc - c0);
+        auto g = buf.narrow(1, 0, cb).contiguous();
+        at::mm_out(g, x, c.narrow(0, c0, cb).t());
+        const T* pg = g.data_ptr<T>();
+        at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            T acc = 0;
+            for (int64_t j = 0; j < cb; ++j) {
+              if (c0 + j == y[i]) continue;
+              acc += T(1) / (T(1) + clamp0(sq[i] + csq[c0 + j] - T(2) * pg[i * cb + j]));
+            }
+            pp[i] += acc;
+          }
+        });
+      }
+    }
+  });
+  auto per = own * (0.5 * lambda_c) + push * lambda_g;
+  return {per, own};
+}
+
+std::tuple<at::Tensor, at::Tensor> git_bwd(const at::Tensor& grad_, const at::Tensor& x_,
+                                           const at::Tensor& labels_, const at::Tensor& c_,
+                                           double lambda_c, double lambda_g, int64_t block) {
+  check_centers(x_, labels_, c_, "git_bwd");
+  auto x = x_.contiguous(), c = c_.contiguous(), labels = labels_.contiguous();
+  const int64_t n = x.size(0), d = x.size(1), nc = c.size(0);
+  TORCH_CHECK(grad_.numel() == n, "git_bwd: grad must have N entries");
+  auto grad = grad_.to(x.scalar_type()).contiguous();
+  auto gx = at::zeros_like(x), gc = at::zeros_like(c);
+  auto q = (grad * lambda_c).contiguous();  // d(0.5 lambda_c own) = lambda_c (x - c_y)
+  block = std::max<int64_t>(1, std::min(block, std::max<int64_t>(nc, 1)));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "git_bwd", [&] {
+    using T = scalar_t;
+    const int64_t* y = labels.data_ptr<int64_t>();
+    scatter_diff<T>(x.data_ptr<T>(), c.data_ptr<T>(), y, q.data_ptr<T>(), n, d,
+                    gx.data_ptr<T>(), gc.data_ptr<T>());
+    if (n == 0 || nc == 0 || lambda_g == 0.0) return;
+    std::vector<T> sq, inv, csq, cinv;
+    row_stats(x.data_ptr<T>(), n, d, sq, inv);
+    row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
+    const T* pgr = grad.data_ptr<T>();
+    const T lg = T(lambda_g);
+    auto rows = at::zeros({n}, x.options());
+    T* prow = rows.data_ptr<T>();
+    auto buf = at::empty({n, block}, x.options());
+    for (int64_t c0 = 0; c0 < nc; c0 += block) {
+      const int64_t cb = std::min(block, nc - c0);
+      auto a = buf.narrow(1, 0, cb).contiguous();
+      auto cblk = c.narrow(0, c0, cb);
+      at::mm_out(a, x, cblk.t());
+      T* pa = a.data_ptr<T>();
+      at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          T rs = 0;
+          for (int64_t j = 0; j < cb; ++j) {
+            const T raw = sq[i] + csq[c0 + j] - T(2) * pa[i * cb + j];
+            const T den = T(1) + clamp0(raw);
+            const T v = (c0 + j != y[i] && raw >= 0) ? -lg * pgr[i] / (den * den) : T(0);
+            pa[i * cb + j] = v;
+            rs += v;
+          }
+          prow[i] += rs;
+        }
+      });
+      // d raw_ij = 2 (x_i - c_j) . dx_i + 2 (c_j - x_i) . dc_j
+      gx.addmm_(a, cblk, 1, -2);
+      auto gcb = gc.narrow(0, c0, cb);
+      gcb.addmm_(a.t(), x, 1, -2);
+      gcb.add_(cblk * a.sum(0).unsqueeze(1), 2);
+    }
+    gx.add_(x * rows.unsqueeze(1), 2);
+  });
+  return {gx, gc};
+}
+
+// Per row: own distance D(x_i, c_{y_i}) (explicit differences), the nearest other
+// centre's index (-1 with one class) and its distance (expansion, clamped), the term.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tcl_fwd(
+    const at::Tensor& x_, const at::Tensor& labels_, const at::Tensor& c_, double margin,
+    int64_t distance, int64_t block) {
+  check_centers(x_, labels_, c_, "tcl_fwd");
+  TORCH_CHECK(distance == L2 || distance == SQUARED_L2, "tcl_fwd: distance must be l2 or squared_l2");
+  auto x = x_.contiguous(), c = c_.contiguous(), labels = labels_.contiguous();
+  const int64_t n = x.size(0), d = x.size(1), nc = c.size(0);
+  auto own = at::empty({n}, x.options());
+  auto near = at::zeros({n}, x.options());
+  auto idx = at::full({n}, -1, labels.options());
+  auto per = at::zeros({n}, x.options());
+  block = std::max<int64_t>(1, std::min(block, std::max<int64_t>(nc, 1)));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tcl_fwd", [&] {
+    using T = scalar_t;
+    const int64_t* y = labels.data_ptr<int64_t>();
+    T* po = own.data_ptr<T>();
+    own_dists<T>(x.data_ptr<T>(), c.data_ptr<T>(), y, n, d, po);
+    std::vector<T> sq, inv, csq, cinv;
+    row_stats(x.data_ptr<T>(), n, d, sq, inv);
+    row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
+    std::vector<T> best(n, std::numeric_limits<T>::infinity());
+    std::vector<T> bestv(n, std::numeric_limits<T>::quiet_NaN());
+    int64_t* pi = idx.data_ptr<int64_t>();
+    if (n > 0 && nc > 1) {
+      auto buf = at::empty({n, block}, x.options());
+      for (int64_t c0 = 0; c0 < nc; c0 += block) {
+        const int64_t cb = std::min(block, nc - c0);
+        auto g = buf.narrow(1, 0, cb).contiguous();
+        at::mm_out(g, x, c.narrow(0, c0, cb).t());
+        const T* pg = g.data_ptr<T>();
+        at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            for (int64_t j = 0; j < cb; ++j) {
+              const int64_t col = c0 + j;
+              if (col == y[i]) continue;
+              const T v = clamp0(sq[i] + csq[col] - T(2) * pg[i * cb + j]);
+              if (pi[i] < 0) { pi[i] = col; bestv[i] = v; }  // the first candidate, NaN or not
+              if (v < best[i]) { best[i] = v; bestv[i] = v; pi[i] = col; }
+            }
+          }
+        });
+      }
+    }
+    T* pn = near.data_ptr<T>();
+    T* pp = per.data_ptr<T>();
+    const T m = T(margin);
+    for (int64_t i = 0; i < n; ++i) {
+      po[i] = dist_of(po[i], distance);
+      if (pi[i] < 0) { pp[i] = po[i] * T(0); continue; }  // one class: no other centre
+      pn[i] = dist_of(bestv[i], distance);
+      const T t = m + po[i] - pn[i];
+      pp[i] = t < T(0) ? T(0) : t;  // NaN passes
+    }
+  });
+  return {per, own, near, idx};
+}
+
+// Per anchor: sum over b != a of the contrastive term.
+at::Tensor contrastive_fwd(const at::Tensor& x_, const at::Tensor& labels_, double margin,
+                           int64_t distance, int64_t block) {
+  check_inputs(x_, labels_, "contrastive_fwd");
+  TORCH_CHECK(distance == L2 || distance == SQUARED_L2,
+              "contrastive_fwd: distance must be l2 or squared_l2");
+  auto x = x_.contiguous(), labels = labels_.contiguous();
+  const int64_t n = x.size(0), d = x.size(1);
+  auto per = at::zeros({n}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_fwd", [&] {
+    using T = scalar_t;
+    std::vector<T> sq, inv;
+    row_stats(x.data_ptr<T>(), n, d, sq, inv);
+    const int64_t* y = labels.data_ptr<int64_t>();
+    T* pp = per.data_ptr<T>();
+    const T m = T(margin);
+    for_gram_rows<T>(x, block, [&](int64_t i, T* row) {
+      T acc = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        if (j == i) continue;
+        const T dd = dist_of(clamp0(sq[i] + sq[j] - T(2) * row[j]), distance);
+        if (y[j] == y[i]) {
+          acc += dd;
+        } else {
+          const T t = m - dd;
+          acc += t < T(0) ? T(0) : t;
+        }
+      }
+      pp[i] = acc;
+    });
+  });
+  return per;
+}
+
+at::Tensor contrastive_bwd(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& labels_,
+                           double margin, int64_t distance, int64_t block) {
+  check_inputs(x_, labels_, "contrastive_bwd");
+  auto x = x_.contiguous().detach(), labels = labels_.contiguous();
+  const int64_t n = x.size(0), d = x.size(1);
+  TORCH_CHECK(grad_.numel() == n, "contrastive_bwd: grad must have N entries");
+  auto grad = grad_.to(x.scalar_type()).contiguous();
+  auto gx = at::zeros_like(x);
+  if (n < 2) return gx;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_bwd", [&] {
+    using T = scalar_t;
+    std::vector<T> sq, inv;
+    row_stats(x.data_ptr<T>(), n, d, sq, inv);
+    const int64_t* y = labels.data_ptr<int64_t>();
+    const T* pg = grad.data_ptr<T>();
+    const T m = T(margin);
+    auto diag = at::zeros({n}, x.options());
+    T* pdiag = diag.data_ptr<T>();
+    const int64_t blk = row_block(block, n);
+    const int64_t nb = (n + blk - 1) / blk;
+    auto xt = x.t();
+    at::parallel_for(0, nb, 1, [&](int64_t bb, int64_t be) {
+      auto buf = at::empty({blk, n}, x.options());
+      for (int64_t bi = bb; bi < be; ++bi) {
+        const int64_t r0 = bi * blk, rows = std::min(blk, n - r0);
+        auto a = buf.narrow(0, 0, rows);
+        at::mm_out(a, x.narrow(0, r0, rows), xt);
+        T* pa = a.data_ptr<T>();
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = r0 + r;
+          T* row = pa + r * n;
+          T rs = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            if (j == i) { row[j] = T(0); continue; }
+            const T raw = sq[i] + sq[j] - T(2) * row[j];
+            const T v = clamp0(raw);
+            const T k = ddist(raw, v, distance);
+            T coef;
+            if (y[j] == y[i]) {
+              coef = k;
+            } else {
+              coef = (m - dist_of(v, distance) > T(0)) ? -k : T(0);
+            }
+            row[j] = (pg[i] + pg[j]) * coef;
+            rs += row[j];
+          }
+          pdiag[i] = rs;
+        }
+        // rows of gx are this block's alone: S is symmetric
+        gx.narrow(0, r0, rows).addmm_(a, x, 1, -2);
+      }
+    });
+    gx.add_(x * diag.unsqueeze(1), 2);
+  });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fused_margin, m) {
+  // distance codes as triplet's: 0 l2, 1 squared_l2.
+  m.def("git_fwd(Tensor x, Tensor labels, Tensor centers, float lambda_c, float lambda_g, "
+        "int block) -> (Tensor, Tensor)");
+  m.def("git_bwd(Tensor grad, Tensor x, Tensor labels, Tensor centers, float lambda_c, "
+        "float lambda_g, int block) -> (Tensor, Tensor)");
+  m.def("tcl_fwd(Tensor x, Tensor labels, Tensor centers, float margin, int distance, int block) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("contrastive_fwd(Tensor x, Tensor labels, float margin, int distance, int block) -> Tensor");
+  m.def("contrastive_bwd(Tensor grad, Tensor x, Tensor labels, float margin, int distance, "
+        "int block) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fused_margin, CPU, m) {
+  m.impl("git_fwd", &git_fwd);
+  m.impl("git_bwd", &git_bwd);
+  m.impl("tcl_fwd", &tcl_fwd);
+  m.impl("contrastive_fwd", &contrastive_fwd);
+  m.impl("contrastive_bwd", &contrastive_bwd);
+}
+
+}  // namespace fused_margin

@@ -156,9 +156,15 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0, m2: float = 0.0,
                          m3: float = 0.0, elm_lambda: float = 0.5,
                          class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                         reduction: str = "mean") -> torch.Tensor:
-    return _margin_ce(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda, class_weight,
-                      ignore_index, reduction)[0]
+                         reduction: str = "mean", normalize: bool = True,
+                         bias: Optional[torch.Tensor] = None,
+                         label_smoothing: float = 0.0) -> torch.Tensor:
+    if normalize and bias is None and not label_smoothing:
+        return _margin_ce(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda,
+                          class_weight, ignore_index, reduction)[0]
+    return _linear_or_smoothed(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda,
+                               class_weight, ignore_index, reduction, normalize, bias,
+                               float(label_smoothing))
 
 
 def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, *,
@@ -259,3 +265,166 @@ def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
                                          block),
         labels, shard_size=weight_shard.shape[0], class_start=class_start, keep=keep,
         ignore_index=ignore_index, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3)
+
+
+# ------------------------------------------------ normalize=False, bias, label smoothing
+# Raw linear logits s * (x.W_j + b_j) (csrc/angular.cpp, linear_ce_*): the same sweeps
+# on the logits, margin s * m_y on the target (cosface, ldam), the bias gradient from
+# the same tiles. Label smoothing (F.cross_entropy's, class weights w included) splits
+# per valid row as
+#   (1 - eps) w_y (lse - z_y) + eps/C sum_j w_j (lse - z_j)
+#     = a_i (lse - z_y) + eps/C ((W - w_y) z_y - sum_{j != y} w_j z_j),
+# a_i = (1 - eps) w_y + eps W / C, W = sum_j w_j: the kernels' cross-entropy with row
+# weight a_i, plus an O(N D + C D) term in PyTorch, since every non-target logit is
+# linear in x_i (s * rx_i rw_j x_i.W_j, or s * (x_i.W_j + b_j)): sum_j w_j z_j =
+# s * rx_i x_i . (W^T (w * rw)) (+ s w.b). "mean" divides both by sum_i w_{y_i}.
+# arcgrad (non-target logits -s*theta_j, not linear) and elm with a per-class margin
+# (its target needs c*) with label smoothing are served by the reference (N x C).
+
+
+class _LinearCE(torch.autograd.Function):
+    """Per-row losses on the class-tiled sweep; a recomputing backward."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, labels, row_w, marg, args):
+        block, rows = _tiles(weight.shape[0], row_w.element_size())
+        loss, lse = ops.linear_ce_fwd(features, weight, bias, labels, row_w, marg, *args,
+                                      block, rows)
+        ctx.save_for_backward(features, weight, bias, labels, row_w, marg, lse)
+        ctx.args = args
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        features, weight, bias, labels, row_w, marg, lse = ctx.saved_tensors
+        block, rows = _tiles(weight.shape[0], row_w.element_size())
+        need = ctx.needs_input_grad
+        gx, gw, gb = ops.linear_ce_bwd(grad.contiguous(), features, weight, bias, labels, row_w,
+                                       marg, lse, *ctx.args, block, rows, need[0], need[1],
+                                       bias is not None and need[2])
+        return (gx if need[0] else None, gw if need[1] else None,
+                gb.to(bias.dtype) if bias is not None and need[2] else None,
+                None, None, None, None)
+
+
+class _LinearCEFused(torch.autograd.Function):
+    """Scalar reductions: gradients formed in the forward sweep (row weights carry the
+    mean's scale), handed over by the first backward, as _MarginCrossEntropyFused."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, labels, row_w, marg, args):
+        need = (features.requires_grad, weight.requires_grad,
+                bias is not None and bias.requires_grad)
+        loss, gx, gw, gb = ops.linear_ce_fused(features, weight, bias, labels, row_w, marg, *args,
+                                               _row_block(weight.shape[0], row_w.element_size()),
+                                               *need)
+        ctx.grads = (gx, gw, gb)
+        ctx.save_for_backward(features, weight, bias, labels, row_w, marg)
+        ctx.args = args
+        return loss.sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        need = ctx.needs_input_grad
+        if ctx.grads is None:
+            features, weight, bias, labels, row_w, marg = ctx.saved_tensors
+            _, gx, gw, gb = ops.linear_ce_fused(
+                features, weight, bias, labels, row_w, marg, *ctx.args,
+                _row_block(weight.shape[0], row_w.element_size()), need[0], need[1],
+                bias is not None and need[2])
+        else:
+            gx, gw, gb = ctx.grads
+            ctx.grads = None
+        if not bool(grad == 1):
+            gx, gw, gb = (g * grad.to(g.dtype) for g in (gx, gw, gb))
+        has_b = need[2]
+        return (gx if need[0] else None, gw if need[1] else None,
+                gb if has_b else None, None, None, None, None)
+
+
+def _row_scale(red_w: torch.Tensor, reduction: str):
+    if reduction != "mean":
+        return 1.0
+    denom = red_w.sum()
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.where(denom > 0, 1 / safe, torch.zeros_like(denom))
+
+
+def _weighted_ce(features, weight, bias, labels, kind, s, m, m1, m2, m3, elm_lambda,
+                 ignore_index, reduction, normalize, row_w, red_w):
+    """Cross-entropy with kernel row weights row_w and reduction weights red_w."""
+    dt = compute_dtype(features.dtype)
+    _, marg, th, offset = _prepare(features, labels, kind, m, m1, m2, None, ignore_index)
+    grads = torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))
+    fused = FUSED and grads and reduction != "none" and features.shape[0] > 0
+    if normalize:
+        args = (KIND_CODES[kind], float(s), float(m1), float(m2), float(m3), float(elm_lambda),
+                float(th), float(offset), int(ignore_index))
+        if fused:
+            return _MarginCrossEntropyFused.apply(features, weight, labels,
+                                                  row_w * _row_scale(red_w, reduction), marg,
+                                                  args)[0]
+        per = _MarginCrossEntropy.apply(features, weight, labels, row_w, marg, args)[0]
+        return reduce_loss(per, red_w, reduction)
+    args = (KIND_CODES[kind], float(s), int(ignore_index))
+    marg = marg * float(s)
+    b = None if bias is None else (bias if bias.dtype == dt else bias.to(dt))
+    if fused:
+        return _LinearCEFused.apply(features, weight, b, labels,
+                                    row_w * _row_scale(red_w, reduction), marg, args)
+    per = _LinearCE.apply(features, weight, b, labels, row_w, marg, args)
+    return reduce_loss(per, red_w, reduction)
+
+
+def _linear_or_smoothed(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda,
+                        class_weight, ignore_index, reduction, normalize, bias, eps):
+    from ..reference import angular as ref
+
+    if eps and normalize and (kind == "arcgrad"
+                              or (kind == "elm" and isinstance(m, torch.Tensor))):
+        return ref.margin_cross_entropy(
+            features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+            elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
+            reduction=reduction, normalize=normalize, bias=bias, label_smoothing=eps)
+    dt = compute_dtype(features.dtype)
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    num_classes = weight.shape[0]
+    cw = None if class_weight is None else class_weight.to(dt)
+    w_y = valid.to(dt) if cw is None else valid.to(dt) * cw[y]
+    if not eps:
+        return _weighted_ce(features, weight, bias, labels, kind, s, m, m1, m2, m3, elm_lambda,
+                            ignore_index, reduction, normalize, w_y, w_y)
+    total_w = float(num_classes) if cw is None else cw.sum()
+    row_w = (1 - eps) * w_y + valid.to(dt) * (eps / num_classes) * total_w
+    main = _weighted_ce(features, weight, bias, labels, kind, s, m, m1, m2, m3, elm_lambda,
+                        ignore_index, reduction, normalize, row_w, w_y)
+    # eps/C ((W - w_y) z_y - sum_{j != y} w_j z_j), O(N D + C D)
+    x, wt = features.to(dt), weight.to(dt)
+    wvec = torch.ones(num_classes, dtype=dt, device=x.device) if cw is None else cw
+    w_at_y = wvec[y]
+    if normalize:
+        rx, rw = ref.inv_norm(x), ref.inv_norm(wt)
+        dot_y = (x * wt[y]).sum(1)
+        cos_y = dot_y * rx * rw[y]
+        z_all = s * rx * (x @ (wt.T @ (wvec * rw)))
+        z_y = s * cos_y
+        m_y = ref._per_row(m, y, cos_y)
+        t = ref.target_transform(cos_y, kind, m_y, m1, m2, m3)
+        if kind == "elm" and num_classes > 1:
+            t = t + elm_lambda * float(m)
+        z_y_m = s * t
+    else:
+        bb = None if bias is None else bias.to(dt)
+        z_all = s * (x @ (wt.T @ wvec))
+        z_y = s * (x * wt[y]).sum(1)
+        if bb is not None:
+            z_all = z_all + s * (wvec * bb).sum()
+            z_y = z_y + s * bb[y]
+        z_y_m = z_y - s * ref._per_row(m, y, z_y) if kind in ("cosface", "ldam") else z_y
+    extra = (eps / num_classes) * ((total_w - w_at_y) * z_y_m - (z_all - w_at_y * z_y))
+    extra = torch.where(valid, extra, torch.zeros_like(extra))
+    return main + reduce_loss(extra, w_y, reduction)

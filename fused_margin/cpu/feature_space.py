@@ -194,3 +194,106 @@ def contrastive_center_loss(features: torch.Tensor, labels: torch.Tensor, center
     dt = _fs.compute_dtype(features.dtype)
     per = _ContrastiveCenterLoss.apply(features.to(dt), labels, centers.to(dt), float(delta))
     return reduce_loss(per, torch.ones_like(per), reduction)
+
+
+# Git / triplet-center / contrastive (csrc/feature_space.cpp, last section): the
+# centre losses sweep the centres in blocks of FS_CENTER_BLOCK; contrastive_loss the
+# Gram rows in blocks of FS_ROW_BLOCK. None holds N x C or N x N.
+
+
+class _GitLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, labels, c, lambda_c, lambda_g):
+        per, _own = ops.git_fwd(x, labels, c, lambda_c, lambda_g, FS_CENTER_BLOCK)
+        ctx.save_for_backward(x, labels, c)
+        ctx.lambdas = (lambda_c, lambda_g)
+        return per
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, labels, c = ctx.saved_tensors
+        gx, gc = ops.git_bwd(grad.contiguous(), x, labels, c, *ctx.lambdas, FS_CENTER_BLOCK)
+        return gx, None, gc, None, None
+
+
+def git_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
+             lambda_c: float = 1.0, lambda_g: float = 1.0,
+             reduction: str = "mean") -> torch.Tensor:
+    dt = _fs.compute_dtype(features.dtype)
+    per = _GitLoss.apply(features.to(dt), labels, centers.to(dt), float(lambda_c),
+                         float(lambda_g))
+    return reduce_loss(per, torch.ones_like(per), reduction)
+
+
+def tcl_backward(grad, x, labels, c, per, own, near, idx, distance):
+    """The triplet-center term's gradients from the saved per-row values, O(N D):
+    relu passes where the term is > 0; d/dx of D(x_i, c) is 2 (x_i - c) (squared)
+    or (x_i - c) / D (l2; 0 at D = 0). The clamp of the expanded distance to the
+    nearest other centre is not reproduced (zero gradient on a measure-zero set)."""
+    g = torch.where(per > 0, grad, torch.zeros_like(grad))
+    has = idx >= 0
+    g = torch.where(has, g, torch.zeros_like(g))
+    j = torch.where(has, idx, torch.zeros_like(idx))
+
+    def scale(dist):
+        if distance == "squared_l2":
+            return 2 * g
+        pos = dist > 0
+        return torch.where(pos, g / torch.where(pos, dist, torch.ones_like(dist)),
+                           torch.zeros_like(dist))
+
+    a = scale(own)[:, None] * (x - c[labels])
+    b = scale(near)[:, None] * (x - c[j])
+    gx = a - b
+    gc = torch.zeros_like(c).index_add_(0, labels, -a).index_add_(0, j, b)
+    return gx, gc
+
+
+class _TripletCenterLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, labels, c, margin, distance):
+        per, own, near, idx = ops.tcl_fwd(x, labels, c, margin, DISTANCE_CODES[distance],
+                                          FS_CENTER_BLOCK)
+        ctx.save_for_backward(x, labels, c, per, own, near, idx)
+        ctx.distance = distance
+        return per
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gc = tcl_backward(grad, *ctx.saved_tensors, ctx.distance)
+        return gx, None, gc, None, None
+
+
+def triplet_center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
+                        margin: float = 5.0, distance: str = "l2",
+                        reduction: str = "mean") -> torch.Tensor:
+    if distance not in ("l2", "squared_l2"):
+        raise ValueError(f"distance must be 'l2' or 'squared_l2', got {distance!r}")
+    dt = _fs.compute_dtype(features.dtype)
+    per = _TripletCenterLoss.apply(features.to(dt), labels, centers.to(dt), float(margin),
+                                   distance)
+    return reduce_loss(per, torch.ones_like(per), reduction)
+
+
+class _ContrastiveLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, labels, margin, code):
+        ctx.save_for_backward(x, labels)
+        ctx.args = (margin, code)
+        return ops.contrastive_fwd(x, labels, margin, code, FS_ROW_BLOCK)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, labels = ctx.saved_tensors
+        gx = ops.contrastive_bwd(grad.contiguous(), x, labels, *ctx.args, FS_ROW_BLOCK)
+        return gx, None, None, None
+
+
+def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0,
+                     distance: str = "l2", reduction: str = "mean") -> torch.Tensor:
+    if distance not in ("l2", "squared_l2"):
+        raise ValueError(f"distance must be 'l2' or 'squared_l2', got {distance!r}")
+    x = embeddings.to(_fs.compute_dtype(embeddings.dtype))
+    per = _ContrastiveLoss.apply(x, labels, float(margin), DISTANCE_CODES[distance])
+    n = x.shape[0]
+    return reduce_loss(per, torch.full_like(per, float(max(n - 1, 0))), reduction)
