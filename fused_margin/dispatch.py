@@ -79,11 +79,11 @@ OPS: Dict[str, Dict[str, str]] = {
         "triton": "fused_margin.triton.feature_space:triplet_margin_loss",
         "cpu": "fused_margin.cpu.feature_space:triplet_margin_loss"},
     "git_loss": {"reference": "fused_margin.reference.feature_space:git_loss",
-                 "triton": "fused_margin.triton.centers:git_loss",
+                 "triton": "fused_margin.triton.center_margins:git_loss",
                  "cpu": "fused_margin.cpu.feature_space:git_loss"},
     "triplet_center_loss": {
         "reference": "fused_margin.reference.feature_space:triplet_center_loss",
-        "triton": "fused_margin.triton.centers:triplet_center_loss",
+        "triton": "fused_margin.triton.center_margins:triplet_center_loss",
         "cpu": "fused_margin.cpu.feature_space:triplet_center_loss"},
     "contrastive_loss": {
         "reference": "fused_margin.reference.feature_space:contrastive_loss",

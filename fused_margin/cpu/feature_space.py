@@ -225,30 +225,6 @@ def git_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor
     return reduce_loss(per, torch.ones_like(per), reduction)
 
 
-def tcl_backward(grad, x, labels, c, per, own, near, idx, distance):
-    """The triplet-center term's gradients from the saved per-row values, O(N D):
-    relu passes where the term is > 0; d/dx of D(x_i, c) is 2 (x_i - c) (squared)
-    or (x_i - c) / D (l2; 0 at D = 0). The clamp of the expanded distance to the
-    nearest other centre is not reproduced (zero gradient on a measure-zero set)."""
-    g = torch.where(per > 0, grad, torch.zeros_like(grad))
-    has = idx >= 0
-    g = torch.where(has, g, torch.zeros_like(g))
-    j = torch.where(has, idx, torch.zeros_like(idx))
-
-    def scale(dist):
-        if distance == "squared_l2":
-            return 2 * g
-        pos = dist > 0
-        return torch.where(pos, g / torch.where(pos, dist, torch.ones_like(dist)),
-                           torch.zeros_like(dist))
-
-    a = scale(own)[:, None] * (x - c[labels])
-    b = scale(near)[:, None] * (x - c[j])
-    gx = a - b
-    gc = torch.zeros_like(c).index_add_(0, labels, -a).index_add_(0, j, b)
-    return gx, gc
-
-
 class _TripletCenterLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, labels, c, margin, distance):
@@ -260,7 +236,7 @@ class _TripletCenterLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        gx, gc = tcl_backward(grad, *ctx.saved_tensors, ctx.distance)
+        gx, gc = _fs.triplet_center_grads(grad, *ctx.saved_tensors, ctx.distance)
         return gx, None, gc, None, None
 
 

@@ -351,6 +351,32 @@ def triplet_center_loss(features: torch.Tensor, labels: torch.Tensor, centers: t
     return reduce_loss(per, torch.ones_like(per), reduction)
 
 
+def triplet_center_grads(grad, x, labels, c, per, own, near, idx, distance):
+    """(dL/dx, dL/dc) of the triplet-center terms `per` from the per-row values a
+    fused forward saves (own and nearest-other distances, that centre's index, -1
+    with one class), O(N D), shared by the fused backends:
+    relu passes where the term is > 0; d/dx of D(x_i, c) is 2 (x_i - c) (squared)
+    or (x_i - c) / D (l2; 0 at D = 0). The clamp of the expanded distance to the
+    nearest other centre is not reproduced (zero gradient on a measure-zero set)."""
+    g = torch.where(per > 0, grad, torch.zeros_like(grad))
+    has = idx >= 0
+    g = torch.where(has, g, torch.zeros_like(g))
+    j = torch.where(has, idx, torch.zeros_like(idx))
+
+    def scale(dist):
+        if distance == "squared_l2":
+            return 2 * g
+        pos = dist > 0
+        return torch.where(pos, g / torch.where(pos, dist, torch.ones_like(dist)),
+                           torch.zeros_like(dist))
+
+    a = scale(own)[:, None] * (x - c[labels])
+    b = scale(near)[:, None] * (x - c[j])
+    gx = a - b
+    gc = torch.zeros_like(c).index_add_(0, labels, -a).index_add_(0, j, b)
+    return gx, gc
+
+
 def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0,
                      distance: str = "l2", reduction: str = "mean") -> torch.Tensor:
     """Contrastive loss, Eq. 7 of the sigma^2R paper: over ordered in-batch pairs
