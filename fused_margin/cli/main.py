@@ -68,13 +68,16 @@ def _train_epilog() -> str:
                  "(per-class margins from the train counts; --drw)"),
         ("elm", f"s={T.DEFAULT_SCALE['elm']:g} max_m={T.DEFAULT_MARGIN['elm']:g} "
                 f"lambda={T.ELM_LAMBDA:g} (--drw)"),
+        ("msoftmax", f"m={T.DEFAULT_MARGIN['msoftmax']:g} (M-Softmax: linear head with bias, "
+                     "target logit lowered by m)"),
         ("wce", "linear head; class weight --important-weight on --important-class, 1 elsewhere"),
         ("crwwce", "linear head; fn[K]=--important-weight, fp rows/cols of K = "
                    f"{T.CRWWCE_FP_IMPORTANT:g}, diagonal 0, others 1"),
         ("wasserstein", f"linear head; cost 1 - eye with the row and column of K = "
                         f"{T.WASSERSTEIN_IMPORTANT:g} (eps={T.SINKHORN_EPS:g}, "
                         f"{T.SINKHORN_ITERS} Sinkhorn iterations)"),
-        ("center, contrastive-center, sigma2r, soft-nn, triplet",
+        ("center, contrastive-center, sigma2r, soft-nn, triplet, git, triplet-center, "
+         "contrastive",
          "CE on a linear head + --lambda x the feature-space loss on the embedding"),
     ]
     width = 12

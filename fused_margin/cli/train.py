@@ -37,8 +37,11 @@ from ..dispatch import BACKENDS, OPS, resolve
 MARGIN_LOSSES = ("normface", "arcface", "cosface", "sphereface", "combined", "camri", "arcgrad",
                  "adacos", "ldam", "elm")
 COST_LOSSES = ("wce", "crwwce", "wasserstein")
-FEATURE_LOSSES = ("center", "contrastive-center", "sigma2r", "soft-nn", "triplet")
-LOSSES = ("ce",) + MARGIN_LOSSES + COST_LOSSES + FEATURE_LOSSES
+FEATURE_LOSSES = ("center", "contrastive-center", "sigma2r", "soft-nn", "triplet", "git",
+                  "triplet-center", "contrastive")
+# raw linear logits with a margin on the target (M-Softmax, margin_cross_entropy normalize=False)
+LINEAR_LOSSES = ("msoftmax",)
+LOSSES = ("ce",) + MARGIN_LOSSES + LINEAR_LOSSES + COST_LOSSES + FEATURE_LOSSES
 DRW_LOSSES = ("ce", "ldam", "elm")
 IMPORTANT_LOSSES = ("camri", "wce", "crwwce", "wasserstein")
 
@@ -47,7 +50,7 @@ IMPORTANT_LOSSES = ("camri", "wce", "crwwce", "wasserstein")
 DEFAULT_SCALE = {k: 16.0 for k in ("normface", "arcface", "cosface", "sphereface", "combined",
                                    "camri", "ldam", "elm")}
 DEFAULT_MARGIN = {"arcface": 0.3, "cosface": 0.2, "sphereface": 1.35, "combined": 0.2,
-                  "camri": 0.3, "ldam": 0.5, "elm": 0.5}
+                  "camri": 0.3, "ldam": 0.5, "elm": 0.5, "msoftmax": 0.5}
 COMBINED_M1, COMBINED_M3 = 1.0, 0.1  # `--margin` is m2, the additive angle
 ELM_LAMBDA = 0.5
 ARCGRAD_GAP = 0.15  # radians (about 8.6 degrees): s = arcgrad_scale(C, gap), 14.3 for C = 10
@@ -351,6 +354,11 @@ class Objective(nn.Module):
                 self.backends[op] = _effective_backend(op, mb, device)
             self._logits_backend = _effective_backend("scaled_cosine", b, device)
             self.backends["scaled_cosine"] = self._logits_backend
+        elif loss == "msoftmax":
+            mb = _module_backend(["margin_cross_entropy"], b, device)
+            self.head = fm_nn.MSoftmax(d, c, m=m, bias=True, backend=mb)
+            self.backends["margin_cross_entropy"] = _effective_backend("margin_cross_entropy", mb,
+                                                                       device)
         else:
             self.head = LinearHead(d, c)
             if loss == "ce" or loss in FEATURE_LOSSES:
@@ -399,9 +407,20 @@ class Objective(nn.Module):
             self.aux = fm_nn.TripletMarginLoss(
                 backend=_effective_backend("triplet_margin_loss", b, device))
             self.backends["triplet_margin_loss"] = self.aux.backend
+        elif loss == "git":
+            self.aux = fm_nn.GitLoss(c, d, backend=_effective_backend("git_loss", b, device))
+            self.backends["git_loss"] = self.aux.backend
+        elif loss == "triplet-center":
+            self.aux = fm_nn.TripletCenterLoss(
+                c, d, backend=_effective_backend("triplet_center_loss", b, device))
+            self.backends["triplet_center_loss"] = self.aux.backend
+        elif loss == "contrastive":
+            self.aux = fm_nn.ContrastiveLoss(
+                backend=_effective_backend("contrastive_loss", b, device))
+            self.backends["contrastive_loss"] = self.aux.backend
         if loss in MARGIN_LOSSES and loss != "adacos":
             self.params["s"] = float(self.head.scale())
-        if m is not None and loss in MARGIN_LOSSES:
+        if m is not None and (loss in MARGIN_LOSSES or loss in LINEAR_LOSSES):
             self.params["m2" if loss == "combined" else
                         "max_m" if loss in ("ldam", "elm") else "m"] = float(m)
         if loss in FEATURE_LOSSES:
@@ -440,7 +459,7 @@ class Objective(nn.Module):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         name = self.loss_name
-        if self.is_margin or name == "ce":
+        if self.is_margin or name == "ce" or name in LINEAR_LOSSES:
             return self.head(features, labels)
         logits = self.head.logits(features)
         if name == "wce":
