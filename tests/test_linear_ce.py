@@ -230,3 +230,12 @@ def test_linear_cross_entropy_module():
     valid = y != -100
     z = z - 0.5 * F.one_hot(torch.where(valid, y, 0), 11) * valid[:, None]
     torch.testing.assert_close(ms(x, y), F.cross_entropy(z, y))
+
+
+@pytest.mark.skipif(not CPU_OK, reason="no C++ extension")
+def test_cpu_signature_matches_reference():
+    import inspect
+
+    from fused_margin.cpu import angular as cpu
+    from fused_margin.reference import angular as ref
+    assert inspect.signature(cpu.margin_cross_entropy) == inspect.signature(ref.margin_cross_entropy)

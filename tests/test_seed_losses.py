@@ -414,3 +414,17 @@ def test_argument_checks():
         fm.git_loss(x, y, c, lambda_g=float("nan"))
     with pytest.raises(ValueError):
         fm.git_loss(x, torch.tensor([0, 1, 2, 3]), c)
+
+
+def test_fused_signatures_match_reference():
+    import importlib
+    import inspect
+
+    for op in ("git_loss", "triplet_center_loss", "contrastive_loss"):
+        want = inspect.signature(getattr(ref, op))
+        for backend in ("cpu", "triton"):
+            if not dispatch._status(backend)[0]:
+                continue
+            module, fn = dispatch.OPS[op][backend].split(":")
+            assert inspect.signature(getattr(importlib.import_module(module), fn)) == want, \
+                (op, backend)
