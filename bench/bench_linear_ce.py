@@ -140,6 +140,7 @@ def main():
         print("RESULT " + json.dumps(res), flush=True)
         return
 
+    start_info = machine()  # its load average is the one before any provider ran
     rows = []
     for prov in args.providers.split(","):
         print(f"running {prov} ...", file=sys.stderr, flush=True)
@@ -150,7 +151,7 @@ def main():
     title = (f"linear cross-entropy fp32 fwd+bwd, N={args.N} D={args.D} C={args.C}, "
              f"{os.cpu_count()} CPU threads (shared machine: see each row's load average)")
     info = dict(title=title, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                machine=machine(), shape=dict(N=args.N, D=args.D, C=args.C),
+                machine=start_info, shape=dict(N=args.N, D=args.D, C=args.C),
                 repeats=args.repeats, warmup=args.warmup, results=rows, markdown=md,
                 loadavg_at_end=os.getloadavg())
     if "eager" in by:
