@@ -234,6 +234,9 @@ def _worker(out_dir):
                            D, 11)
     lo, n = ours.class_start, ours.num_local
     results[("variant", name)] = _run(ours, w_full[lo:lo + n], xs[rank], ys[rank])
+    # fp16=True: float16 operands into the sweep
+    ours = fi.PartialFC_V2(fi.CombinedMarginLoss(*CASES[name][1]), D, 11, fp16=True)
+    results[("fp16", name)] = _run(ours, w_full[lo:lo + n], xs[rank], ys[rank])
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -303,6 +306,14 @@ def test_variant_fused_margin_is_the_combined_kind(ranks):
         torch.testing.assert_close(got_x, WORLD * x.grad[start:start + n], **TOL)
         torch.testing.assert_close(got_w, w.grad[lo:lo + got_w.shape[0]], **TOL)
         start += n
+
+
+def test_fp16_is_close_to_insightface(ranks):
+    for r in range(WORLD):
+        ours, theirs = ranks[r][("fp16", "arcface")], ranks[r][("theirs", "arcface")]
+        assert ours[1].dtype == theirs[1].dtype == torch.float64  # grads in the inputs' dtype
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-3)
 
 
 # ------------------------------------------------------ single process

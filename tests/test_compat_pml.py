@@ -110,3 +110,25 @@ def test_embeddings_dtype_moves_w_like_pml():
     loss = fpml.CosFaceLoss(5, 3)
     out = loss(torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.long))
     assert loss.W.dtype == torch.float64 and out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", [p for p in fused_backends("margin_cross_entropy")
+                                     if p.id == "triton"])
+def test_triton_reads_w_through_its_strides(backend):
+    """PML's W [D, C] goes to the kernels as W.t(): the Triton forward makes no
+    [C, D] copy of it (the C++ kernels do, once per forward: see
+    bench/bench_compat_layout.py)."""
+    from conftest import AllocationRecorder
+
+    n, d, c = 6, 8, 37
+    loss_fn = fpml.ArcFaceLoss(c, d, backend=backend)
+    x = torch.randn(n, d, requires_grad=True)
+    y = torch.randint(0, c, (n,))
+    with AllocationRecorder() as rec:
+        loss = loss_fn(x, y)
+    # of that shape only the W.t() view itself, and the interpreter's set_ of the
+    # kernel arguments (no GPU run makes it): no clone, contiguous, copy or empty
+    made = {a.op for a in rec.allocs if a.shape in ((c, d), (d, c))}
+    assert made <= {"aten.t", "aten.set_"}, made
+    loss.backward()
+    assert loss_fn.W.grad.shape == (d, c)

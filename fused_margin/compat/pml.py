@@ -9,9 +9,11 @@ degrees (stored in radians in `.margin`, as PML does), CosFaceLoss's as a
 cosine offset, NormalizedSoftmaxLoss's `temperature` (the scale is
 1/temperature). The class weights are the parameter `W` [embedding_size,
 num_classes], as in PML, so a PML state_dict loads with load_state_dict; the
-kernels receive W.t(), a view (Triton reads it through its strides; the C++
-kernels make one contiguous [C, D] copy per forward: bench/bench_compat_layout.py
-measures what that costs). Values and gradients equal PML's for the same W
+kernels receive W.t(), a view (Triton reads it through its strides, tested;
+the C++ kernels make one contiguous [C, D] copy per forward), and on every
+backend autograd lays the [C, D] gradient into W.grad's [D, C] layout (one
+copy per backward). bench/bench_compat_layout.py measures what the layout
+costs on CPU. Values and gradients equal PML's for the same W
 (tests/test_compat_pml.py), including ArcFace's monotone fallback past pi
 (cos theta - m sin m), which fused_margin's arcface kind shares. Like PML,
 a forward casts W to the embeddings' dtype and device.
