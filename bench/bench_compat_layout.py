@@ -75,6 +75,13 @@ def main(argv=None):
         for _ in range(args.repeats):  # interleaved, so drift hits both
             for k, st in steps.items():
                 times[k] += measure(st, 0, 1)
+        # the two copies the layout adds, timed alone: W.t() -> [C, D] (the C++ forward's
+        # contiguous()), and a [C, D] gradient into W.grad's [D, C] layout (autograd)
+        g = torch.randn(c, d)
+        copies = {"copy alone: W.t().contiguous()": lambda: compat.W.detach().t().contiguous(),
+                  "copy alone: [C, D] grad -> [D, C]": lambda: g.t().contiguous()}
+        for k, fn in copies.items():
+            times[k] = measure(fn, 2, 5 * args.repeats)
         base = min(times["nn.ArcFace, W [C, D]"])
         for k, ts in times.items():
             ts = sorted(ts)
