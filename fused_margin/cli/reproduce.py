@@ -431,7 +431,8 @@ def plot_claim(res: ClaimResult, path: str) -> None:
         ax.set_xticks(list(pos))
         ax.set_xticklabels(groups, rotation=30 if len(groups) > 3 else 0, fontsize=8,
                            ha="right" if len(groups) > 3 else "center")
-        ax.set_title(m + (" (%)" if m in PCT_METRICS else ""), fontsize=9)
+        ax.set_title(m + (" (%)" if m in PCT_METRICS else "")
+                     + ("" if lo >= 0 else " (axis spans negative values; 0 marked)"), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"claim ({res.key}), as the paper states it: {res.title}\n"
                  f"verdict here: {res.verdict}", fontsize=8)
