@@ -356,6 +356,17 @@ def test_partial_fc_needs_a_process_group():
         fi.PartialFC_V2(fi.CombinedMarginLoss(64, 1.0, 0.5, 0.0), 8, 10)
 
 
+def test_partial_fc_reads_margins_and_rejects_what_the_sweep_cannot_do():
+    kw = fi._margin_kwargs(fi.CombinedMarginLoss(64, 1.0, 0.5, 0.0))
+    assert kw["kind"] == "cosface" and kw["m"] == 0.0 and callable(kw["row_margin"])
+    assert fi._margin_kwargs(TheirCombinedMarginLoss(64, 0.9, 0.4, 0.35)) == dict(
+        kind="cosface", s=64, m=0.35)
+    with pytest.raises(ValueError, match="interclass_filtering_threshold"):
+        fi._margin_kwargs(fi.CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0.3))
+    with pytest.raises(TypeError, match="CombinedMarginLoss"):
+        fi._margin_kwargs(lambda logits, labels: logits)
+
+
 def test_row_margin_needs_cosface():
     from fused_margin import distributed as fd
     with pytest.raises(ValueError, match="row_margin"):
