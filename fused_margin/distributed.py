@@ -351,9 +351,9 @@ def margin_cross_entropy(features: torch.Tensor, weight_shard: torch.Tensor, lab
     `generator` drives the class sampling of sample_rate < 1. Gradients,
     sampling and costs: module docstring.
 
-    `row_margin` (kind="cosface" only): a function of the target cosines
-    cos_y [n] (the rows whose target lives on this rank's shard) returning a
-    per-row cosine margin [n], held constant in backward: the target logit is
+    `row_margin` (kind="cosface" only): an elementwise function of the target
+    cosines cos_y [N_global] (used where the row's target lives on this rank's
+    shard) returning a per-row cosine margin, held constant in backward: the target logit is
     then s*(cos_y - m_y - row_margin(cos_y)) with the gradient of
     s*(cos_y - m_y). fused_margin.compat.insightface builds its
     straight-through ArcFace (the angle under no_grad) from it with
@@ -409,14 +409,15 @@ def _shift_targets(p: sharded.ShardPartials, labels: torch.Tensor, row_margin, *
     """The targets this rank owns minus s * row_margin(cos_y), detached (O(N))."""
     local = labels - class_start
     owner = (labels != ignore_index) & (local >= 0) & (local < shard_size)
-    if not bool(owner.any()) or float(s) == 0.0:
+    if float(s) == 0.0:
         return p
     safe = torch.where(owner, labels, torch.zeros_like(labels))
     with torch.no_grad():
-        # the cosface target is s*(cos_y - m_y): recover cos_y from it
-        cos_y = p.target.detach() / s + _per_row(m, safe, p.target.detach())
-        shift = torch.zeros_like(cos_y)
-        shift[owner] = row_margin(cos_y[owner]).to(shift.dtype)
+        # the cosface target is s*(cos_y - m_y): recover cos_y from it (elsewhere any
+        # cosine in [-1, 1] will do: its shift is discarded; no host sync)
+        cos_y = torch.where(owner, p.target.detach() / s + _per_row(m, safe, p.target.detach()),
+                            torch.zeros_like(p.target))
+        shift = torch.where(owner, row_margin(cos_y).to(cos_y.dtype), torch.zeros_like(cos_y))
     return p._replace(target=p.target - s * shift)
 
 
