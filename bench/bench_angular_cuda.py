@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--c", type=int, nargs="+", default=[100_000, 1_000_000], help="classes")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--kind", default="arcface", help="margin kind (API.md)")
+    p.add_argument("--kind", default="arcface", help="margin kind (docs/api.md)")
     p.add_argument("--s", type=float, default=64.0)
     p.add_argument("--m", type=float, default=0.5)
     p.add_argument("--tf32", action="store_true",

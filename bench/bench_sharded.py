@@ -13,7 +13,7 @@ provider's extra peak. Providers:
   eager   the N x C_r oracle (fused_margin/reference/sharded.py, plain autograd)
   floor   the matmuls alone: cos = x W^T, then the two gradient products
           g W and g^T x with g of cos's shape (no normalisation, no softmax)
-Workloads are N x C_r x D; "big" is the 1M-class row of the README's table
+Workloads are N x C_r x D; "big" is the 1M-class row of the table in docs/distributed.md
 at 8 ranks (C_r = 125 000, D = 512, N = 8192): there only cpu and tiled run
 (eager and floor would hold 4 GiB tiles), one repeat each.
 
@@ -53,7 +53,7 @@ def _maxrss_mb() -> float:
 def worker(workload: str, provider: str, repeats: int) -> dict:
     import torch
     import torch.distributed as dist
-    import torch.distributed.nn  # noqa: F401  (before the group: README, "a pitfall")
+    import torch.distributed.nn  # noqa: F401  (before the group: docs/distributed.md, "a pitfall")
 
     from fused_margin import dispatch
     from fused_margin import distributed as fd

@@ -6,7 +6,7 @@ GPU: fused_margin.distributed.margin_cross_entropy with the Triton partials
 single-process fused loss on the same shard ("single", what the distributed
 bookkeeping adds to), and the floor (x @ W.T, g @ W, g.T @ x). C is the shard's
 class count C_r: 125 000 and 1 250 000 are the 1M- and 10M-class rows of the
-README's table at 8 ranks. --rates < 1 adds PartialFC sampling. Timing and memory
+docs/distributed.md's table at 8 ranks. --rates < 1 adds PartialFC sampling. Timing and memory
 as bench_angular_cuda.py (common.cuda_measure). Writes JSON and a PNG.
 
     python bench/bench_sharded_cuda.py --out bench/results/sharded_h100.json
@@ -75,7 +75,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
     import torch.distributed as dist
-    import torch.distributed.nn  # noqa: F401  (before the group: README, "a pitfall")
+    import torch.distributed.nn  # noqa: F401  (before the group: docs/distributed.md, "a pitfall")
     import triton
 
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1":

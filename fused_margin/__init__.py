@@ -2,7 +2,9 @@
 
 Triton on GPUs, C++ on CPUs, each with a pure-PyTorch reference of the same
 signature (`backend="reference"`). `fused_margin.backends()` says which
-backends run here and why not.
+backends run here and why not. The public API: docs/api.md. Drop-in modules
+for pytorch-metric-learning and insightface users: fused_margin.compat.pml,
+fused_margin.compat.insightface; the class-sharded loss: fused_margin.distributed.
 """
 from . import functional, nn  # noqa: F401
 from .dispatch import backends  # noqa: F401

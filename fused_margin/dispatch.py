@@ -125,9 +125,37 @@ def _status(backend: str) -> tuple:
     return _cpu_status()
 
 
-def backends() -> Dict[str, dict]:
-    """What each backend can run here, and why not where it cannot."""
-    out = {}
+class BackendReport(dict):
+    """backends()'s answer: a dict backend -> {"available", "reason", "ops"} whose
+    repr (and str) is a readable table of the backends and of which ops each has."""
+
+    def table(self) -> str:
+        names = list(self)
+        lines = [f"{'backend':<10} {'available':<9}  reason"]
+        for name in names:
+            info = self[name]
+            lines.append(f"{name:<10} {'yes' if info['available'] else 'no':<9}  "
+                         f"{info['reason']}")
+        ops = sorted({op for info in self.values() for op in info["ops"]})
+        width = max([len("op")] + [len(op) for op in ops])
+        lines += ["", f"{'op':<{width}}  " + "  ".join(f"{n:^9}" for n in names)]
+        for op in ops:
+            marks = ["yes" if op in self[n]["ops"] else "-" for n in names]
+            lines.append(f"{op:<{width}}  " + "  ".join(f"{mk:^9}" for mk in marks))
+        lines += ["", "backend='auto' picks triton for CUDA tensors and cpu for CPU tensors where "
+                      "the op has that kernel and the backend is available, else reference."]
+        return "\n".join(line.rstrip() for line in lines)
+
+    __str__ = table
+
+    def __repr__(self) -> str:
+        return self.table()
+
+
+def backends() -> BackendReport:
+    """What each backend can run here, and why not where it cannot (a dict whose
+    repr is a table: print(fused_margin.backends()))."""
+    out = BackendReport()
     for name in BACKENDS[1:]:
         ok, why = _status(name)
         ops = sorted(op for op, impls in OPS.items() if name in impls)

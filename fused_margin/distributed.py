@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -334,7 +334,9 @@ def margin_cross_entropy(features: torch.Tensor, weight_shard: torch.Tensor, lab
                          class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean", backend: str = "auto",
                          generator: Optional[torch.Generator] = None,
-                         sample_correction: bool = False) -> torch.Tensor:
+                         sample_correction: bool = False,
+                         row_margin: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                         ) -> torch.Tensor:
     """fused_margin.margin_cross_entropy with the classes split across ranks.
 
     features [N_r, D] and labels [N_r] are this rank's samples; weight_shard
@@ -348,12 +350,22 @@ def margin_cross_entropy(features: torch.Tensor, weight_shard: torch.Tensor, lab
     CUDA, C++ on CPU; "reference": eager PyTorch tiles); ranks must agree on it.
     `generator` drives the class sampling of sample_rate < 1. Gradients,
     sampling and costs: module docstring.
+
+    `row_margin` (kind="cosface" only): an elementwise function of the target
+    cosines cos_y [N_global] (used where the row's target lives on this rank's
+    shard) returning a per-row cosine margin, held constant in backward: the target logit is
+    then s*(cos_y - m_y - row_margin(cos_y)) with the gradient of
+    s*(cos_y - m_y). fused_margin.compat.insightface builds its
+    straight-through ArcFace (the angle under no_grad) from it with
+    row_margin(c) = c - cos(arccos(c) + m).
     """
+    if row_margin is not None and kind != "cosface":
+        raise ValueError(f"row_margin needs kind='cosface', got kind={kind!r}")
     if group is None:
         group = dist.group.WORLD
     config = (kind, _num(s), ("tensor", tuple(m.shape)) if isinstance(m, torch.Tensor) else _num(m),
               _num(m1), _num(m2), _num(m3), _num(elm_lambda), class_weight is None, ignore_index,
-              reduction, _num(sample_rate), backend, sample_correction)
+              reduction, _num(sample_rate), backend, sample_correction, row_margin is None)
     local_error = _local_problem(features, weight_shard, labels, class_start=class_start,
                                  num_classes=num_classes, sample_rate=sample_rate, kind=kind, s=s,
                                  m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
@@ -385,8 +397,28 @@ def margin_cross_entropy(features: torch.Tensor, weight_shard: torch.Tensor, lab
     partials = _partials_fn(backend, features.device)
     p = partials(x, weight_shard, y, class_start=class_start, kind=kind, s=s, m=m, m1=m1, m2=m2,
                  m3=m3, ignore_index=ignore_index, keep=keep, logit_offset=offset)
+    if row_margin is not None:
+        p = _shift_targets(p, y, row_margin, s=s, m=m, class_start=class_start,
+                           shard_size=shard_size, ignore_index=ignore_index)
     return _combine(p, y, kind=kind, s=s, m=m, elm_lambda=elm_lambda, class_weight=class_weight,
                     ignore_index=ignore_index, reduction=reduction, group=group)
+
+
+def _shift_targets(p: sharded.ShardPartials, labels: torch.Tensor, row_margin, *, s, m,
+                   class_start: int, shard_size: int, ignore_index: int) -> sharded.ShardPartials:
+    """The targets this rank owns minus s * row_margin(cos_y), detached (O(N))."""
+    local = labels - class_start
+    owner = (labels != ignore_index) & (local >= 0) & (local < shard_size)
+    if float(s) == 0.0:
+        return p
+    safe = torch.where(owner, labels, torch.zeros_like(labels))
+    with torch.no_grad():
+        # the cosface target is s*(cos_y - m_y): recover cos_y from it (elsewhere any
+        # cosine in [-1, 1] will do: its shift is discarded; no host sync)
+        cos_y = torch.where(owner, p.target.detach() / s + _per_row(m, safe, p.target.detach()),
+                            torch.zeros_like(p.target))
+        shift = torch.where(owner, row_margin(cos_y).to(cos_y.dtype), torch.zeros_like(cos_y))
+    return p._replace(target=p.target - s * shift)
 
 
 def _combine(p: sharded.ShardPartials, labels: torch.Tensor, *, kind, s, m, elm_lambda,

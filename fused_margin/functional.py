@@ -16,9 +16,10 @@ from .reference.angular import arcgrad_scale, camri_margins, drw_weights, ldam_m
 
 __all__ = [
     "margin_cross_entropy", "margin_cross_entropy_from_cosine", "scaled_cosine",
+    "adacos_scale", "adacos_loss",
     "ldam_margins", "drw_weights", "camri_margins", "arcgrad_scale",
     "weighted_cross_entropy", "crwwce_loss", "sinkhorn", "wasserstein_loss",
-    "center_loss", "contrastive_center_loss", "knn_std", "sigma2r_loss",
+    "center_loss", "center_update", "contrastive_center_loss", "knn_std", "sigma2r_loss",
     "soft_nearest_neighbor_loss", "triplet_margin_loss", "git_loss", "triplet_center_loss",
     "contrastive_loss",
 ]
@@ -37,7 +38,7 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          label_smoothing: float = 0.0, backend: str = "auto") -> torch.Tensor:
     """Softmax cross-entropy over s*cos(x, W_j) with the target logit shaped by `kind`.
 
-    features [N, D], weight [C, D], labels [N] int64. See API.md for the kinds.
+    features [N, D], weight [C, D], labels [N] int64. See docs/api.md for the kinds.
     normalize=False (kinds normface, cosface, ldam): logits s*(x.W_j + b_j), the
     target's lowered by s*m_y; kind="normface", s=1 is plain linear cross-entropy,
     equal to F.cross_entropy(x @ W.T + bias, ...), without an N x C buffer on the

@@ -202,7 +202,7 @@ def test_combined_reduces_to_arcface_and_cosface():
     ("combined", dict(m1=3.0, m2=0.0, m3=-0.2))])
 def test_target_logit_monotone_in_theta(kind, kw):
     """The fallbacks keep the target logit non-increasing over the whole of [0, pi],
-    for every margin the input checks accept with m >= 0 (README)."""
+    for every margin the input checks accept with m >= 0 (docs/numerics.md)."""
     theta = torch.linspace(0, math.pi, 4001, dtype=torch.float64)
     c = torch.cos(theta)
     m = torch.full_like(c, kw.get("m", 0.0))

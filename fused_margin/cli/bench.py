@@ -542,48 +542,78 @@ def markdown(report: dict) -> str:
     return "\n".join(out)
 
 
-def plot(report: dict, path: str) -> None:
-    """Time and peak memory against C for the swept margin CE kind, one line per provider."""
+def plot(report: dict, path: str) -> Optional[str]:
+    """Write the figure; returns None, or why nothing was plotted (then no file).
+
+    With margin CE cases: time and peak memory against C for the swept kind
+    (arcface, else the margin kinds that ran), one line per provider, and a
+    note naming the other ops that ran (they are in the table and the JSON).
+    Without: bars of min time and peak memory per op and provider. Every
+    y-axis starts at zero."""
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    if not ok:
+        return "nothing to plot: no measurement succeeded"
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     op = f"margin_ce:{SWEEP_KIND}"
-    rows = [r for r in report["results"] if r["op"] == op]
-    if not rows:  # no margin CE selected: plot whatever margin kinds ran, else say so
-        rows = [r for r in report["results"] if r["op"].startswith("margin_ce:")]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    provs = []
-    for r in rows:
-        if r["provider"] not in provs:
-            provs.append(r["provider"])
-    for p in provs:
-        pts = sorted((r["shape"]["C"], r["median_ms"], r["min_ms"], r["peak_mb"])
-                     for r in rows if r["provider"] == p and r["status"] == "ok")
-        if not pts:
-            continue
-        cs = [q[0] for q in pts]
-        line, = a.plot(cs, [q[1] for q in pts], marker="o", label=f"{p} (median)")
-        a.plot(cs, [q[2] for q in pts], ls=":", color=line.get_color())
-        b.plot(cs, [q[3] for q in pts], marker="o", label=p, color=line.get_color())
-    for ax, ylabel in ((a, "ms per forward + backward (dotted: min)"), (b, "peak memory (MB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("C (classes)")
-        ax.set_ylabel(ylabel)
+    rows = [r for r in ok if r["op"] == op]
+    if not rows:
+        rows = [r for r in ok if r["op"].startswith("margin_ce:")]
+        op = ", ".join(sorted({r["op"] for r in rows}))
+    m = report["machine"]
+    where = (f"on {m['device']} ({m.get('gpu', str(m['cpu_count']) + ' CPU cores')}, "
+             f"{report['settings']['threads'] or m['torch_threads']} threads)")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.3))
+    if rows:
+        provs = list(dict.fromkeys(r["provider"] for r in rows))
+        for p in provs:
+            pts = sorted((r["shape"]["C"], r["median_ms"], r["min_ms"], r["peak_mb"])
+                         for r in rows if r["provider"] == p)
+            cs = [q[0] for q in pts]
+            line, = a.plot(cs, [q[1] for q in pts], marker="o", label=f"{p} (median)")
+            a.plot(cs, [q[2] for q in pts], ls=":", color=line.get_color())
+            b.plot(cs, [q[3] for q in pts], marker="o", label=p, color=line.get_color())
+        for ax in (a, b):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("C (classes)")
+        shape = rows[0]["shape"]
+        title = f"{op} fp32, N={shape.get('N')} D={shape.get('D')}, {where}"
+        others = sorted({r["op"] for r in ok} - {r["op"] for r in rows})
+        if others:
+            fig.text(0.01, 0.01, "also ran, not plotted (see the table / JSON): "
+                     + ", ".join(others), fontsize=7)
+    else:
+        cases = list(dict.fromkeys((r["op"], " ".join(f"{k}={v}" for k, v in r["shape"].items()))
+                                   for r in ok))
+        provs = list(dict.fromkeys(r["provider"] for r in ok))
+        width = 0.8 / max(1, len(provs))
+        for i, p in enumerate(provs):
+            got = {(r["op"], " ".join(f"{k}={v}" for k, v in r["shape"].items())): r
+                   for r in ok if r["provider"] == p}
+            xs = [j + i * width for j, c in enumerate(cases) if c in got]
+            a.bar(xs, [got[c]["min_ms"] for c in cases if c in got], width, label=p)
+            b.bar(xs, [got[c]["peak_mb"] or 0.0 for c in cases if c in got], width, label=p)
+        for ax in (a, b):
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+            ax.set_xticklabels([f"{o}\n{sh}" for o, sh in cases], fontsize=7, rotation=20,
+                               ha="right")
+        title = f"fused-margin bench, fp32, {where}"
+    a.set_ylabel("ms per forward + backward (dotted: min)" if rows
+                 else "min ms per forward + backward")
+    b.set_ylabel("peak memory (MB)")
+    for ax in (a, b):
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    if not rows:
-        a.text(0.5, 0.5, "no margin_ce case selected", ha="center", transform=a.transAxes)
-    shape = rows[0]["shape"] if rows else {}
-    m = report["machine"]
-    fig.suptitle(f"{op} fp32, N={shape.get('N')} D={shape.get('D')}, on {m['device']} "
-                 f"({m.get('gpu', str(m['cpu_count']) + ' CPU cores')}, "
-                 f"{report['settings']['threads'] or m['torch_threads']} threads)", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+    return None
 
 
 def check_device(device: str) -> str:

@@ -2,7 +2,9 @@
 
 Subcommands register themselves in COMMANDS (name -> (add_parser, run)); the
 training work lives in fused_margin.cli.train. Bad input exits with status 2 and
-one line on stderr, never a traceback.
+one line on stderr, never a traceback; so does any ValueError of the library's
+input checks. A missing optional dependency (scikit-learn, matplotlib, tqdm)
+is one line naming `pip install "fused_margin[cli]"`, before any work starts.
 """
 from __future__ import annotations
 
@@ -179,6 +181,30 @@ def _check_output(flag: str, path: Optional[str]) -> None:
         raise UsageError(f"{flag} {path!r}: directory {parent!r} is not writable")
 
 
+EXTRA_HINT = 'pip install "fused_margin[cli]"'
+
+
+def _require(*needs: Tuple[str, str, str]) -> None:
+    """Each (module, distribution, what for) must import, else one line naming the
+    extra to install: checked before any work starts."""
+    import importlib
+
+    for module, dist, why in needs:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingExtra(f"{dist} is not installed ({why}); {EXTRA_HINT}") from None
+
+
+class MissingExtra(Exception):
+    """An optional dependency of the command line is missing: one line, exit status 1."""
+
+
+SKLEARN = ("sklearn", "scikit-learn", "the bundled datasets")
+MATPLOTLIB = ("matplotlib", "matplotlib", "--plot")
+TQDM = ("tqdm", "tqdm", "the progress bar; -q runs without it")
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
@@ -209,9 +235,12 @@ def format_train_summary(report: dict) -> str:
            f"backend {'/'.join(ran)} on {loss['device']}"
            + (f"; DRW from epoch {loss['drw_start_epoch'] + 1}"
               if loss["drw_start_epoch"] is not None else "")]
-    k = report["important_class"]
-    out.append(f"accuracy {report['accuracy']:.4f}   important class {k} "
-               f"({ds['class_names'][k]}) recall {_fmt(report['important_recall'], '.4f')}")
+    from .train import IMPORTANT_LOSSES
+
+    k = report["important_class"] if loss["name"] in IMPORTANT_LOSSES else None
+    out.append(f"accuracy {report['accuracy']:.4f}" + (
+        "" if k is None else f"   important class {k} ({ds['class_names'][k]}) recall "
+                             f"{_fmt(report['important_recall'], '.4f')}"))
     name_w = max(5, max(len(str(n)) for n in ds["class_names"]))
     out.append(f"  {'class':>5} {'name':>{name_w}} {'train':>6} {'test':>5} {'recall':>7} "
                f"{'angle mean':>10} {'angle std':>9}")
@@ -244,6 +273,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     _check_output("--json", args.json)
     _check_output("--plot", args.plot)
+    progress = not args.quiet and sys.stderr.isatty()
+    _require(SKLEARN, *([MATPLOTLIB] if args.plot else []), *([TQDM] if progress else []))
     cfg = T.TrainConfig(
         loss=args.loss, dataset=args.dataset, imbalance=args.imbalance,
         important_class=args.important_class, important_weight=args.important_weight,
@@ -252,7 +283,7 @@ def _run_train(args: argparse.Namespace) -> int:
         hidden_dim=args.hidden_dim, scale=args.scale, margin=args.margin, gap=args.gap,
         lam=args.lam, drw=args.drw, test_size=args.test_size, threads=args.threads)
     try:
-        result = T.train(cfg, progress=not args.quiet and sys.stderr.isatty())
+        result = T.train(cfg, progress=progress)
     except T.ConfigError as exc:
         raise UsageError(str(exc)) from None
     except (MemoryError, RuntimeError) as exc:
@@ -303,7 +334,8 @@ def _add_bench(sub) -> argparse.ArgumentParser:
                         "with --quick, else torch's)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH",
-                   help="write a PNG of time and memory against C for margin CE (arcface)")
+                   help="write a PNG: time and memory against C for margin CE (arcface) when "
+                        "it ran, else bars of every op that ran")
     return p
 
 
@@ -312,6 +344,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     _check_output("--json", args.json)
     _check_output("--plot", args.plot)
+    if args.plot:
+        _require(MATPLOTLIB)
     if args.threads is not None:
         from .train import ConfigError, check_threads
 
@@ -338,14 +372,15 @@ def _run_bench(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
-    if args.plot:
-        B.plot(report, args.plot)
+    plotted = B.plot(report, args.plot) if args.plot else None
     m, st = report["machine"], report["settings"]
     print(f"fused-margin bench on {m['device']} ({m.get('gpu', str(m['cpu_count']) + ' CPU cores')}"
           f", load {', '.join(f'{v:.1f}' for v in m.get('loadavg', []))}); fp32; "
           f"{st['warmup']} warm-up + {st['repeats']} timed calls; memory: {st['memory']}\n")
     print(B.markdown(report))
-    for path in (args.json, args.plot):
+    if args.plot and plotted is not None:
+        print(f"{args.plot} not written: {plotted}")
+    for path in (args.json, None if plotted is not None else args.plot):
         if path:
             print(f"wrote {path}")
     return 0
@@ -371,6 +406,9 @@ def _add_reproduce(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR",
                    help="write DIR/reproduce.md and DIR/reproduce_<claim>.png")
     p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite DIR/reproduce.md even if it was edited by hand (the "
+                        "report carries a hash of what this command wrote)")
     p.add_argument("--quiet", "-q", action="store_true", help="no per-run progress lines")
     return p
 
@@ -392,6 +430,12 @@ def _run_reproduce(args: argparse.Namespace) -> int:
             raise R.ReproduceError(f"--seeds must be a positive integer, got {args.seeds}")
     except R.ReproduceError as exc:
         raise UsageError(str(exc)) from None
+    if args.out is not None and not args.force:
+        edited = R.hand_edited(os.path.join(args.out, "reproduce.md"))
+        if edited:
+            raise UsageError(f"{os.path.join(args.out, 'reproduce.md')} {edited}; pass --force "
+                             "to overwrite it, or --out another directory")
+    _require(SKLEARN, *([MATPLOTLIB] if args.out is not None else []))
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     import time
 
@@ -412,11 +456,28 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ backends
+
+def _add_backends(sub) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        "backends", help="which backends run here, and why not",
+        description="Print fused_margin.backends(): each backend's availability (with the "
+                    "reason) and which ops it implements.")
+
+
+def _run_backends(args: argparse.Namespace) -> int:
+    from ..dispatch import backends
+
+    print(backends())
+    return 0
+
+
 # name -> (add the subparser, run it). `bench` and `reproduce` register here.
 COMMANDS: Dict[str, Tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "train": (_add_train, _run_train),
     "bench": (_add_bench, _run_bench),
     "reproduce": (_add_reproduce, _run_reproduce),
+    "backends": (_add_backends, _run_backends),
 }
 
 
@@ -440,6 +501,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ValueError as exc:  # the library's input checks: one line, like a usage error
+        print(f"{prog}: error: {_first_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MissingExtra as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     except ImportError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

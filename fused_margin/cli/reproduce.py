@@ -425,17 +425,28 @@ def plot_claim(res: ClaimResult, path: str) -> None:
             ax.scatter([i] * len(vals), vals, color="black", s=12, zorder=3)
         lo = min(min(v * f for v in res.runs[g][m]) for g in groups)
         hi = max(max(v * f for v in res.runs[g][m]) for g in groups)
-        pad = max(1e-9, 0.25 * (hi - lo) if hi > lo else 0.05 * abs(hi) + 1e-3)
-        top = hi + pad + max(sds, default=0)
-        bottom = lo - pad - max(sds, default=0)
-        ax.set_ylim(max(bottom, 0.0) if lo >= 0 else bottom,
-                    min(top, 101.0) if f == 100.0 else top)
+        top = hi + max(sds, default=0)
+        top = top + 0.08 * max(abs(top), 1e-3)
+        if lo >= 0:  # from zero, so that small differences look small
+            ax.set_ylim(0.0, min(top, 101.0) if f == 100.0 and hi <= 100.0 else top)
+        else:
+            bottom = lo - max(sds, default=0)
+            ax.set_ylim(bottom - 0.08 * abs(bottom), max(top, 0.0))
+            ax.axhline(0.0, color="gray", lw=0.8)
+        panel = [c for c in res.comparisons if c.metric == m]
+        if panel:
+            ax.text(0.5, -0.32 if len(groups) > 3 else -0.18,
+                    "\n".join(f"{c.name}: {c.verdict()}" for c in panel),
+                    transform=ax.transAxes, ha="center", va="top", fontsize=7,
+                    color="darkred" if any("not" in c.verdict() for c in panel) else "black")
         ax.set_xticks(list(pos))
         ax.set_xticklabels(groups, rotation=30 if len(groups) > 3 else 0, fontsize=8,
                            ha="right" if len(groups) > 3 else "center")
-        ax.set_title(m + (" (%)" if m in PCT_METRICS else ""), fontsize=9)
+        ax.set_title(m + (" (%)" if m in PCT_METRICS else "")
+                     + ("" if lo >= 0 else " (axis spans negative values; 0 marked)"), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"({res.key}) {res.title}", fontsize=9)
+    fig.suptitle(f"claim ({res.key}), as the paper states it: {res.title}\n"
+                 f"verdict here: {res.verdict}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
@@ -495,7 +506,9 @@ def write_report(results: List[ClaimResult], out_dir: str, *, seeds: int, quick:
         f"is at most {KEEP_TOLERANCE * 100:g} accuracy point; otherwise inconclusive, with "
         "the number of seeds on which A was lower. Values are mean ± std over seeds. These "
         "are toy-scale checks of the direction of each claim, not replications of the "
-        "papers' CNN experiments.", "",
+        "papers' CNN experiments. At this scale a verdict can move with the CPU and its "
+        "BLAS (the same seeds give slightly different floating-point sums, and small "
+        "differences decide close claims): compare verdicts from one machine only.", "",
         "| claim | verdict |", "|---|---|"]
     for r in results:
         head.append(f"| ({r.key}) {r.title} | {r.verdict} |")
@@ -505,9 +518,38 @@ def write_report(results: List[ClaimResult], out_dir: str, *, seeds: int, quick:
         plot_claim(r, os.path.join(out_dir, name))
         body += ["", claim_markdown(r, name)]
     path = os.path.join(out_dir, "reproduce.md")
+    text = "\n".join(head + body) + "\n"
     with open(path, "w") as f:
-        f.write("\n".join(head + body) + "\n")
+        f.write(text + _stamp(text))
     return path
+
+
+STAMP = "<!-- written by fused-margin reproduce; sha256 of the text above: "
+
+
+def _stamp(text: str) -> str:
+    import hashlib
+
+    return f"{STAMP}{hashlib.sha256(text.encode()).hexdigest()} -->\n"
+
+
+def hand_edited(path: str) -> Optional[str]:
+    """Why `path` must not be overwritten without --force (None: it may be): it
+    lacks the stamp write_report puts on its last line, or the text above the
+    stamp no longer matches its hash."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot be read ({exc})"
+    body, sep, last = text.rstrip("\n").rpartition("\n")
+    if not last.startswith(STAMP):
+        return "was edited by hand or not written by this command (no stamp on its last line)"
+    if _stamp(body + sep) != last + "\n":
+        return "was edited by hand after this command wrote it (its hash no longer matches)"
+    return None
 
 
 def to_json(results: List[ClaimResult]) -> list:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as torch_F
 
 from .. import functional as F
+from ..checks import ANGLE_LIMIT
 from .. import nn as fm_nn
 from .data import DATASETS, DataError, Split, load_split
 from ..dispatch import BACKENDS, OPS, resolve
@@ -44,6 +45,8 @@ LINEAR_LOSSES = ("msoftmax",)
 LOSSES = ("ce",) + MARGIN_LOSSES + LINEAR_LOSSES + COST_LOSSES + FEATURE_LOSSES
 DRW_LOSSES = ("ce", "ldam", "elm")
 IMPORTANT_LOSSES = ("camri", "wce", "crwwce", "wasserstein")
+# --margin is an added angle (radians) for these: the library accepts [-pi/2, pi/2]
+ANGLE_MARGIN_LOSSES = ("arcface", "camri", "combined")
 
 # Defaults tuned for these small problems (2-10 classes, a 32-d embedding):
 # the face-recognition s = 64 saturates the softmax within a few steps here.
@@ -165,6 +168,10 @@ def validate(cfg: TrainConfig) -> None:
         if cfg.loss == "sphereface" and cfg.margin < 1:
             raise ConfigError(f"sphereface's margin is multiplicative and must be >= 1, "
                               f"got {cfg.margin}")
+        if cfg.loss in ANGLE_MARGIN_LOSSES and cfg.margin > ANGLE_LIMIT:
+            what = "m2, the additive angle," if cfg.loss == "combined" else "the additive angle"
+            raise ConfigError(f"--margin {cfg.margin:g} is out of range for {cfg.loss}: {what} "
+                              f"must lie in [0, pi/2] radians (at most {ANGLE_LIMIT:.4f})")
     if cfg.drw and cfg.loss not in DRW_LOSSES:
         raise ConfigError(f"--drw applies to {', '.join(DRW_LOSSES)}, not {cfg.loss!r}")
     if not isinstance(cfg.important_class, int) or isinstance(cfg.important_class, bool):

@@ -1,11 +1,11 @@
 """Angular and cosine margin softmax cross-entropy, eager PyTorch.
 
 cos = normalize(x) @ normalize(W).T; every non-target logit is s*cos_j (arcgrad:
--s*theta_j); the target logit is transformed by `kind` (table in API.md). The
+-s*theta_j); the target logit is transformed by `kind` (table in docs/api.md). The
 pieces are split as pytorch-metric-learning does: cosines, target transform,
 scale, cross-entropy.
 
-Conventions every backend follows (see README, "Numerical conventions"):
+Conventions every backend follows (docs/numerics.md):
 - a row whose L2 norm is <= NORM_EPS has inverse norm 0: cosine 0 with every
   class, and no gradient through its normalisation (no 1/eps blow-up);
 - kinds that need theta or sin(theta) (arcface, combined, sphereface, arcgrad)

@@ -1,4 +1,4 @@
-# Fused margin softmax cross-entropy (every kind of API.md, section 1), Triton.
+# Fused margin softmax cross-entropy (every kind of docs/api.md, section 1), Triton.
 #
 # Computes loss_i = w_i * (logsumexp_j z_ij - z_iy), z_ij = s*cos_ij (arcgrad:
 # -s*theta_ij) off the target, the kind's target transform at the target, with
