@@ -23,6 +23,7 @@ MARGIN_BOUNDS = {
     "cosface": ["-0.1"],
     "ldam": ["-0.5"],
     "elm": ["-0.5"],
+    "msoftmax": ["-0.1"],
 }
 
 
