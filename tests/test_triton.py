@@ -25,6 +25,10 @@ LOSS_TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol
 GRAD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-3),
             torch.float64: dict(rtol=1e-9, atol=1e-11)}
 
+# bf16 gradients (one bf16 G tile, as every peer): max error over the tensor's largest
+# entry; test_bf16_gradients_within_eager_error bounds it by eager bf16's own error
+GRAD16_SCALE = 2e-2
+
 # small tiles: several row blocks, class tiles and D chunks even at these sizes
 SMALL = ta.Blocks(outer=16, sweep=16, d=16, do=16)
 
@@ -77,8 +81,12 @@ def assert_matches(got, want, dtype):
     (l1, gx1, gw1), (l0, gx0, gw0) = got, want
     assert l1.dtype == l0.dtype and gx1.dtype == gx0.dtype and gw1.dtype == gw0.dtype
     torch.testing.assert_close(l1, l0, **LOSS_TOL[dtype])
-    torch.testing.assert_close(gx1.float(), gx0.float(), **GRAD_TOL[dtype])
-    torch.testing.assert_close(gw1.float(), gw0.float(), **GRAD_TOL[dtype])
+    for g1, g0 in ((gx1, gx0), (gw1, gw0)):
+        if dtype == torch.bfloat16:  # one bf16 gradient tile: error on the tensor's scale
+            err = float((g1.float() - g0.float()).abs().max())
+            assert err <= GRAD16_SCALE * float(g0.float().abs().max()) + GRAD_TOL[dtype]["atol"]
+        else:
+            torch.testing.assert_close(g1.float(), g0.float(), **GRAD_TOL[dtype])
 
 
 def inputs(N, D, C, dtype=torch.float32, seed=0):
@@ -412,11 +420,13 @@ def test_adacos_scale_from_row_stats_matches_reference(s):
 
 
 def test_kernels_compile_for_sm90():
-    """The margin kernels (the loss in every kind; the PARTIALS mode of
-    fused_margin.distributed with logit offsets and kept rows; both backward
-    kernels) compile for sm_90 (LLVM and ptxas) without
-    a GPU: the interpreter never types or register-allocates them."""
+    """The margin kernels the launchers pick (the loss in several kinds, the PARTIALS
+    mode of fused_margin.distributed with logit offsets and kept rows, from_cosine, the
+    O(N x D) kernels; bf16, fp16, fp32 IEEE and TF32, fp64) build for sm_90 with a real
+    launch's specialisation, with 0 spill bytes and wgmma in every 16-bit / TF32 hot
+    loop (tests/sm90_compile.py): what the interpreter never types or allocates."""
     import os
+    import re
     import subprocess
     import sys
 
@@ -424,12 +434,13 @@ def test_kernels_compile_for_sm90():
     script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    done = [ln for ln in proc.stdout.splitlines() if ln.startswith("compiled ")]
+    done = re.findall(r"^compiled (\d+) of (\d+); failing the checks: (\d+)$", proc.stdout,
+                      re.M)
     assert done, proc.stdout[-2000:]
-    n, _, total = done[-1].split()[1:4]
-    assert n == total and int(total) > 40, done[-1]
+    n, total, bad = map(int, done[-1])
+    assert n == total and total > 40 and bad == 0, done[-1]
 
 
 # ------------------------------------------------------------------ issue 13
@@ -568,8 +579,9 @@ def test_sm90_tiles_every_kind(case, dtype, monkeypatch):
             assert float((g.float() - w.float()).abs().max()) <= 2e-2 * float(
                 w.float().abs().max())
     table = ta.kind_blocks(ta.default_blocks(dtype, D), dtype, case[1]["kind"])
-    assert table is ta.SM90[(ta._table_key(dtype), "arcgrad" if case[1]["kind"] == "arcgrad"
-                             else "mma")]
+    key = ta._table_key(dtype)
+    assert table is ta.SM90.get((key, "arcgrad" if case[1]["kind"] == "arcgrad" else "mma"),
+                                ta.SM90[(key, "mma")])
     dots = [k for n, k in launched if n in ("_margin_ce_fwd_kernel", "_margin_ce_grad_kernel")]
     assert dots and all((k["BLOCK_N"], k["BLOCK_C"], k["BLOCK_D"], k["num_warps"],
                          k["num_stages"]) == (table.outer, table.sweep, table.d,
