@@ -821,7 +821,7 @@ def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     way; out_dtype also keeps the sum in float32 across chunks)."""
     global _ADDMM_DTYPE_OK
     if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
+        torch.addmm(acc, a, b, out=acc)
         return
     if a.is_cuda and _ADDMM_DTYPE_OK:
         try:
