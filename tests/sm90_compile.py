@@ -165,21 +165,22 @@ def resources(ck) -> dict:
 
 
 def mma_report(text: str) -> dict:
-    """MMA instructions in the SASS, and whether an HGMMA sits inside a loop (a
-    backward branch's range)."""
-    lines = text.splitlines()
-    labels, branches, mmas = {}, [], []
-    for i, ln in enumerate(lines):
-        m = re.match(r"\s*\.(L_x_\d+):", ln)
-        if m:
-            labels[m.group(1)] = i
-        m = re.search(r"\bBRA\b.*`\(\.(L_x_\d+)\)", ln)
-        if m:
-            branches.append((i, m.group(1)))
+    """MMA instructions in the SASS, and which of them sit inside a loop: the range of a
+    backward branch (cuobjdump prints each instruction's address, and branch targets as
+    addresses)."""
+    branches, mmas = [], []
+    for ln in text.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*)", ln)
+        if not m:
+            continue
+        addr, ins = int(m.group(1), 16), m.group(2)
+        b = re.search(r"\bBRA\b[^;]*?0x([0-9a-f]+)", ins)
+        if b:
+            branches.append((addr, int(b.group(1), 16)))
         for op in ("HGMMA", "HMMA", "DMMA", "IMMA"):
-            if re.search(rf"\b{op}\b", ln):
-                mmas.append((i, op))
-    loops = [(labels[t], i) for i, t in branches if t in labels and labels[t] < i]
+            if re.search(rf"\b{op}\b", ins):
+                mmas.append((addr, op))
+    loops = [(t, a) for a, t in branches if t < a]
     kinds = sorted({op for _, op in mmas})
     in_loop = sorted({op for i, op in mmas if any(a <= i <= b for a, b in loops)})
     ffma = len(re.findall(r"\bFFMA\b", text))
@@ -236,7 +237,7 @@ def inspect(r, ck) -> dict:
                 stages=r["options"].num_stages, warps=r["options"].num_warps)
     info.update(mma_report(text))
     kw = r["kw"]
-    dot = r["name"].lstrip("_") in DOT_KERNELS and not kw.get("FROM_COSINE")
+    dot = r["name"] in DOT_KERNELS and not kw.get("FROM_COSINE")
     tensor_cores = r["tag"].split()[0] in ("bf16", "fp16", "tf32")
     info["needs_wgmma"] = dot and tensor_cores
     if dot:
