@@ -3,6 +3,7 @@
 # H200 (torch 2.11, triton 3.6, Python 3.12, no C++ extension there):
 #
 #   bash bench/gpu_check.sh OUTDIR            # on the GPU machine, from the repo root
+#                                             # (device tool: carry [".whl"], OUTDIR=$OUT)
 #   bash bench/gpu_check.sh --dry-run OUTDIR  # anywhere: the CPU-runnable parts (CI runs it)
 #
 # Stages, each under its own timeout (seconds), so that the whole fits 8 minutes:
