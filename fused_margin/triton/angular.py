@@ -2,55 +2,61 @@
 #
 # Computes loss_i = w_i * (logsumexp_j z_ij - z_iy), z_ij = s*cos_ij (arcgrad:
 # -s*theta_ij) off the target, the kind's target transform at the target, with
-# cos_ij = rx_i * rw_j * <x_i, W_j> and rx, rw the per-row inverse norms (0 for
-# rows of norm <= NORM_EPS), as fused_margin.reference.angular does.
+# cos_ij = <x_i, W_j> / (|x_i| |W_j|) (0 for rows of norm <= NORM_EPS), as
+# fused_margin.reference.angular does.
 #
-# Tiling. Forward: one program per BLOCK_N rows sweeps the classes in BLOCK_C
-# tiles; each logit tile is tl.dot over D in BLOCK_D chunks, scaled by rx, rw
-# (never a normalised copy of W). An online log-sum-exp runs over the non-target
-# columns; the target cosine (and elm's c*, the first argmax of the wrong-class
-# cosines) is picked up in the same sweep, and the target logit is added to the
-# log-sum-exp once the sweep ends (elm's needs m[c*], known only then).
-# Backward: recompute each cosine tile and form the gradient tile
-#   g_ij = a_i * (p_ij * dz_ij/dcos_ij)        off the target,
-#   g_iy = a_i * (p_iy - 1) * dz_iy/dcos_iy     at the target,
-# a_i = class weight * grad_output scale; then dL/dx = rx*(G - rowsum(g*cos) x_hat),
-# G = g @ (rw*W), in one kernel over (row block, D chunk), and dL/dW likewise in
-# one over (class block, D chunk): no atomics, and the row / column sums of g*cos
-# come out of the same sweeps. Each D chunk's program recomputes the logit tiles,
-# so D <= Blocks.do (256 on a GPU) costs one recompute per backward kernel and
-# D = 512 two. The from_cosine form runs the same kernels with the cosine tile
-# loaded instead of computed, and writes g itself.
+# Operands in a safe range. x's rows are copied once, O(N x D), scaled by exact powers
+# of two, xs_i = x_i * 2^-(e_i + E): e_i puts the row's largest |entry| in [1/2, 1),
+# E = max(0, e(max |W|) - 64) keeps every product <x_s, W_j> under D * 2^64, so no
+# float32 / bfloat16 product overflows or underflows (x * 1e20 with W * 1e19 is fine);
+# W is read in place, never copied or normalised. The inverse norms are factors on the
+# product: cos = <xs_i, W_j> * qx_i * rw_j, qx_i = 1 / |x_i 2^-e_i| (O(1)),
+# rw_j = 2^E / |W_j| (accumulated in float64, rounded once).
 #
-# PARTIALS mode (fused_margin.distributed's per-shard statistics): the same forward
-# sweep with each row's target column in [-1, C) for its label, an optional per-class
-# logit offset, a sampled shard's kept rows read through their index (HAS_KEEP: column
-# j is W's row keep[j]; the dW kernel writes those rows of a zero gradient), and the
-# best wrong column tracked for every row; it stores the row
-# max, sum of exp, target cosine and best wrong cosine and stops there (the target
-# logit is formed outside, from O(N) values). Its backward is the two gradient
-# kernels with lse = the row shift, a = dL/dsum_exp and b = dL/dcos_y.
+# Tiling. Forward (_margin_ce_fwd_kernel): one program per (BLOCK_N rows, split of the
+# class tiles), the row block fastest in program order, so that the programs running
+# at one time all sweep the same W tiles and W comes from HBM about once (x, small,
+# stays in L2). Each BLOCK_N x BLOCK_C logit tile is a tl.dot over D in BLOCK_D steps;
+# an online log-sum-exp runs over the non-target columns (elm / partials also keep the
+# first argmax of the wrong cosines), and each program writes its rows' partial
+# (max, sum of exp[, best, its column]) for its split. _margin_ce_finish_kernel merges
+# the splits in class order, takes the target cosine from an O(N x D) indexed dot (no
+# per-tile reduction), and forms the target logit, lse and loss.
+# Backward: per chunk of at most chunk_rows x chunk_cols (rows x classes),
+# _margin_ce_grad_kernel recomputes the logit tiles and writes G_ij = dL/d<xs_i, W_j>
+# = g_ij * qx_i * rw_j into a chunk buffer in the input dtype (bf16 stays bf16), with
+#   g_ij = a_i * p_ij * dz_ij/dcos_ij off the target,  g_iy = b_i at it;
+# torch.mm / addmm then accumulate A = G W (N x D) and B = G^T xs (per class chunk),
+# fp32 accumulators for 16-bit inputs. The normalisation's Jacobian is a projection
+# (_project_kernel): dx_i = 2^-(e_i+E) (A_i - <A_i, u_i> u_i) with u_i = x_i / |x_i|,
+# dW_j = B_j - <B_j, v_j> v_j with v_j = W_j / |W_j|: the row / column sums
+# sum_j g_ij cos_ij are <A_i, u_i> / ... exactly, so the radial part cancels to the
+# rounding of that one projection. Matrix work: 1 (forward) + 1 (recompute) + 2 (mm)
+# products of N x D x C, no N x C tensor (the buffer is bounded whatever N and C).
 #
-# Saved for backward: the inputs, rx [N], rw [C] and per-row statistics [N_STATS, N]
-# (loss, class weight, lse, g_iy / a_i, target cosine, lse of the non-target
-# logits; elm's c* only enters through lse and g_iy): O(N + C), no N x C buffer
-# anywhere (except the from_cosine form's own input and gradient, which are
-# N x C by definition).
+# PARTIALS mode (fused_margin.distributed's per-shard statistics): the same sweep with
+# each row's target column in [-1, C) for its label, optional per-class logit offsets,
+# a sampled shard's kept rows read through their index (HAS_KEEP: column j is W's row
+# keep[j]), the best wrong column tracked for every row; it stores the row max, sum of
+# exp, target cosine and best wrong cosine (the target logit is formed outside from
+# O(N) values). Its backward is the loss's with lse = the row shift, a = dL/dsum_exp
+# and b = dL/dcos_y; a sampled shard's dX product gathers one chunk of kept rows at a
+# time (chunk_cols x D), dW is written only on the kept rows.
 #
-# Precision: float32 accumulation (float64 for float64 inputs). float16 / bfloat16
-# tiles go to tl.dot as they are; the gradient tile is split into hi + lo parts in
-# the input dtype for the two backward products (two MMAs instead of one, but ~16
-# bits of g instead of 8), and the row / column sums of g*cos use the same rounded
-# g, so the radial part of the normalisation Jacobian cancels exactly. float32
-# tiles use IEEE products unless torch allows TF32 matmuls. The inverse norms are
-# accumulated in float64 and rounded once (cosines near +-1 feed 1/sin(theta)).
+# Saved for backward: the inputs, xs [N, D], the per-row exponents and inverse norms
+# (O(N + C)), per-row statistics [N_STATS, N] (loss, class weight, lse, g_iy / a_i,
+# target cosine, lse of the non-target logits); no N x C buffer anywhere (except the
+# from_cosine form's own input and gradient, N x C by definition).
+#
+# Precision: float32 accumulation (float64 for float64 inputs); bf16 / fp16 tiles go to
+# tl.dot as they are, float32 ones with IEEE products unless torch allows TF32. NaN
+# propagates (clamps are written with where, which keeps NaN; tl.minimum drops it).
 # The interpreter has no libdevice, so arccos is Cephes' asinf polynomial with the
 # usual range reduction (~1 ulp in float32) plus one Newton step in float64; and it
 # multiplies bfloat16 tiles as raw uint16, so there (only) they are upcast first.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -60,6 +66,7 @@ import triton.language as tl
 
 from ..reference.angular import COS_EPS, NORM_EPS, adacos_scale_from_stats, combined_fallback
 from ..reference.sharded import ShardPartials, partials_around
+from . import config
 
 KINDS = ("normface", "arcface", "cosface", "sphereface", "combined", "ldam", "elm", "arcgrad")
 # the kernels' KIND is the index in KINDS (kernels read globals only as tl.constexpr)
@@ -79,10 +86,12 @@ _PT_MAX, _PT_SUM, _PT_COSY, _PT_WRONG = (tl.constexpr(i) for i in range(4))
 PARAMS = ("s", "m", "m1", "m2", "m3", "elm_lambda", "th", "offset", "lo", "hi", "pi")
 P_S, P_M, P_M1, P_M2, P_M3, P_LAM, P_TH, P_OFF, P_LO, P_HI, P_PI = (
     tl.constexpr(i) for i in range(len(PARAMS)))
+# x's extra scale exponent E (module header): W's largest |entry| minus this
+W_EXP_HEADROOM = 64
 
 
 def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return config.interpreted()
 
 
 # ------------------------------------------------------------------ device helpers
@@ -90,7 +99,7 @@ def _interpreted() -> bool:
 @triton.jit
 def _acos(c, IS_F64: tl.constexpr):
     """arccos on [-1, 1]: asin(r) by Cephes' asinf polynomial, r = |c| below 1/2,
-    else sqrt((1 - |c|)/2) with acos(|c|) = 2*asin(r)."""
+    else sqrt((1 - |c|)/2) with acos(|c|) = 2*asin(r). NaN in, NaN out."""
     a = tl.abs(c)
     big = a > 0.5
     z = tl.where(big, 0.5 * (1.0 - a), a * a)
@@ -107,6 +116,19 @@ def _acos(c, IS_F64: tl.constexpr):
 
 
 @triton.jit
+def _clamp(c, lo, hi):
+    """torch.clamp: NaN stays NaN (tl.minimum / tl.maximum would return the bound)."""
+    return tl.where(c < lo, lo, tl.where(c > hi, hi, c))
+
+
+@triton.jit
+def _pow2(k):
+    """2^k as float64, exact, for an integer tensor k (clamped to float64's normal range)."""
+    k = tl.where(k < -1022, -1022, tl.where(k > 1023, 1023, k))
+    return ((k.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
 def _dot(a, b, acc, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:  # the interpreter multiplies bfloat16 tiles as their uint16 bits
         a = a.to(tl.float32)
@@ -115,31 +137,16 @@ def _dot(a, b, acc, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr)
 
 
 @triton.jit
-def _grad_dot(g, b, acc, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-              SPLIT: tl.constexpr):
-    """acc + g @ b with g (ACC) rounded to b's dtype; SPLIT: as hi + lo, two products,
-    so a 16-bit b keeps the gradient tile to ~16 bits. Returns (acc, g as used)."""
-    hi = g.to(b.dtype)
-    acc = _dot(hi, b, acc, ACC, PREC, UPCAST)
-    used = hi.to(ACC)
-    if SPLIT:
-        lo = (g - used).to(b.dtype)
-        acc = _dot(lo, b, acc, ACC, PREC, UPCAST)
-        used = used + lo.to(ACC)
-    return acc, used
-
-
-@triton.jit
 def _cos_tile(x_ptr, w_ptr, rows, wrows, rmask, cmask, stride_xn, stride_xd,
               stride_wc, stride_wd, D, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
               BLOCK_D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
               UPCAST: tl.constexpr):
-    """x @ W.T on a [BLOCK_N, BLOCK_C] tile (column j: W's row wrows[j]), summed over
-    D in BLOCK_D chunks; the caller scales by rx, rw (the backward needs the
-    unscaled products too)."""
+    """xs @ W.T on a [BLOCK_N, BLOCK_C] tile (column j: W's row wrows[j]), summed over
+    D in BLOCK_D steps (the hot loop: its loads are what the pipeliner stages); the
+    caller applies the inverse norms."""
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        dd = d0 + tl.arange(0, BLOCK_D)
         dmask = dd < D
         a = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
                     mask=rmask[:, None] & dmask[None, :], other=0.0)
@@ -160,7 +167,7 @@ def _load_cos(cos_ptr, rows, cols, rmask, cmask, stride_n, stride_c, ACC: tl.con
 def _nontarget(cos, s, lo, hi, KIND: tl.constexpr, IS_F64: tl.constexpr):
     """(logit, d logit / d cos) of every non-target column."""
     if KIND == ARCGRAD:  # -s*theta, cosine clamped torch.clamp style
-        c = tl.minimum(tl.maximum(cos, lo), hi)
+        c = _clamp(cos, lo, hi)
         z = -s * _acos(c, IS_F64)
         dz = tl.where((cos >= lo) & (cos <= hi), s / tl.sqrt(1.0 - c * c), 0.0)
     else:
@@ -183,7 +190,7 @@ def _target(cos_y, m_y, p_ptr, KIND: tl.constexpr, IS_F64: tl.constexpr):
         t = cos_y - m_y
         dt = one
     else:
-        c = tl.minimum(tl.maximum(cos_y, lo), hi)
+        c = _clamp(cos_y, lo, hi)
         inside = (cos_y >= lo) & (cos_y <= hi)
         sin = tl.sqrt(1.0 - c * c)
         if KIND == ARCFACE:  # insightface's fallback past pi - m
@@ -258,81 +265,176 @@ def _grad_tile(cos, cols, cmask, y_col, lse, a, b, off_ptr, s, lo, hi, KIND: tl.
 # ------------------------------------------------------------------------ kernels
 
 @triton.jit
-def _inv_norm_kernel(x_ptr, out_ptr, N, D, stride_n, stride_d, eps2,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    # float64 throughout, rounded once at the end: O(N*D) work beside the O(N*C*D)
-    # products, and every cosine near +-1 (where theta's derivative explodes) is
-    # then off by the product's rounding alone
-    sq = tl.zeros((BLOCK_N,), dtype=tl.float64)
+def _row_scale_kernel(v_ptr, out_ptr, e_ptr, q_ptr, E_ptr,  # rows [M, D]; out: xs (WRITE),
+                      # the exponents e [M] int32, inverse norms q [M]; E [1] int32 (WRITE)
+                      M, D, stride_m, stride_d, eps,
+                      WRITE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """Per row: e with max|v| = m 2^e, m in [1/2, 1); q = 1/|v 2^-e| (0 if |v| <= eps,
+    NaN if the row holds NaN or inf); WRITE: out = v 2^-(e + E), exact. float64
+    inside: O(M x D) work beside the O(N x C x D) products."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-        v = tl.load(x_ptr + rows[:, None] * stride_n + dd[None, :] * stride_d,
+        dd = d0 + tl.arange(0, BLOCK_D)
+        v = tl.load(v_ptr + rows[:, None] * stride_m + dd[None, :] * stride_d,
                     mask=rmask[:, None] & (dd < D)[None, :], other=0.0).to(tl.float64)
-        sq += tl.sum(v * v, axis=1)
-    big = sq > eps2
-    r = tl.where(big, 1.0 / tl.sqrt(tl.where(big, sq, 1.0)), 0.0)
-    tl.store(out_ptr + rows, r.to(out_ptr.dtype.element_ty), mask=rmask)
+        av = tl.abs(v)
+        amax = tl.maximum(amax, tl.max(tl.where(av == av, av, 0.0), axis=1))
+        bad += tl.sum(((av != av) | (av == float("inf"))).to(tl.int32), axis=1)
+    ex = ((amax.to(tl.int64, bitcast=True) >> 52) & 2047).to(tl.int32)
+    e = tl.where(amax == 0, 0, tl.where(ex == 0, -1022, ex - 1022))
+    sc = _pow2(-e)
+    if WRITE:
+        sw = _pow2(-(e + tl.load(E_ptr)))
+    sq = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m2 = rmask[:, None] & (dd < D)[None, :]
+        v = tl.load(v_ptr + rows[:, None] * stride_m + dd[None, :] * stride_d, mask=m2,
+                    other=0.0).to(tl.float64)
+        u = v * sc[:, None]
+        sq += tl.sum(u * u, axis=1)
+        if WRITE:
+            # exact in float32 too (a power-of-two multiple of an input value); through
+            # ACC because the interpreter's float64 -> bfloat16 cast is wrong
+            tl.store(out_ptr + rows[:, None] * D + dd[None, :],
+                     (v * sw[:, None]).to(ACC).to(out_ptr.dtype.element_ty), mask=m2)
+    big = tl.sqrt(sq) * _pow2(e) > eps
+    q = tl.where(big, 1.0 / tl.sqrt(tl.where(big, sq, 1.0)), 0.0)
+    q = tl.where(bad > 0, float("nan"), q)
+    tl.store(e_ptr + rows, e, mask=rmask)
+    tl.store(q_ptr + rows, q.to(q_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
 def _margin_ce_fwd_kernel(
-        x_ptr, w_ptr, rx_ptr, rw_ptr,  # features [N, D], weight [C, D], inverse norms
+        x_ptr, w_ptr, qx_ptr, rw_ptr,  # xs [N, D], weight [C, D], inverse-norm factors
         # (FROM_COSINE: x_ptr is the cosine [N, C], the rest unused)
-        labels_ptr, m_ptr, cw_ptr, p_ptr,  # labels [N], margins [C], class weights [C], scalars
+        labels_ptr, p_ptr,  # labels / target columns [N], scalars
         off_ptr,  # HAS_OFFSET: per-class logit offsets [C] (non-target logits only)
         keep_ptr,  # HAS_KEEP: W's row [C] int64 of each column (a sampled shard)
-        stats_ptr, cstar_ptr,  # out: statistics [N_STATS, N], elm's c* [N] int64
+        pm_ptr, pl_ptr, pb_ptr, pi_ptr,  # out: per split [S, N]: max, sum exp, best, column
         stride_xn, stride_xd, stride_wc, stride_wd, stride_l,
-        N, C, D, ignore_index,
-        KIND: tl.constexpr, FROM_COSINE: tl.constexpr, HAS_M_VEC: tl.constexpr,
-        HAS_CLASS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_KEEP: tl.constexpr,
-        PARTIALS: tl.constexpr, IS_F64: tl.constexpr, ACC: tl.constexpr,
-        PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        N, C, D, tiles_per_split, ignore_index,
+        KIND: tl.constexpr, FROM_COSINE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+        HAS_KEEP: tl.constexpr, TRACK_BEST: tl.constexpr, IS_F64: tl.constexpr,
+        ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    n_rb = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_r = pid % n_rb  # row blocks fastest: concurrent programs share W tiles in L2
+    pid_s = pid // n_rb
+    rows = pid_r.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    valid, y_col, y = _row_info(labels_ptr, rows, rmask, stride_l, ignore_index)
+    _, y_col, _ = _row_info(labels_ptr, rows, rmask, stride_l, ignore_index)
     s = tl.load(p_ptr + P_S)
     lo = tl.load(p_ptr + P_LO)
     hi = tl.load(p_ptr + P_HI)
     if not FROM_COSINE:
-        rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
+        qx = tl.load(qx_ptr + rows, mask=rmask, other=0.0)
 
     m_run = tl.full((BLOCK_N,), float("-inf"), ACC)
     l_run = tl.zeros((BLOCK_N,), dtype=ACC)
-    cos_y = tl.zeros((BLOCK_N,), dtype=ACC)
     best = tl.full((BLOCK_N,), float("-inf"), ACC)
     c_star = tl.full((BLOCK_N,), -1, tl.int64)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(C, BLOCK_C))
+    for t in range(t0, t1):
+        cols = (t * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
         cmask = cols < C
         if FROM_COSINE:
             cos = _load_cos(x_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd, ACC)
         else:
             rw = tl.load(rw_ptr + cols, mask=cmask, other=0.0)
             cos = _cos_tile(x_ptr, w_ptr, rows, _wrows(keep_ptr, cols, cmask, HAS_KEEP), rmask,
-                            cmask, stride_xn, stride_xd,
-                            stride_wc, stride_wd, D, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PREC,
-                            UPCAST) * rx[:, None] * rw[None, :]
-        is_t = cols[None, :] == y_col[:, None]
-        cos_y += tl.sum(tl.where(is_t, cos, 0.0), axis=1)
-        z, _ = _nontarget(cos, s, lo, hi, KIND, IS_F64)
+                            cmask, stride_xn, stride_xd, stride_wc, stride_wd, D, BLOCK_N,
+                            BLOCK_C, BLOCK_D, ACC, PREC, UPCAST) * qx[:, None] * rw[None, :]
+        z, _dz = _nontarget(cos, s, lo, hi, KIND, IS_F64)
         z = _add_offset(z, off_ptr, cols, cmask, ACC, HAS_OFFSET)
-        off = is_t | (~cmask)[None, :]
+        off = (cols[None, :] == y_col[:, None]) | (~cmask)[None, :]
         z = tl.where(off, float("-inf"), z)
         m_new = tl.maximum(m_run, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_run = l_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m_run = m_new
-        if KIND == ELM or PARTIALS:  # the first argmax of the wrong-class cosines
+        if TRACK_BEST:  # the first argmax of the wrong-class cosines
             others = tl.where(off, float("-inf"), cos)
             t_max = tl.max(others, axis=1)
             t_idx = tl.min(tl.where(others == t_max[:, None], cols[None, :], C), axis=1)
             take = t_max > best  # strict: an earlier tile keeps the tie
             best = tl.where(take, t_max, best)
             c_star = tl.where(take, t_idx, c_star)
+    at = pid_s.to(tl.int64) * N + rows
+    tl.store(pm_ptr + at, m_run, mask=rmask)
+    tl.store(pl_ptr + at, l_run, mask=rmask)
+    if TRACK_BEST:
+        tl.store(pb_ptr + at, best, mask=rmask)
+        tl.store(pi_ptr + at, c_star, mask=rmask)
+
+
+@triton.jit
+def _margin_ce_finish_kernel(
+        x_ptr, w_ptr, qx_ptr, rw_ptr,  # as the sweep's
+        labels_ptr, m_ptr, cw_ptr, p_ptr,  # labels [N], margins [C], class weights [C], scalars
+        keep_ptr,  # HAS_KEEP: W's row of each column
+        pm_ptr, pl_ptr, pb_ptr, pi_ptr,  # the sweep's partials [S, N]
+        stats_ptr, cstar_ptr,  # out: statistics [N_STATS, N], c* [N] int64
+        stride_xn, stride_xd, stride_wc, stride_wd, stride_l,
+        N, C, D, S, ignore_index,
+        KIND: tl.constexpr, FROM_COSINE: tl.constexpr, HAS_M_VEC: tl.constexpr,
+        HAS_CLASS_WEIGHT: tl.constexpr, HAS_KEEP: tl.constexpr, PARTIALS: tl.constexpr,
+        TRACK_BEST: tl.constexpr, IS_F64: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    valid, y_col, y = _row_info(labels_ptr, rows, rmask, stride_l, ignore_index)
+    # a column outside [0, C) is never read (labels are checked in Python; this is the
+    # kernel's own bound)
+    has_t = rmask & (y_col >= 0) & (y_col < C)
+    yc = tl.where(has_t, y_col, 0)
+
+    # the splits, merged in class order (elm's tie rule: the earliest split keeps a tie)
+    m_run = tl.full((BLOCK_N,), float("-inf"), ACC)
+    l_run = tl.zeros((BLOCK_N,), dtype=ACC)
+    best = tl.full((BLOCK_N,), float("-inf"), ACC)
+    c_star = tl.full((BLOCK_N,), -1, tl.int64)
+    for k in range(0, S):
+        at = k * N + rows
+        mk = tl.load(pm_ptr + at, mask=rmask, other=float("-inf"))
+        lk = tl.load(pl_ptr + at, mask=rmask, other=0.0)
+        m_new = tl.maximum(m_run, mk)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_run = l_run * tl.exp(m_run - m_safe) + lk * tl.exp(mk - m_safe)
+        m_run = m_new
+        if TRACK_BEST:
+            bk = tl.load(pb_ptr + at, mask=rmask, other=float("-inf"))
+            ik = tl.load(pi_ptr + at, mask=rmask, other=-1)
+            take = bk > best
+            best = tl.where(take, bk, best)
+            c_star = tl.where(take, ik, c_star)
+
+    # the target cosine: one indexed dot per row, O(N x D)
+    if FROM_COSINE:
+        cos_y = tl.load(x_ptr + rows * stride_xn + yc * stride_xd, mask=has_t,
+                        other=0.0).to(ACC)
+    else:
+        wrow = _wrows(keep_ptr, yc, has_t, HAS_KEEP)
+        dot = tl.zeros((BLOCK_N,), dtype=ACC)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            m2 = has_t[:, None] & (dd < D)[None, :]
+            a = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd, mask=m2,
+                        other=0.0).to(ACC)
+            b = tl.load(w_ptr + wrow[:, None] * stride_wc + dd[None, :] * stride_wd, mask=m2,
+                        other=0.0).to(ACC)
+            dot += tl.sum(a * b, axis=1)
+        qx = tl.load(qx_ptr + rows, mask=rmask, other=0.0)
+        rwy = tl.load(rw_ptr + yc, mask=has_t, other=0.0)
+        cos_y = dot * qx * rwy
+    cos_y = tl.where(has_t, cos_y, 0.0)
 
     if PARTIALS:  # a class shard's statistics; the target logit is formed outside
         tl.store(stats_ptr + _PT_MAX * N + rows, m_run, mask=rmask)
@@ -341,6 +443,7 @@ def _margin_ce_fwd_kernel(
         tl.store(stats_ptr + _PT_WRONG * N + rows, best, mask=rmask)
         tl.store(cstar_ptr + rows, c_star, mask=rmask)
     else:
+        s = tl.load(p_ptr + P_S)
         if HAS_M_VEC:
             m_y = tl.load(m_ptr + y, mask=rmask, other=0.0).to(ACC)
         else:
@@ -356,9 +459,11 @@ def _margin_ce_fwd_kernel(
             t = t + tl.where(has, lam * m_c, 0.0)
         z_y = s * t
         top = tl.maximum(m_run, z_y)
+        top = tl.where(z_y != z_y, z_y, top)  # a NaN target logit must reach the loss
         lse = top + tl.log(l_run * tl.exp(m_run - top) + tl.exp(z_y - top))
         lse_other = tl.where(l_run > 0, m_run + tl.log(tl.where(l_run > 0, l_run, 1.0)),
                              float("-inf"))
+        lse_other = tl.where(l_run != l_run, l_run, lse_other)
         if HAS_CLASS_WEIGHT:
             w = tl.load(cw_ptr + y, mask=rmask, other=0.0).to(ACC)
         else:
@@ -377,23 +482,27 @@ def _margin_ce_fwd_kernel(
 
 
 @triton.jit
-def _margin_ce_bwd_dx_kernel(
-        x_ptr, w_ptr, rx_ptr, rw_ptr,  # as forward (x_ptr is the cosine for FROM_COSINE)
-        labels_ptr, p_ptr, off_ptr,  # labels, scalars, logit offsets [C] (HAS_OFFSET)
-        keep_ptr,  # HAS_KEEP: W's row of each column
+def _margin_ce_grad_kernel(
+        x_ptr, w_ptr, qx_ptr, rw_ptr,  # as the sweep's (x_ptr is the cosine for FROM_COSINE)
+        labels_ptr, p_ptr, off_ptr, keep_ptr,  # labels, scalars, logit offsets, kept rows
         lse_ptr, a_ptr, b_ptr,  # per row [N]: lse, a (softmax scale), b (target term)
-        dx_ptr,  # out: dL/dx [N, D] (dL/dcos [N, C] for FROM_COSINE), contiguous
-        stride_xn, stride_xd, stride_wc, stride_wd, stride_l,
-        N, C, D, ignore_index,
+        g_ptr,  # out: the chunk's G [n_rows, n_cols] (row stride stride_gn), input dtype
+        stride_xn, stride_xd, stride_wc, stride_wd, stride_l, stride_gn,
+        N, C, D, r0, c0, n_rows, n_cols, ignore_index,
         KIND: tl.constexpr, FROM_COSINE: tl.constexpr, HAS_OFFSET: tl.constexpr,
-        HAS_KEEP: tl.constexpr, IS_F64: tl.constexpr,
-        ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_DO: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    dout = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    omask = dout < D
+        HAS_KEEP: tl.constexpr, IS_F64: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+        UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_D: tl.constexpr):
+    """One tile of the chunk (rows r0 + [0, n_rows), classes c0 + [0, n_cols)): the
+    logits recomputed, G = dL/d<xs_i, W_j> (FROM_COSINE: dL/dcos) written."""
+    n_rb = tl.cdiv(n_rows, BLOCK_N)
+    pid = tl.program_id(0)
+    lr = (pid % n_rb).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    lc = (pid // n_rb).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = r0 + lr
+    cols = c0 + lc
+    rmask = lr < n_rows
+    cmask = lc < n_cols
     _, y_col, _ = _row_info(labels_ptr, rows, rmask, stride_l, ignore_index)
     s = tl.load(p_ptr + P_S)
     lo = tl.load(p_ptr + P_LO)
@@ -401,115 +510,140 @@ def _margin_ce_bwd_dx_kernel(
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
     b = tl.load(b_ptr + rows, mask=rmask, other=0.0)
-    if not FROM_COSINE:
-        rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
-    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
-    row_sum = tl.zeros((BLOCK_N,), dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        cmask = cols < C
-        if FROM_COSINE:
-            cos = _load_cos(x_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd, ACC)
-            g = _grad_tile(cos, cols, cmask, y_col, lse, a, b, off_ptr, s, lo, hi, KIND, IS_F64,
-                           ACC, HAS_OFFSET)
-            tl.store(dx_ptr + rows[:, None] * C + cols[None, :],
-                     g.to(dx_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-        else:
-            rw = tl.load(rw_ptr + cols, mask=cmask, other=0.0)
-            wrows = _wrows(keep_ptr, cols, cmask, HAS_KEEP)
-            xw = _cos_tile(x_ptr, w_ptr, rows, wrows, rmask, cmask, stride_xn, stride_xd,
-                           stride_wc, stride_wd, D, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PREC,
-                           UPCAST) * rx[:, None]
-            g = _grad_tile(xw * rw[None, :], cols, cmask, y_col, lse, a, b, off_ptr, s, lo, hi,
-                           KIND, IS_F64, ACC, HAS_OFFSET)
-            wt = tl.load(w_ptr + wrows[:, None] * stride_wc + dout[None, :] * stride_wd,
-                         mask=cmask[:, None] & omask[None, :], other=0.0)
-            acc, gw = _grad_dot(g * rw[None, :], wt, acc, ACC, PREC, UPCAST, SPLIT)
-            # x_hat . G from the same rounded gw that G is made of, so that the radial
-            # part cancels exactly in reduced precision too
-            row_sum += tl.sum(gw * xw, axis=1)
-    if not FROM_COSINE:
-        xt = tl.load(x_ptr + rows[:, None] * stride_xn + dout[None, :] * stride_xd,
-                     mask=rmask[:, None] & omask[None, :], other=0.0).to(ACC)
-        dx = rx[:, None] * (acc - row_sum[:, None] * xt * rx[:, None])
-        tl.store(dx_ptr + rows[:, None] * D + dout[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & omask[None, :])
+    if FROM_COSINE:
+        cos = _load_cos(x_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd, ACC)
+        g = _grad_tile(cos, cols, cmask, y_col, lse, a, b, off_ptr, s, lo, hi, KIND, IS_F64,
+                       ACC, HAS_OFFSET)
+    else:
+        xw = _cos_tile(x_ptr, w_ptr, rows, _wrows(keep_ptr, cols, cmask, HAS_KEEP), rmask,
+                       cmask, stride_xn, stride_xd, stride_wc, stride_wd, D, BLOCK_N, BLOCK_C,
+                       BLOCK_D, ACC, PREC, UPCAST)
+        # the factors after the product (a tile of them live across the D loop would
+        # cost 64 registers a thread)
+        qx = tl.load(qx_ptr + rows, mask=rmask, other=0.0)
+        rw = tl.load(rw_ptr + cols, mask=cmask, other=0.0)
+        g = _grad_tile(xw * qx[:, None] * rw[None, :], cols, cmask, y_col, lse, a, b, off_ptr,
+                       s, lo, hi, KIND, IS_F64, ACC, HAS_OFFSET) * qx[:, None] * rw[None, :]
+    tl.store(g_ptr + lr[:, None] * stride_gn + lc[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
-def _margin_ce_bwd_dw_kernel(
-        x_ptr, w_ptr, rx_ptr, rw_ptr, labels_ptr, p_ptr, off_ptr, keep_ptr,  # as dx's
-        lse_ptr, a_ptr, b_ptr,
-        dw_ptr,  # out: dL/dW [C, D] (HAS_KEEP: W's rows, the kept ones written), contiguous
-        stride_xn, stride_xd, stride_wc, stride_wd, stride_l,
-        N, C, D, ignore_index,
-        KIND: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_KEEP: tl.constexpr,
-        IS_F64: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-        UPCAST: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    dout = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    omask = dout < D
-    s = tl.load(p_ptr + P_S)
-    lo = tl.load(p_ptr + P_LO)
-    hi = tl.load(p_ptr + P_HI)
-    rw = tl.load(rw_ptr + cols, mask=cmask, other=0.0)
-    wrows = _wrows(keep_ptr, cols, cmask, HAS_KEEP)
-    acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=ACC)
-    col_sum = tl.zeros((BLOCK_C,), dtype=ACC)
-    for n0 in range(0, N, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        rmask = rows < N
-        _, y_col, _ = _row_info(labels_ptr, rows, rmask, stride_l, ignore_index)
-        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-        a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
-        b = tl.load(b_ptr + rows, mask=rmask, other=0.0)
-        rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
-        xw = _cos_tile(x_ptr, w_ptr, rows, wrows, rmask, cmask, stride_xn, stride_xd,
-                       stride_wc, stride_wd, D, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PREC,
-                       UPCAST) * rw[None, :]
-        g = _grad_tile(xw * rx[:, None], cols, cmask, y_col, lse, a, b, off_ptr, s, lo, hi,
-                       KIND, IS_F64, ACC, HAS_OFFSET)
-        xt = tl.load(x_ptr + rows[:, None] * stride_xn + dout[None, :] * stride_xd,
-                     mask=rmask[:, None] & omask[None, :], other=0.0)
-        acc, gx = _grad_dot(tl.trans(g * rx[:, None]), xt, acc, ACC, PREC, UPCAST, SPLIT)
-        col_sum += tl.sum(tl.trans(gx) * xw, axis=0)
-    wt = tl.load(w_ptr + wrows[:, None] * stride_wc + dout[None, :] * stride_wd,
-                 mask=cmask[:, None] & omask[None, :], other=0.0).to(ACC)
-    dw = rw[:, None] * (acc - col_sum[:, None] * wt * rw[:, None])
-    tl.store(dw_ptr + wrows[:, None] * D + dout[None, :], dw.to(dw_ptr.dtype.element_ty),
-             mask=cmask[:, None] & omask[None, :])
+def _project_kernel(a_ptr, v_ptr, t_ptr, ks_ptr, E_ptr, idx_ptr, out_ptr,
+                    # a [M, D] (dL/d of the raw product), v [., D] the rows it belongs to,
+                    # t [M] their factors, ks [M] int32 (HAS_KS), E [1] int32, idx [M]
+                    # (HAS_IDX: row of v and of out), out [., D] contiguous
+                    M, D, stride_am, stride_vm, stride_vd,
+                    E_SIGN: tl.constexpr, HAS_KS: tl.constexpr, HAS_IDX: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out_i = 2^-(ks_i + E) (a_i - <a_i, u_i> u_i), u_i = v_i t_i 2^(E_SIGN E) (a unit
+    vector, or 0): the normalisation's Jacobian, i.e. a_i's part orthogonal to the
+    row, so the radial part cancels up to this one projection's rounding."""
+    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < M
+    if HAS_IDX:
+        vr = tl.load(idx_ptr + m, mask=mmask, other=0)
+    else:
+        vr = m
+    E = tl.load(E_ptr)
+    # float64 for the factor alone: 2^(E_SIGN E) / |W_j| may lie below float32's range
+    t = tl.load(t_ptr + m, mask=mmask, other=0.0).to(tl.float64) * _pow2(E_SIGN * E)
+    dot = tl.zeros((BLOCK_M,), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m2 = mmask[:, None] & (dd < D)[None, :]
+        a = tl.load(a_ptr + m[:, None] * stride_am + dd[None, :], mask=m2, other=0.0).to(ACC)
+        u = (tl.load(v_ptr + vr[:, None] * stride_vm + dd[None, :] * stride_vd, mask=m2,
+                     other=0.0).to(tl.float64) * t[:, None]).to(ACC)
+        dot += tl.sum(a * u, axis=1)
+    if HAS_KS:
+        sc = _pow2(-(tl.load(ks_ptr + m, mask=mmask, other=0) + E))
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m2 = mmask[:, None] & (dd < D)[None, :]
+        a = tl.load(a_ptr + m[:, None] * stride_am + dd[None, :], mask=m2, other=0.0).to(ACC)
+        u = (tl.load(v_ptr + vr[:, None] * stride_vm + dd[None, :] * stride_vd, mask=m2,
+                     other=0.0).to(tl.float64) * t[:, None]).to(ACC)
+        o = a - dot[:, None] * u
+        if HAS_KS:
+            o = (o.to(tl.float64) * sc[:, None]).to(ACC)
+        tl.store(out_ptr + vr[:, None] * D + dd[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=m2)
 
 
 # ---------------------------------------------------------------------- launchers
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tile sizes. Every kernel owns `outer` rows (dW: classes) per program and sweeps
-    the other axis `sweep` at a time; the products step through D `d` at a time; the
-    gradient programs each own `do` of D (their accumulator is outer x do, and a D
-    above `do` means the logit tiles are recomputed once per D chunk)."""
+    """Tile sizes. Every kernel's tiles are `outer` rows x `sweep` classes, the products
+    step through D `d` at a time. The forward gives each program `split` class tiles
+    (0: enough splits for about `programs` programs). The backward's G buffer is at
+    most chunk_rows x chunk_cols (0: one tile, outer x sweep), whatever N and C.
+    `do` is ignored (the D chunk of the kernels before issue 13, kept so that
+    Blocks(outer, sweep, d, do) still builds)."""
     outer: int
     sweep: int
     d: int
-    do: int
+    do: int = 0
     num_warps: int = 4
+    num_stages: int = 2
+    split: int = 0
+    programs: int = 1024
+    chunk_rows: int = 0
+    chunk_cols: int = 0
+
+
+# The tiles an sm_90 GPU gets (FUSED_MARGIN_TRITON_CONFIG=sm90 gives them to the
+# interpreter too), keyed by (dtype, products): tile rows a multiple of 64 (Triton
+# emits wgmma only then). The 128 x 128 bf16 tile with 8 warps holds its fp32 logits in
+# 64 registers a thread and its operands in 3 stages of 32 KiB; arcgrad's theta per
+# logit needs more registers, so its class tile is 64 wide; IEEE float32 runs on the
+# FMA units, 128 x 64 x 16; float64 (DMMA) 32 x 32 with 8 warps. Chosen from the sm_90 builds'
+# register, spill and shared-memory counts (bench/sm90_report.py), untimed: no GPU has
+# run them yet. The G chunk is at most 8192 x 4096 (64 MiB in bf16), 8192 x 2048
+# (float32, 64 MiB), 4096 x 1024 (float64, 32 MiB).
+_B16 = dict(num_warps=8, num_stages=3, chunk_rows=8192, chunk_cols=4096)
+_B32 = dict(num_warps=8, num_stages=3, chunk_rows=8192, chunk_cols=2048)
+SM90 = {
+    ("bf16", "mma"): Blocks(128, 128, 64, **_B16),
+    ("bf16", "arcgrad"): Blocks(128, 64, 64, **_B16),
+    ("tf32", "mma"): Blocks(128, 128, 32, **_B32),
+    ("tf32", "arcgrad"): Blocks(128, 64, 32, **_B32),
+    ("fp32", "mma"): Blocks(128, 64, 16, **dict(_B32, num_stages=2)),
+    ("fp64", "mma"): Blocks(32, 32, 16, num_warps=8, num_stages=2, chunk_rows=4096,
+                            chunk_cols=1024),
+}
+SM90[("fp16", "mma")], SM90[("fp16", "arcgrad")] = SM90[("bf16", "mma")], SM90[("bf16", "arcgrad")]
+# numpy underneath: few, larger steps are what is cheap; several splits and chunks
+# at test sizes, so that the merges run
+INTERP = Blocks(64, 64, 32, programs=8, chunk_rows=128, chunk_cols=128)
+# rows per program and D step of the O(N) / O(N x D) kernels (no tl.dot: 4 warps, 2
+# stages of loads in flight), small enough that float64 rows do not spill
+ROW_BLOCK = 16
+ROW_D = 64
+ROW_LAUNCH = dict(num_warps=4, num_stages=2)
+
+
+def _table_key(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "tf32" if _precision(dtype) == "tf32" else "fp32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}.get(dtype,
+                                                                                     "fp32")
 
 
 def default_blocks(dtype: torch.dtype, D: int) -> Blocks:
-    """Untuned (no GPU was at hand to time them), chosen so that the sm_90 builds
-    do not spill registers (checked with cuobjdump -res-usage) and that N = 4096
-    still gives 128 row programs."""
-    do = max(16, min(256, triton.next_power_of_2(max(D, 1))))
-    if _interpreted():
-        # numpy underneath: few, larger steps are what is cheap
-        return Blocks(outer=128, sweep=128, d=32, do=min(do, 64))
-    if dtype == torch.float64:
-        return Blocks(outer=32, sweep=32, d=16, do=min(do, 64), num_warps=4)
-    if dtype == torch.float32:
-        return Blocks(outer=32, sweep=32, d=32, do=do, num_warps=8)
-    return Blocks(outer=32, sweep=64, d=64, do=do, num_warps=8)
+    """The tile table FUSED_MARGIN_TRITON_CONFIG selects (fused_margin.triton.config)."""
+    if config.target() == "interp":
+        return INTERP
+    return SM90[(_table_key(dtype), "mma")]
+
+
+def kind_blocks(blocks: Blocks, dtype: torch.dtype, kind: str) -> Blocks:
+    """A kind's own entry where the table has one and `blocks` is the table's default
+    (explicit tiles are kept as they are)."""
+    if kind == "arcgrad" and blocks is SM90.get((_table_key(dtype), "mma")):
+        return SM90.get((_table_key(dtype), "arcgrad"), blocks)
+    return blocks
 
 
 def _acc(dtype: torch.dtype):
@@ -530,16 +664,15 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def row_inv_norm(x: torch.Tensor, block_n: int = 32, block_d: int = 32) -> torch.Tensor:
-    """1/||x_i|| in the compute dtype, 0 for rows of norm <= NORM_EPS."""
-    n, d = x.shape
-    tdt = _acc(x.dtype)[1]
-    out = torch.empty(n, dtype=tdt, device=x.device)
-    if n:
-        _inv_norm_kernel[(triton.cdiv(n, block_n),)](
-            x, out, n, d, x.stride(0), x.stride(1), NORM_EPS * NORM_EPS,
-            BLOCK_N=block_n, BLOCK_D=block_d)
-    return out
+# Every launch goes through here; tests/sm90_compile.py sets LAUNCH_HOOK to record the
+# kernels, arguments and options a real launch would compile, without running them.
+LAUNCH_HOOK = None
+
+
+def _launch(kernel, grid, *args, **kw):
+    if LAUNCH_HOOK is not None:
+        return LAUNCH_HOOK(kernel, grid, args, kw)
+    return kernel[grid](*args, **kw)
 
 
 @dataclass(frozen=True)
@@ -569,14 +702,64 @@ class MarginParams:
 
 
 @dataclass
+class Prepared:
+    """The operands in a safe range (module header): xs = x 2^-(ex + E) [N, D] in x's
+    dtype, ex [N] int32, qx [N] = 1/|x 2^-ex|, E [1] int32, rw [C] = 2^E/|W_j| (the
+    sweep's columns: the kept ones for a sampled shard)."""
+    xs: torch.Tensor
+    ex: torch.Tensor
+    qx: torch.Tensor
+    E: torch.Tensor
+    rw: torch.Tensor
+
+
+@dataclass
 class _Saved:
     kind: int
     params: torch.Tensor
     ignore_index: int
     blocks: Blocks
-    rx: Optional[torch.Tensor]
-    rw: Optional[torch.Tensor]
+    prep: Optional[Prepared]
     stats: torch.Tensor
+
+
+def _row_scale(v: torch.Tensor, E: Optional[torch.Tensor] = None):
+    """(e [M] int32, q [M], xs or None): see _row_scale_kernel; xs when E is given."""
+    M, D = v.shape
+    tdt = _acc(v.dtype)[1]
+    e = torch.empty(M, dtype=torch.int32, device=v.device)
+    q = torch.empty(M, dtype=tdt, device=v.device)
+    out = None if E is None else torch.empty(M, D, dtype=v.dtype, device=v.device)
+    if M:
+        bd = min(ROW_D, max(16, triton.next_power_of_2(max(D, 1))))
+        _launch(_row_scale_kernel, (triton.cdiv(M, ROW_BLOCK),),
+                v, out, e, q, E, M, D, v.stride(0), v.stride(1), NORM_EPS,
+                WRITE=E is not None, ACC=_acc(v.dtype)[0], BLOCK_M=ROW_BLOCK, BLOCK_D=bd,
+                **ROW_LAUNCH)
+    return e, q, out
+
+
+def prepare(features: torch.Tensor, weight: torch.Tensor,
+            keep: Optional[torch.Tensor] = None) -> Prepared:
+    ew, qw, _ = _row_scale(weight)
+    if ew.numel():
+        E = (ew.max() - W_EXP_HEADROOM).clamp(min=0).reshape(1).to(torch.int32)
+    else:
+        E = torch.zeros(1, dtype=torch.int32, device=weight.device)
+    # 2^(E - e_j) * q_j = 2^E / |W_j|: O(C), exact scaling, in float64 then rounded once
+    rw = torch.ldexp(qw.to(torch.float64), (E - ew).to(torch.float64)).to(qw.dtype)
+    if keep is not None:  # O(C_r) floats, then the kept ones
+        rw = rw.index_select(0, keep)
+    ex, qx, xs = _row_scale(features, E)
+    return Prepared(xs, ex, qx, E, rw)
+
+
+def _splits(blocks: Blocks, N: int, C: int):
+    """(class tiles per forward program, number of splits)."""
+    n_rb = triton.cdiv(N, blocks.outer)
+    n_ct = max(1, triton.cdiv(C, blocks.sweep))
+    tps = blocks.split or triton.cdiv(n_ct, max(1, min(n_ct, blocks.programs // n_rb)))
+    return tps, triton.cdiv(n_ct, tps)
 
 
 def margin_ce_fwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels: torch.Tensor,
@@ -584,76 +767,151 @@ def margin_ce_fwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
                   class_weight: Optional[torch.Tensor], ignore_index: int,
                   blocks: Optional[Blocks] = None, offset: Optional[torch.Tensor] = None,
                   partials: bool = False, keep: Optional[torch.Tensor] = None):
-    """Launch the forward sweep. `weight` None: `features` is the cosine [N, C].
-    Returns (stats [N_STATS, N], c* [N] int64, rx, rw); with `partials` the
-    stats rows are PT_* (a class shard's) and c* is the best wrong column of
-    every row. `offset` [C] is added to the non-target logits. `keep` [C] int64:
-    the columns are those rows of `weight` (read in place), and rw is theirs."""
+    """Launch the forward sweep and its finish. `weight` None: `features` is the cosine
+    [N, C]. Returns (stats [N_STATS, N], c* [N] int64, Prepared or None); with
+    `partials` the stats rows are PT_* (a class shard's) and c* is the best wrong
+    column of every row. `offset` [C] is added to the non-target logits. `keep` [C]
+    int64: the columns are those rows of `weight` (read in place)."""
     from_cos = weight is None
     N = features.shape[0]
     C = features.shape[1] if from_cos else (weight.shape[0] if keep is None else keep.numel())
     D = 0 if from_cos else features.shape[1]
-    blocks = blocks or default_blocks(features.dtype, D)
+    blocks = kind_blocks(blocks or default_blocks(features.dtype, D), features.dtype, kind)
     acc, tdt = _acc(features.dtype)
     dev = features.device
+    prep = None if from_cos else prepare(features, weight, keep)
+    x = features if from_cos else prep.xs
+    w = features if from_cos else weight
+    qx = None if from_cos else prep.qx
+    rw = None if from_cos else prep.rw
+    track = kind == "elm" or partials
+    tps, S = _splits(blocks, N, C)
+    pm = torch.empty(S, N, dtype=tdt, device=dev)
+    pl = torch.empty(S, N, dtype=tdt, device=dev)
+    pb = torch.empty(S, N, dtype=tdt, device=dev) if track else None
+    pi = torch.empty(S, N, dtype=torch.int64, device=dev) if track else None
+    strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1), labels.stride(0))
+    is64 = features.dtype == torch.float64
+    _launch(_margin_ce_fwd_kernel, (triton.cdiv(N, blocks.outer) * S,),
+            x, w, qx, rw, labels, params, offset, keep, pm, pl, pb, pi, *strides,
+            N, C, D, tps, ignore_index,
+            KIND=KINDS.index(kind), FROM_COSINE=from_cos, HAS_OFFSET=offset is not None,
+            HAS_KEEP=keep is not None, TRACK_BEST=track, IS_F64=is64, ACC=acc,
+            PREC=_precision(features.dtype), UPCAST=_upcast(features.dtype),
+            BLOCK_N=blocks.outer, BLOCK_C=blocks.sweep, BLOCK_D=blocks.d,
+            num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     stats = torch.empty(N_STATS, N, dtype=tdt, device=dev)
     c_star = torch.empty(N, dtype=torch.int64, device=dev)
-    rx = rw = None
-    if not from_cos:
-        rx, rw = row_inv_norm(features), row_inv_norm(weight)
-        if keep is not None:  # O(C_r) floats, then the kept ones
-            rw = rw.index_select(0, keep)
-    w = features if from_cos else weight
-    _margin_ce_fwd_kernel[(triton.cdiv(N, blocks.outer),)](
-        features, w, rx, rw, labels, m_vec, class_weight, params, offset, keep, stats, c_star,
-        features.stride(0), features.stride(1), w.stride(0), w.stride(1), labels.stride(0),
-        N, C, D, ignore_index,
-        KIND=KINDS.index(kind), FROM_COSINE=from_cos, HAS_M_VEC=m_vec is not None,
-        HAS_CLASS_WEIGHT=class_weight is not None, HAS_OFFSET=offset is not None,
-        HAS_KEEP=keep is not None, PARTIALS=partials, IS_F64=features.dtype == torch.float64,
-        ACC=acc, PREC=_precision(features.dtype), UPCAST=_upcast(features.dtype),
-        BLOCK_N=blocks.outer, BLOCK_C=blocks.sweep, BLOCK_D=blocks.d,
-        num_warps=blocks.num_warps)
-    return stats, c_star, rx, rw
+    _launch(_margin_ce_finish_kernel, (triton.cdiv(N, ROW_BLOCK),),
+            x, w, qx, rw, labels, m_vec, class_weight, params, keep, pm, pl, pb, pi,
+            stats, c_star, *strides, N, C, D, S, ignore_index,
+            KIND=KINDS.index(kind), FROM_COSINE=from_cos, HAS_M_VEC=m_vec is not None,
+            HAS_CLASS_WEIGHT=class_weight is not None, HAS_KEEP=keep is not None,
+            PARTIALS=partials, TRACK_BEST=track, IS_F64=is64, ACC=acc,
+            BLOCK_N=ROW_BLOCK, BLOCK_D=min(ROW_D, max(16, triton.next_power_of_2(max(D, 1)))),
+            **ROW_LAUNCH)
+    return stats, c_star, prep
+
+
+_ADDMM_DTYPE_OK = True  # torch.addmm(..., out_dtype=float32) on CUDA (torch >= 2.8)
+
+
+def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc float32 for 16-bit a, b (cuBLAS accumulates in float32 either
+    way; out_dtype also keeps the sum in float32 across chunks)."""
+    global _ADDMM_DTYPE_OK
+    if acc.dtype == a.dtype:
+        torch.addmm(acc, a, b, out=acc)
+        return
+    if a.is_cuda and _ADDMM_DTYPE_OK:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _ADDMM_DTYPE_OK = False
+    acc.add_(torch.mm(a, b))
+
+
+def _project(a, v, t, E, out, *, ks=None, idx=None, e_sign=1):
+    M, D = a.shape
+    if M == 0 or D == 0:
+        return
+    bd = min(ROW_D, max(16, triton.next_power_of_2(D)))
+    _launch(_project_kernel, (triton.cdiv(M, ROW_BLOCK),),
+            a, v, t, ks, E, idx, out, M, D, a.stride(0), v.stride(0), v.stride(1),
+            E_SIGN=e_sign, HAS_KS=ks is not None, HAS_IDX=idx is not None,
+            ACC=_acc(out.dtype)[0], BLOCK_M=ROW_BLOCK, BLOCK_D=bd, **ROW_LAUNCH)
 
 
 def margin_ce_bwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels: torch.Tensor,
                   saved: _Saved, lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                  offset: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None):
+                  offset: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None,
+                  need_dx: bool = True, need_dw: bool = True):
     """dL/dfeatures, dL/dweight (or dL/dcosine, None) for dL/dcos_ij =
     a_i exp(z_ij + offset_j - lse_i) dz_ij/dcos_ij off the target and b_i at it
     (lse, a, b: contiguous [N]). With `keep` the columns are those rows of
-    weight, and dL/dweight is 0 on the others."""
+    weight, and dL/dweight is 0 on the others. A gradient not needed is None."""
     from_cos = weight is None
     N = features.shape[0]
     C = features.shape[1] if from_cos else (weight.shape[0] if keep is None else keep.numel())
-    D = 0 if from_cos else features.shape[1]
     blk = saved.blocks
-    acc, _ = _acc(features.dtype)
+    acc, tdt = _acc(features.dtype)
+    dev = features.device
     common = dict(KIND=saved.kind, HAS_OFFSET=offset is not None, HAS_KEEP=keep is not None,
                   IS_F64=features.dtype == torch.float64, ACC=acc,
                   PREC=_precision(features.dtype), UPCAST=_upcast(features.dtype),
-                  SPLIT=features.dtype in (torch.float16, torch.bfloat16), BLOCK_D=blk.d,
-                  BLOCK_DO=blk.do, num_warps=blk.num_warps)
-    w = features if from_cos else weight
-    strides = (features.stride(0), features.stride(1), w.stride(0), w.stride(1), labels.stride(0))
-    dx = torch.empty((N, C) if from_cos else (N, D), dtype=features.dtype, device=features.device)
-    n_do = 1 if from_cos else triton.cdiv(D, blk.do)
-    if n_do == 0:  # D = 0: nothing depends on the (empty) features
-        return dx, torch.empty((weight.shape[0], 0), dtype=weight.dtype, device=weight.device)
-    _margin_ce_bwd_dx_kernel[(triton.cdiv(N, blk.outer), n_do)](
-        features, w, saved.rx, saved.rw, labels, saved.params, offset, keep, lse, a, b, dx,
-        *strides,
-        N, C, D, saved.ignore_index, FROM_COSINE=from_cos, BLOCK_N=blk.outer, BLOCK_C=blk.sweep,
-        **common)
-    if from_cos:
-        return dx, None
-    dw = (torch.empty if keep is None else torch.zeros)(weight.shape, dtype=weight.dtype,
-                                                        device=weight.device)
-    _margin_ce_bwd_dw_kernel[(triton.cdiv(C, blk.outer), n_do)](
-        features, w, saved.rx, saved.rw, labels, saved.params, offset, keep, lse, a, b, dw,
-        *strides,
-        N, C, D, saved.ignore_index, BLOCK_N=blk.sweep, BLOCK_C=blk.outer, **common)
+                  BLOCK_N=blk.outer, BLOCK_C=blk.sweep, BLOCK_D=blk.d,
+                  num_warps=blk.num_warps, num_stages=blk.num_stages)
+    if from_cos:  # G is dL/dcos itself: the whole [N, C] is the one chunk
+        dcos = torch.empty(N, C, dtype=features.dtype, device=dev)
+        _launch(_margin_ce_grad_kernel,
+                (triton.cdiv(N, blk.outer) * triton.cdiv(C, blk.sweep),),
+                features, features, None, None, labels, saved.params, offset, keep, lse, a, b,
+                dcos, features.stride(0), features.stride(1), 0, 0, labels.stride(0), C,
+                N, C, 0, 0, 0, N, C, saved.ignore_index, FROM_COSINE=True, **common)
+        return dcos, None
+    D = features.shape[1]
+    pr = saved.prep
+    dx = torch.zeros(N, D, dtype=features.dtype, device=dev) if need_dx else None
+    dw = None
+    if need_dw:
+        dw = (torch.empty if keep is None else torch.zeros)(weight.shape, dtype=weight.dtype,
+                                                            device=dev)
+    if D == 0 or not (need_dx or need_dw):  # D = 0: nothing depends on the (empty) features
+        return dx, (dw.zero_() if dw is not None else None)
+    xs = pr.xs
+    rows_c = min(N, blk.chunk_rows or blk.outer)
+    cols_c = min(C, blk.chunk_cols or blk.sweep)
+    G = torch.empty(rows_c, cols_c, dtype=features.dtype, device=dev)
+    A = torch.zeros(N, D, dtype=tdt, device=dev) if need_dx else None
+    strides = (xs.stride(0), xs.stride(1), weight.stride(0), weight.stride(1), labels.stride(0),
+               cols_c)
+    for c0 in range(0, C, cols_c):
+        nc = min(cols_c, C - c0)
+        if need_dx:  # the chunk's rows of W (a sampled shard: one chunk of kept rows)
+            wc = weight[c0:c0 + nc] if keep is None else weight.index_select(0, keep[c0:c0 + nc])
+        B = torch.zeros(nc, D, dtype=tdt, device=dev) if need_dw else None
+        for r0 in range(0, N, rows_c):
+            nr = min(rows_c, N - r0)
+            g = G[:nr, :nc]
+            _launch(_margin_ce_grad_kernel,
+                    (triton.cdiv(nr, blk.outer) * triton.cdiv(nc, blk.sweep),),
+                    xs, weight, pr.qx, pr.rw, labels, saved.params, offset, keep, lse, a, b, g,
+                    *strides, N, C, D, r0, c0, nr, nc, saved.ignore_index, FROM_COSINE=False,
+                    **common)
+            if need_dx:
+                _addmm_acc(A[r0:r0 + nr], g, wc)
+            if need_dw:
+                _addmm_acc(B, g.T, xs[r0:r0 + nr])
+        if need_dw:  # dW_j = B_j - <B_j, v_j> v_j, v_j = W_j 2^E/|W_j| 2^-E
+            if keep is None:
+                _project(B, weight[c0:c0 + nc], pr.rw[c0:c0 + nc], pr.E, dw[c0:c0 + nc],
+                         e_sign=-1)
+            else:
+                _project(B, weight, pr.rw[c0:c0 + nc], pr.E, dw, idx=keep[c0:c0 + nc],
+                         e_sign=-1)
+    if need_dx:  # dx_i = 2^-(e_i + E) (A_i - <A_i, u_i> u_i), u_i = xs_i qx_i 2^E
+        _project(A, xs, pr.qx, pr.E, dx, ks=pr.ex, e_sign=1)
     return dx, dw
 
 
@@ -676,12 +934,12 @@ class MarginCrossEntropyFunction(torch.autograd.Function):
             out = torch.zeros(0, dtype=tdt, device=features.device)
             return _with_stats(ctx, p, out if p.reduction == "none" else out.sum(), out, out)
         params = p.tensor(tdt, features.device)
-        blocks = p.blocks or default_blocks(features.dtype, 0 if weight is None
-                                            else features.shape[1])
-        stats, _, rx, rw = margin_ce_fwd(features, weight, labels, kind=p.kind, params=params,
-                                         m_vec=m_vec, class_weight=class_weight,
-                                         ignore_index=p.ignore_index, blocks=blocks)
-        ctx.saved = _Saved(KINDS.index(p.kind), params, p.ignore_index, blocks, rx, rw, stats)
+        blocks = kind_blocks(p.blocks or default_blocks(
+            features.dtype, 0 if weight is None else features.shape[1]), features.dtype, p.kind)
+        stats, _, prep = margin_ce_fwd(features, weight, labels, kind=p.kind, params=params,
+                                       m_vec=m_vec, class_weight=class_weight,
+                                       ignore_index=p.ignore_index, blocks=blocks)
+        ctx.saved = _Saved(KINDS.index(p.kind), params, p.ignore_index, blocks, prep, stats)
         ctx.save_for_backward(labels, *inputs)
         loss = stats[ST_LOSS]
         if p.reduction == "none":
@@ -708,8 +966,10 @@ class MarginCrossEntropyFunction(torch.autograd.Function):
             d = ctx.denom
             g = torch.where(d > 0, g / torch.where(d > 0, d, 1.0), g * 0)
         a = (w * g).contiguous()
+        need = ctx.needs_input_grad[4:]
         dx, dw = margin_ce_bwd(inputs[0], inputs[1] if len(inputs) == 2 else None, labels, sv,
-                               sv.stats[ST_LSE], a, a * sv.stats[ST_DTGT])
+                               sv.stats[ST_LSE], a, a * sv.stats[ST_DTGT], need_dx=need[0],
+                               need_dw=len(need) == 2 and need[1])
         return head + ((dx,) if len(inputs) == 1 else (dx, dw))
 
 
@@ -728,7 +988,7 @@ class ShardPartialsFunction(torch.autograd.Function):
     `keep` selects (all C_r rows where keep is None). `col` [N] is each
     row's target column in [0, K) or -1 (never a label: the kernels cannot read
     outside the shard). Only sum_exp and cos_y are differentiable; backward runs
-    the loss's two gradient kernels with lse = the row shift, a = dL/dsum_exp
+    the loss's gradient chunks with lse = the row shift, a = dL/dsum_exp
     and b = dL/dcos_y."""
 
     @staticmethod
@@ -745,12 +1005,13 @@ class ShardPartialsFunction(torch.autograd.Function):
             wrong = torch.zeros(n, dtype=torch.int64, device=dev)
         else:
             params = p.tensor(tdt, dev)
-            blocks = p.blocks or default_blocks(features.dtype, features.shape[1])
-            stats, wrong, rx, rw = margin_ce_fwd(features, weight, col, kind=p.kind,
-                                                 params=params, m_vec=None, class_weight=None,
-                                                 ignore_index=-1, blocks=blocks, offset=offset,
-                                                 partials=True, keep=keep)
-            ctx.saved = _Saved(KINDS.index(p.kind), params, -1, blocks, rx, rw, stats)
+            blocks = kind_blocks(p.blocks or default_blocks(features.dtype, features.shape[1]),
+                                 features.dtype, p.kind)
+            stats, wrong, prep = margin_ce_fwd(features, weight, col, kind=p.kind,
+                                               params=params, m_vec=None, class_weight=None,
+                                               ignore_index=-1, blocks=blocks, offset=offset,
+                                               partials=True, keep=keep)
+            ctx.saved = _Saved(KINDS.index(p.kind), params, -1, blocks, prep, stats)
             ctx.save_for_backward(col, offset, keep, features, weight)
         out = (stats[PT_MAX], stats[PT_SUM], stats[PT_COSY], stats[PT_WRONG], wrong)
         ctx.mark_non_differentiable(out[0], out[3], out[4])
@@ -769,7 +1030,9 @@ class ShardPartialsFunction(torch.autograd.Function):
         shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         a = torch.zeros_like(shift) if g_sum is None else g_sum.to(shift.dtype).contiguous()
         b = torch.zeros_like(shift) if g_cos_y is None else g_cos_y.to(shift.dtype).contiguous()
-        dx, dw = margin_ce_bwd(features, weight, col, sv, shift.contiguous(), a, b, offset, keep)
+        need = ctx.needs_input_grad[4:]
+        dx, dw = margin_ce_bwd(features, weight, col, sv, shift.contiguous(), a, b, offset, keep,
+                               need_dx=need[0], need_dw=need[1])
         return head + (dx, dw)
 
 
