@@ -12,6 +12,7 @@ from torch.autograd.function import once_differentiable
 from ..reference.angular import adacos_scale_from_stats, combined_fallback, compute_dtype
 from ..reference.reduction import reduce_loss
 from ..reference.sharded import ShardPartials, partials_around
+from ..autograd_guard import first_order
 
 ops = torch.ops.fused_margin
 
@@ -82,6 +83,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
         return loss, lse_other, cos_y
 
     @staticmethod
+    @first_order("margin_cross_entropy (cpu backend)")
     @once_differentiable
     def backward(ctx, grad, _lse_other, _cos_y):
         features, weight, labels, row_w, marg, lse, cstar = ctx.saved_tensors
@@ -112,6 +114,7 @@ class _MarginCrossEntropyFused(torch.autograd.Function):
         return loss.sum(), lse_other, cos_y
 
     @staticmethod
+    @first_order("margin_cross_entropy (cpu backend)")
     @once_differentiable
     def backward(ctx, grad, _lse_other, _cos_y):
         if ctx.grads is None:
@@ -182,6 +185,7 @@ class _MarginCrossEntropyFromCosine(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order("margin_cross_entropy_from_cosine (cpu backend)")
     @once_differentiable
     def backward(ctx, grad):
         cosine, labels, row_w, marg, lse, cstar = ctx.saved_tensors
@@ -228,6 +232,7 @@ class _ShardPartials(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("margin_shard_partials (cpu backend)")
     @once_differentiable
     def backward(ctx, _g_max, g_sum, g_cos_y, _g_wrong, _g_column):
         features, weight, col, offset, keep, row_max = ctx.saved_tensors

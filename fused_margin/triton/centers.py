@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ..reference.feature_space import compute_dtype
 from ..reference.reduction import reduce_loss
+from ..autograd_guard import first_order
 
 
 def _interpreted() -> bool:
@@ -156,6 +157,7 @@ class _CenterLoss(torch.autograd.Function):
         return center_fwd(x, labels, c)
 
     @staticmethod
+    @first_order("center_loss (triton backend)")
     def backward(ctx, grad):
         x, labels, c = ctx.saved_tensors
         gx = grad[:, None] * (x - c[labels])
@@ -171,6 +173,7 @@ class _ContrastiveCenterLoss(torch.autograd.Function):
         return per
 
     @staticmethod
+    @first_order("contrastive_center_loss (triton backend)")
     def backward(ctx, grad):
         x, labels, c, own, den = ctx.saved_tensors
         a = grad / den                  # d per / d own, times 2

@@ -74,6 +74,7 @@ import triton.language as tl
 from ..reference.feature_space import _std_with, compute_dtype, safe_sqrt, sigma2r_with
 from ..reference.reduction import reduce_loss
 from ..reference import feature_space as _ref
+from ..autograd_guard import first_order
 
 # larger n_neighbors select with the reference's [M, N] sort instead of the kernel
 MAX_TOP_K = 64
@@ -288,6 +289,7 @@ class SoftNearestNeighborFunction(torch.autograd.Function):
         return per, has
 
     @staticmethod
+    @first_order("soft_nearest_neighbor_loss (triton backend)")
     def backward(ctx, g_per, _g_has):
         x, labels, temp, lse_all, lse_same, nrm, has = ctx.saved_tensors
         if g_per is None or x.numel() == 0:  # nothing to launch over
@@ -843,6 +845,7 @@ class TripletPairsFunction(torch.autograd.Function):
         return per
 
     @staticmethod
+    @first_order("triplet_margin_loss (triton backend)")
     def backward(ctx, g, *_):
         x, labels, m, saved, aux, *layout = ctx.saved_tensors
         order, rank, first, npos = layout
