@@ -863,6 +863,10 @@ class TripletPairsFunction(torch.autograd.Function):
             aux_in = saved
         blocks = ctx.blocks
         N, D = x.shape
+        # the kernel reads x and u (for "cosine" a contiguous copy of x's unit rows)
+        # with one pair of strides: give x the contiguous layout u has, or a sliced,
+        # transposed or overlapping x is read past u's end (issue 15 item 1)
+        x = x.contiguous()
         u, nrm, consts = _launch_args(x, labels, distance, blocks)
         dx = torch.empty_like(x)
         _triplet_grad_kernel[(triton.cdiv(N, blocks.m), triton.cdiv(D, blocks.do))](
