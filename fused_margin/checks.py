@@ -108,6 +108,7 @@ def margin(m: Union[float, torch.Tensor], kind: str, num_classes: int) -> None:
         if kind not in PER_CLASS_KINDS:
             raise ValueError(f"a per-class margin tensor is supported for kinds {PER_CLASS_KINDS}, "
                              f"not {kind!r}")
+        m = m.detach()
         if m.dim() == 0:
             finite("m", float(m))
         else:

@@ -12,6 +12,7 @@ import torch
 
 from . import checks
 from .dispatch import resolve
+from .reference.reduction import reduce_loss
 from .reference.angular import arcgrad_scale, camri_margins, drw_weights, ldam_margins
 
 __all__ = [
@@ -41,9 +42,11 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                                 m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
                                 ignore_index=ignore_index, reduction_=reduction)
     fn = resolve("margin_cross_entropy", backend, features.device)
-    return fn(features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
-              elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
-              reduction=reduction)
+    kw = dict(kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
+              ignore_index=ignore_index)
+    return _margin_ce_call(lambda **k: fn(features, weight, labels, **kw, **k), fn,
+                           "margin_cross_entropy", labels, m, class_weight, ignore_index,
+                           reduction)
 
 
 def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,
@@ -59,8 +62,11 @@ def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor,
                                             class_weight=class_weight,
                                             ignore_index=ignore_index, reduction_=reduction)
     fn = resolve("margin_cross_entropy_from_cosine", backend, cosine.device)
-    return fn(cosine, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
-              class_weight=class_weight, ignore_index=ignore_index, reduction=reduction)
+    kw = dict(kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
+              ignore_index=ignore_index)
+    return _margin_ce_call(lambda **k: fn(cosine, labels, **kw, **k), fn,
+                           "margin_cross_entropy_from_cosine", labels, m, class_weight,
+                           ignore_index, reduction)
 
 
 def scaled_cosine(features: torch.Tensor, weight: torch.Tensor, s: float = 1.0, *,
@@ -97,6 +103,11 @@ def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
                                 m2=0.0, m3=0.0, elm_lambda=0.0, class_weight=class_weight,
                                 ignore_index=ignore_index, reduction_=reduction)
     fn = resolve("adacos_loss", backend, features.device)
+    if _fused(fn) and _wants_grad(class_weight):
+        # the scale's statistics do not involve the class weights
+        per, next_s = fn(features, weight, labels, s, class_weight=None,
+                         ignore_index=ignore_index, reduction="none")
+        return _class_weighted(per, labels, class_weight, ignore_index, reduction), next_s
     return fn(features, weight, labels, s, class_weight=class_weight, ignore_index=ignore_index,
               reduction=reduction)
 
@@ -250,3 +261,42 @@ def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margi
     fn = resolve("triplet_margin_loss", backend, embeddings.device)
     return fn(embeddings, labels, margin=margin, mining=mining, distance=distance,
               reduction=reduction)
+
+
+# ---------------------------------------- gradients the fused kernels do not form
+
+def _fused(fn) -> bool:
+    return not fn.__module__.startswith("fused_margin.reference")
+
+
+def _wants_grad(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+
+
+def _class_weighted(per: torch.Tensor, labels: torch.Tensor, class_weight: torch.Tensor,
+                    ignore_index: int, reduction: str) -> torch.Tensor:
+    """The class-weighted reduction of unweighted per-row losses (0 on ignored
+    rows), differentiable in class_weight: w_i * l_i summed, or over sum(w)."""
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    w = valid.to(per.dtype) * class_weight.to(per.dtype)[y]
+    return reduce_loss(torch.where(valid, per * w, torch.zeros_like(per)), w, reduction)
+
+
+def _margin_ce_call(call, fn, op: str, labels, m, class_weight, ignore_index, reduction):
+    """Runs a margin cross-entropy backend. The fused kernels take a per-class
+    margin and the class weights as constants: a margin that requires grad is an
+    error there (not a silent None), and a class_weight that requires grad gets its
+    true gradient from the kernels' unweighted per-row losses, weighted here."""
+    if not _fused(fn):
+        return call(class_weight=class_weight, reduction=reduction)
+    if _wants_grad(m):
+        backend = fn.__module__.split(".")[1]
+        raise RuntimeError(
+            f"fused_margin: {op} on the {backend} backend treats a per-class margin m as a "
+            "constant and cannot return its gradient, but m requires grad; use "
+            "backend=\"reference\" to learn margins (or pass m.detach())")
+    if _wants_grad(class_weight):
+        per = call(class_weight=None, reduction="none")
+        return _class_weighted(per, labels, class_weight, ignore_index, reduction)
+    return call(class_weight=class_weight, reduction=reduction)

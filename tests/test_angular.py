@@ -686,3 +686,47 @@ def test_fused_property_random_shapes(backend, n, d, c, kind, seed):
     got.backward(up.to(dev))
     torch.testing.assert_close(xf.grad.cpu(), xr.grad, **GRAD_TOL[torch.float32])
     torch.testing.assert_close(Wf.grad.cpu(), Wr.grad, **GRAD_TOL[torch.float32])
+
+
+# ------------------------------------------------ issue 15: gradients of class weights and margins
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("form", ["features", "cosine"])
+def test_class_weight_gradient(form, reduction, backend):
+    # issue 15 item 3: cpu gave every class the same wrong gradient (-1.839), the
+    # other fused paths None; every backend gives the reference's
+    x, W, y = make_inputs(9, 5, 4, torch.float64, special=False)
+    y[3] = -100
+    cw0 = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    x, W, y, cw0 = _on(backend, x, W, y, cw0)
+    kw = dict(kind="arcface", s=8.0, m=0.3, reduction=reduction)
+
+    def run(be):
+        cw = cw0.clone().requires_grad_(True)
+        xx = x.clone().requires_grad_(True)
+        if form == "features":
+            loss = fm.margin_cross_entropy(xx, W, y, class_weight=cw, backend=be, **kw)
+        else:
+            cos = ref.cosine(xx, W)
+            loss = fm.margin_cross_entropy_from_cosine(cos, y, class_weight=cw, backend=be, **kw)
+        loss.sum().backward()
+        return loss.detach(), cw.grad, xx.grad
+
+    got, want = run(backend), run("reference")
+    for g, w in zip(got, want):
+        assert g is not None
+        torch.testing.assert_close(g, w, **GRAD_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", fused_backends("margin_cross_entropy"))
+def test_margin_requiring_grad_is_a_clear_error_on_fused_backends(backend):
+    x, W, y = _on(backend, *make_inputs(6, 4, 5, torch.float32, special=False))
+    m = torch.full((5,), 0.2, device=x.device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="backend=\"reference\""):
+        fm.margin_cross_entropy(x, W, y, m=m, backend=backend)
+    with pytest.raises(RuntimeError, match="per-class margin"):
+        fm.margin_cross_entropy_from_cosine(ref.cosine(x, W), y, m=m, backend=backend)
+    # the reference learns margins
+    fm.margin_cross_entropy(x, W, y, m=m, backend="reference").backward()
+    assert m.grad is not None and bool(m.grad.any())
