@@ -243,7 +243,7 @@ def soft_nearest_neighbor_loss(features: torch.Tensor, labels: torch.Tensor, *,
                                backend: str = "auto") -> torch.Tensor:
     """Eq. 2 of the sigma^2R paper with squared Euclidean distances."""
     checks.embeddings_labels("features", features, labels)
-    checks.finite("temperature", temperature, positive=True)
+    checks.finite("temperature", temperature, positive=True, divisor=True)
     checks.reduction(reduction)
     fn = resolve("soft_nearest_neighbor_loss", backend, features.device)
     return fn(features, labels, temperature=temperature, reduction=reduction)
