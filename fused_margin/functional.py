@@ -189,6 +189,7 @@ def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
     checks.features_centers(features, labels, centers)
     checks.reduction(reduction)
     fn = resolve("center_loss", backend, features.device)
+    features, centers = centred(features, centers)
     return fn(features, labels, centers, reduction=reduction)
 
 
@@ -210,6 +211,7 @@ def contrastive_center_loss(features: torch.Tensor, labels: torch.Tensor, center
     checks.reduction(reduction)
     checks.finite("delta", delta, positive=True)
     fn = resolve("contrastive_center_loss", backend, features.device)
+    features, centers = centred(features, centers)
     return fn(features, labels, centers, delta=delta, reduction=reduction)
 
 
@@ -219,6 +221,7 @@ def knn_std(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
     checks.features_centers(features, labels, centers)
     checks.integer("n_neighbors", n_neighbors, minimum=1)
     fn = resolve("knn_std", backend, features.device)
+    features, centers = centred(features, centers)
     return fn(features, labels, centers, n_neighbors=n_neighbors)
 
 
@@ -234,6 +237,7 @@ def sigma2r_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Te
     checks.finite("eps", eps, nonnegative=True)
     checks.reduction(reduction)
     fn = resolve("sigma2r_loss", backend, features.device)
+    features, centers = centred(features, centers)
     return fn(features, labels, centers, w_k, n_neighbors=n_neighbors, z=z, eps=eps,
               reduction=reduction)
 
@@ -246,6 +250,7 @@ def soft_nearest_neighbor_loss(features: torch.Tensor, labels: torch.Tensor, *,
     checks.finite("temperature", temperature, positive=True, divisor=True)
     checks.reduction(reduction)
     fn = resolve("soft_nearest_neighbor_loss", backend, features.device)
+    features, = centred(features)
     return fn(features, labels, temperature=temperature, reduction=reduction)
 
 
@@ -259,6 +264,8 @@ def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margi
     checks.choice("distance", distance, checks.DISTANCES)
     checks.reduction(reduction)
     fn = resolve("triplet_margin_loss", backend, embeddings.device)
+    if distance != "cosine":  # 1 - cos is not translation invariant
+        embeddings, = centred(embeddings)
     return fn(embeddings, labels, margin=margin, mining=mining, distance=distance,
               reduction=reduction)
 
@@ -300,3 +307,29 @@ def _margin_ce_call(call, fn, op: str, labels, m, class_weight, ignore_index, re
         per = call(class_weight=None, reduction="none")
         return _class_weighted(per, labels, class_weight, ignore_index, reduction)
     return call(class_weight=class_weight, reduction=reduction)
+
+
+# ------------------------------------------- translation-invariant distances
+
+def centred(x: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """x and `others` in the compute dtype, less one common shift: the mean of x's
+    finite rows (float64 accumulation), detached. The losses that call this depend
+    only on differences of these points, so values and gradients do not change,
+    but the kernels' ||a||^2 + ||b||^2 - 2ab expansion then works on the spread of
+    the batch, not its offset: a common offset of 1e4 with spread 1e-2 cancels
+    every digit of float32 otherwise (issue 15 item 7). NaN and inf rows take no
+    part in the shift (they stay NaN / inf and poison only their own terms)."""
+    from .reference.feature_space import compute_dtype
+
+    dt = compute_dtype(x.dtype)
+    x = x.to(dt)
+    others = tuple(o.to(dt) for o in others)
+    if x.numel() == 0:
+        return (x,) + others
+    with torch.no_grad():
+        keep = torch.isfinite(x).all(1)
+        count = keep.sum()
+        total = torch.where(keep[:, None], x, torch.zeros_like(x)).sum(0, dtype=torch.float64)
+        shift = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+        shift = shift.to(dt)
+    return (x - shift,) + tuple(o - shift for o in others)

@@ -769,3 +769,54 @@ def test_center_loss_module_alpha_rule(backend):
     assert torch.equal(mod.centers.detach(), c1)
     with pytest.raises(ValueError, match="alpha"):
         fnn.CenterLoss(4, 3, alpha=0.0)
+
+
+# ------------------------------------------- issue 15 item 7: a large common offset
+
+OFFSET_CASES = [
+    ("triplet-hard-sq", "triplet_margin_loss",
+     lambda be, x, y, c: fm.triplet_margin_loss(x, y, mining="hard", distance="squared_l2",
+                                                backend=be)),
+    ("triplet-semihard-l2", "triplet_margin_loss",
+     lambda be, x, y, c: fm.triplet_margin_loss(x, y, mining="semihard", distance="l2",
+                                                backend=be)),
+    ("triplet-all-sq", "triplet_margin_loss",
+     lambda be, x, y, c: fm.triplet_margin_loss(x, y, mining="all", distance="squared_l2",
+                                                backend=be)),
+    ("soft-nn", "soft_nearest_neighbor_loss",
+     lambda be, x, y, c: fm.soft_nearest_neighbor_loss(x, y, temperature=1e-4, backend=be)),
+    ("center", "center_loss", lambda be, x, y, c: fm.center_loss(x, y, c, backend=be)),
+    ("contrastive-center", "contrastive_center_loss",
+     lambda be, x, y, c: fm.contrastive_center_loss(x, y, c, delta=1e-4, backend=be)),
+    ("knn-std", "knn_std",
+     lambda be, x, y, c: torch.cat(fm.knn_std(x, y, c, n_neighbors=2, backend=be))),
+    ("sigma2r", "sigma2r_loss",
+     lambda be, x, y, c: fm.sigma2r_loss(x, y, c, torch.zeros(4, device=x.device),
+                                         n_neighbors=2, z=4.0, backend=be)),
+]
+
+
+@pytest.mark.parametrize("case,backend", [
+    pytest.param(case, p.values[0], marks=p.marks, id=f"{case[0]}-{p.id}")
+    for case in OFFSET_CASES for p in [pytest.param("reference", id="reference")]
+    + fused_backends(case[1])])
+def test_large_common_offset_keeps_the_spread(case, backend):
+    # features 1e4 + 0.01 * noise: the squared-distance expansion cancelled every
+    # digit in float32 (hard squared-l2 triplet 24.2 on cpu, 8.17 on triton against
+    # 0.2007); centring the batch first keeps the float64 value of the same inputs
+    _, _, fn = case
+    g = torch.Generator().manual_seed(5)
+    x = (1e4 + 0.01 * torch.randn(16, 8, generator=g, dtype=torch.float64)).float()
+    c = (1e4 + 0.01 * torch.randn(4, 8, generator=g, dtype=torch.float64)).float()
+    y = torch.arange(16) % 4
+    dev = device_for(backend)
+    xx = x.clone().to(dev).requires_grad_(True)
+    got = fn(backend, xx, y.to(dev), c.to(dev))
+    got.sum().backward()
+    x64 = x.double().requires_grad_(True)
+    want = fn("reference", x64, y, c.double())
+    want.sum().backward()
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-4, atol=1e-6)
+    scale = x64.grad.abs().max().clamp_min(1e-30)
+    torch.testing.assert_close(xx.grad.double().cpu() / scale, x64.grad / scale,
+                               rtol=1e-3, atol=1e-3)
