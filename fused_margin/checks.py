@@ -177,7 +177,8 @@ def margin_cross_entropy(features, weight, labels_, *, kind, s, m, m1, m2, m3, e
     if features.shape[1] != weight.shape[1]:
         raise ValueError(f"features [N, D] and weight [C, D] disagree on D: "
                          f"{tuple(features.shape)} vs {tuple(weight.shape)}")
-    same_dtype(features=features, weight=weight)
+    # features and weight may differ in dtype: functional.mixed promotes them (or casts
+    # them to the autocast dtype)
     _margin_common(features.shape[0], weight.shape[0], labels_, kind=kind, s=s, m=m, m1=m1,
                    m2=m2, m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
                    ignore_index=ignore_index, reduction_=reduction_)
@@ -305,7 +306,6 @@ def features_centers(features, labels_, centers, *, ignore_index=None) -> None:
                          f"{tuple(features.shape)} vs {tuple(centers.shape)}")
     if centers.shape[0] == 0:
         raise ValueError("there must be at least one class")
-    same_dtype(features=features, centers=centers)
     labels(labels_, features.shape[0], centers.shape[0], ignore_index=ignore_index)
     same_device(features=features, labels=labels_, centers=centers)
 

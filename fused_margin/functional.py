@@ -6,6 +6,7 @@ the tensors' device.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple, Union
 
 import torch
@@ -42,11 +43,13 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                                 m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
                                 ignore_index=ignore_index, reduction_=reduction)
     fn = resolve("margin_cross_entropy", backend, features.device)
+    features, weight = mixed(features, weight)
     kw = dict(kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
               ignore_index=ignore_index)
-    return _margin_ce_call(lambda **k: fn(features, weight, labels, **kw, **k), fn,
-                           "margin_cross_entropy", labels, m, class_weight, ignore_index,
-                           reduction)
+    with autocast_off(features.device):
+        return _margin_ce_call(lambda **k: fn(features, weight, labels, **kw, **k), fn,
+                               "margin_cross_entropy", labels, m, class_weight, ignore_index,
+                               reduction)
 
 
 def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,
@@ -79,7 +82,10 @@ def scaled_cosine(features: torch.Tensor, weight: torch.Tensor, s: float = 1.0, 
                          "disagree on D")
     checks.same_device(features=features, weight=weight)
     checks.finite("s", s)
-    return resolve("scaled_cosine", backend, features.device)(features, weight, s)
+    fn = resolve("scaled_cosine", backend, features.device)
+    features, weight = mixed(features, weight)
+    with autocast_off(features.device):
+        return fn(features, weight, s)
 
 
 def adacos_scale(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, *,
@@ -89,7 +95,9 @@ def adacos_scale(features: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
                                 m2=0.0, m3=0.0, elm_lambda=0.0, class_weight=None,
                                 ignore_index=ignore_index, reduction_="mean")
     fn = resolve("adacos_scale", backend, features.device)
-    return fn(features, weight, labels, s, ignore_index=ignore_index)
+    features, weight = mixed(features, weight)
+    with autocast_off(features.device):
+        return fn(features, weight, labels, s, ignore_index=ignore_index)
 
 
 def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, *,
@@ -103,13 +111,15 @@ def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
                                 m2=0.0, m3=0.0, elm_lambda=0.0, class_weight=class_weight,
                                 ignore_index=ignore_index, reduction_=reduction)
     fn = resolve("adacos_loss", backend, features.device)
-    if _fused(fn) and _wants_grad(class_weight):
-        # the scale's statistics do not involve the class weights
-        per, next_s = fn(features, weight, labels, s, class_weight=None,
-                         ignore_index=ignore_index, reduction="none")
-        return _class_weighted(per, labels, class_weight, ignore_index, reduction), next_s
-    return fn(features, weight, labels, s, class_weight=class_weight, ignore_index=ignore_index,
-              reduction=reduction)
+    features, weight = mixed(features, weight)
+    with autocast_off(features.device):
+        if _fused(fn) and _wants_grad(class_weight):
+            # the scale's statistics do not involve the class weights
+            per, next_s = fn(features, weight, labels, s, class_weight=None,
+                             ignore_index=ignore_index, reduction="none")
+            return _class_weighted(per, labels, class_weight, ignore_index, reduction), next_s
+        return fn(features, weight, labels, s, class_weight=class_weight,
+                  ignore_index=ignore_index, reduction=reduction)
 
 
 # ------------------------------------------------------ 2. cost-sensitive
@@ -189,8 +199,9 @@ def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
     checks.features_centers(features, labels, centers)
     checks.reduction(reduction)
     fn = resolve("center_loss", backend, features.device)
-    features, centers = centred(features, centers)
-    return fn(features, labels, centers, reduction=reduction)
+    features, centers = centred(*mixed(features, centers))
+    with autocast_off(features.device):
+        return fn(features, labels, centers, reduction=reduction)
 
 
 def center_update(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
@@ -200,7 +211,10 @@ def center_update(features: torch.Tensor, labels: torch.Tensor, centers: torch.T
     checks.finite("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return resolve("center_update", backend, features.device)(features, labels, centers, alpha)
+    fn = resolve("center_update", backend, features.device)
+    x, c = mixed(features, centers)
+    with autocast_off(features.device):
+        return fn(x, labels, c, alpha).to(centers.dtype)
 
 
 def contrastive_center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
@@ -211,8 +225,9 @@ def contrastive_center_loss(features: torch.Tensor, labels: torch.Tensor, center
     checks.reduction(reduction)
     checks.finite("delta", delta, positive=True)
     fn = resolve("contrastive_center_loss", backend, features.device)
-    features, centers = centred(features, centers)
-    return fn(features, labels, centers, delta=delta, reduction=reduction)
+    features, centers = centred(*mixed(features, centers))
+    with autocast_off(features.device):
+        return fn(features, labels, centers, delta=delta, reduction=reduction)
 
 
 def knn_std(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
@@ -221,8 +236,9 @@ def knn_std(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
     checks.features_centers(features, labels, centers)
     checks.integer("n_neighbors", n_neighbors, minimum=1)
     fn = resolve("knn_std", backend, features.device)
-    features, centers = centred(features, centers)
-    return fn(features, labels, centers, n_neighbors=n_neighbors)
+    features, centers = centred(*mixed(features, centers))
+    with autocast_off(features.device):
+        return fn(features, labels, centers, n_neighbors=n_neighbors)
 
 
 def sigma2r_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
@@ -237,9 +253,10 @@ def sigma2r_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Te
     checks.finite("eps", eps, nonnegative=True)
     checks.reduction(reduction)
     fn = resolve("sigma2r_loss", backend, features.device)
-    features, centers = centred(features, centers)
-    return fn(features, labels, centers, w_k, n_neighbors=n_neighbors, z=z, eps=eps,
-              reduction=reduction)
+    features, centers = centred(*mixed(features, centers))
+    with autocast_off(features.device):
+        return fn(features, labels, centers, w_k, n_neighbors=n_neighbors, z=z, eps=eps,
+                  reduction=reduction)
 
 
 def soft_nearest_neighbor_loss(features: torch.Tensor, labels: torch.Tensor, *,
@@ -333,3 +350,37 @@ def centred(x: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         shift = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
         shift = shift.to(dt)
     return (x - shift,) + tuple(o - shift for o in others)
+
+
+# ------------------------------------------------------- mixed precision
+
+def mixed(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The operands of a two-operand op (features and weight / centres) in one dtype,
+    as torch's autocast treats linear layers: under autocast for their device, every
+    float16/bfloat16/float32 operand in the autocast dtype (float64 stays); outside
+    it (or where float64 remains) the wider dtype (torch.promote_types). The casts
+    are differentiable, so each input's gradient comes back in its own dtype; the
+    op then runs with autocast off (autocast_off), on its own compute-dtype rules."""
+    dev = tensors[0].device.type
+    if _autocast_on(dev):
+        amp = torch.get_autocast_dtype(dev)
+        tensors = tuple(t if t.dtype == torch.float64 else t.to(amp) for t in tensors)
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return tuple(t.to(dt) for t in tensors)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return False
+
+
+def autocast_off(device: torch.device):
+    """Autocast disabled for the op's body, where it is on (the op's own rules, float32
+    compute for 16-bit inputs, then hold; the reference's matmuls are not recast)."""
+    if _autocast_on(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

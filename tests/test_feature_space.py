@@ -540,8 +540,10 @@ def test_bad_input_raises():
         fm.soft_nearest_neighbor_loss(x, y, temperature=-1.0, **REF)
     with pytest.raises(ValueError, match="w_k"):
         fm.sigma2r_loss(x, y, c, w_k[:2], **REF)
-    with pytest.raises(TypeError, match="dtype"):
-        fm.center_loss(x, y, c.float(), **REF)
+    # mixed dtypes promote (issue 15 item 6); an integer tensor is still a TypeError
+    assert fm.center_loss(x, y, c.float(), **REF).dtype == torch.float64
+    with pytest.raises(TypeError, match="centers must be float"):
+        fm.center_loss(x, y, c.long(), **REF)
 
 
 # ------------------------------------------------------------------ nn modules
@@ -820,3 +822,47 @@ def test_large_common_offset_keeps_the_spread(case, backend):
     scale = x64.grad.abs().max().clamp_min(1e-30)
     torch.testing.assert_close(xx.grad.double().cpu() / scale, x64.grad / scale,
                                rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------ issue 15 item 6: mixed precision
+
+CENTRE_MODULES = [
+    ("CenterLoss", "center_loss", lambda be: fnn.CenterLoss(4, 6, backend=be)),
+    ("CenterLoss-alpha", "center_loss", lambda be: fnn.CenterLoss(4, 6, alpha=0.5, backend=be)),
+    ("Sigma2R", "sigma2r_loss", lambda be: fnn.Sigma2R(4, 6, n_neighbors=2, z=4.0, backend=be)),
+]
+
+
+@pytest.mark.parametrize("case,backend", [
+    pytest.param(case, p.values[0], marks=p.marks, id=f"{case[0]}-{p.id}")
+    for case in CENTRE_MODULES for p in [pytest.param("reference", id="reference")]
+    + fused_backends(case[1])])
+def test_centre_modules_under_cpu_autocast(case, backend):
+    # bf16 activations against fp32 centres raised a TypeError (issue 15 item 6)
+    _, _, make = case
+    torch.manual_seed(3)
+    dev = device_for(backend)
+    mod = make(backend).to(dev)
+    x = torch.randn(12, 6, device=dev, requires_grad=True)
+    y = (torch.arange(12) % 4).to(dev)
+    c0 = mod.centers.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = torch.nn.functional.linear(x, torch.eye(6, device=dev))
+        assert h.dtype == torch.bfloat16
+        loss = mod(h, y)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert mod.centers.dtype == torch.float32
+    if mod.centers.requires_grad:
+        assert mod.centers.grad.dtype == torch.float32
+        assert torch.isfinite(mod.centers.grad).all()
+    else:  # Wen et al.'s rule moved the centres, in their own dtype
+        assert not torch.equal(c0, mod.centers.detach())
+    # outside autocast: bf16 features with fp32 centres promote to fp32
+    xb = x.detach().bfloat16().requires_grad_(True)
+    got = fm.center_loss(xb, y, c0.requires_grad_(True), backend=backend)
+    got.backward()
+    assert got.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16
+    assert c0.grad.dtype == torch.float32
+    torch.testing.assert_close(got, fm.center_loss(xb.detach().float(), y, c0.detach(), **REF))
