@@ -283,6 +283,8 @@ def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margi
     fn = resolve("triplet_margin_loss", backend, embeddings.device)
     if distance != "cosine":  # 1 - cos is not translation invariant
         embeddings, = centred(embeddings)
+    else:  # but it is scale invariant, row by row
+        embeddings = unit_rows(embeddings)
     return fn(embeddings, labels, margin=margin, mining=mining, distance=distance,
               reduction=reduction)
 
@@ -384,3 +386,29 @@ def autocast_off(device: torch.device):
     if _autocast_on(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x's rows as unit vectors, in x's compute dtype, for the cosine distance
+    (issue 15 item 5). Each row is first multiplied by the power of two that puts its
+    largest |entry| in [0.5, 1) (exact), so that its squared norm cannot overflow
+    (norms >= 1e19 in float32) or underflow (<= 3e-20) into a zero vector or NaN;
+    then divided by its norm, which is exact where the rows are parallel in one
+    dimension (u = x / |x| = +-1 and d = 0 or 2 exactly, so every backend breaks
+    semi-hard ties alike). A zero row stays zero (cosine 0 with everything, no
+    gradient); inf and NaN rows give NaN, as in the reference. Differentiable."""
+    from .reference.feature_space import compute_dtype
+
+    x = x.to(compute_dtype(x.dtype))
+    if x.numel() == 0:
+        return x
+    with torch.no_grad():
+        top = x.abs().amax(1)
+        ok = torch.isfinite(top) & (top > 0)
+        _, e = torch.frexp(torch.where(ok, top, torch.ones_like(top)))
+        scale = torch.ldexp(torch.ones_like(top), -e)
+    v = x * scale[:, None]
+    sq = (v * v).sum(1)
+    big = sq > 0
+    norm = torch.sqrt(torch.where(big, sq, torch.ones_like(sq)))
+    return torch.where(big[:, None], v / norm[:, None], torch.zeros_like(v))

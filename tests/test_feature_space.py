@@ -866,3 +866,49 @@ def test_centre_modules_under_cpu_autocast(case, backend):
     assert got.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16
     assert c0.grad.dtype == torch.float32
     torch.testing.assert_close(got, fm.center_loss(xb.detach().float(), y, c0.detach(), **REF))
+
+
+# ------------------------------------- issue 15 item 5: cosine triplet magnitudes and ties
+
+TRIPLET_BACKENDS = [pytest.param("reference", id="reference")] + fused_backends(
+    "triplet_margin_loss")
+
+
+@pytest.mark.parametrize("backend", TRIPLET_BACKENDS)
+@pytest.mark.parametrize("mining", MININGS)
+def test_cosine_triplet_huge_and_tiny_norms(mining, backend):
+    # cpu gave NaN for row norms <= 3e-20 or >= 1e19 (the squared norm under- or
+    # overflowing float32); only directions matter, on every backend
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(8, 4, generator=g)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    sc = torch.tensor([1e20, 3e-21, 1.0, 1.0, 1e25, 1e-25, 1e19, 3e-20])[:, None]
+    dev = device_for(backend)
+    xs = (x * sc).to(dev).requires_grad_(True)
+    kw = dict(mining=mining, distance="cosine", margin=0.5)
+    got = fm.triplet_margin_loss(xs, y.to(dev), backend=backend, **kw)
+    got.backward()
+    x64 = x.double().requires_grad_(True)
+    want = fm.triplet_margin_loss(x64, y, **kw, **REF)
+    want.backward()
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(xs.grad).all()
+    torch.testing.assert_close(xs.grad.double().cpu() * sc.double(), x64.grad, rtol=1e-4,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", TRIPLET_BACKENDS)
+def test_cosine_semihard_exact_ties_in_one_dimension(backend):
+    # D = 1: every cosine distance is exactly 0 or 2; x * rsqrt(x^2) is not exactly
+    # +-1, so the backends broke the d_an > d_ap ties differently (0.400 vs 0.3714)
+    dev = device_for(backend)
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        n = int(torch.randint(2, 10, (1,), generator=g))
+        x = torch.randn(n, 1, generator=g) * torch.rand(n, 1, generator=g) * 10
+        y = torch.randint(0, 3, (n,), generator=g)
+        got = fm.triplet_margin_loss(x.to(dev), y.to(dev), mining="semihard",
+                                     distance="cosine", backend=backend)
+        want = fm.triplet_margin_loss(x.double(), y, mining="semihard", distance="cosine",
+                                      **REF)
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-6, atol=1e-6)
