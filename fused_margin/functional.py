@@ -409,6 +409,6 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
         scale = torch.ldexp(torch.ones_like(top), -e)
     v = x * scale[:, None]
     sq = (v * v).sum(1)
-    big = sq > 0
+    big = (sq > 0) | torch.isnan(sq)  # a NaN row stays NaN
     norm = torch.sqrt(torch.where(big, sq, torch.ones_like(sq)))
     return torch.where(big[:, None], v / norm[:, None], torch.zeros_like(v))
