@@ -331,13 +331,19 @@ def _margin_ce_call(call, fn, op: str, labels, m, class_weight, ignore_index, re
 # ------------------------------------------- translation-invariant distances
 
 def centred(x: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """x and `others` in the compute dtype, less one common shift: the mean of x's
-    finite rows (float64 accumulation), detached. The losses that call this depend
-    only on differences of these points, so values and gradients do not change,
-    but the kernels' ||a||^2 + ||b||^2 - 2ab expansion then works on the spread of
-    the batch, not its offset: a common offset of 1e4 with spread 1e-2 cancels
-    every digit of float32 otherwise (issue 15 item 7). NaN and inf rows take no
-    part in the shift (they stay NaN / inf and poison only their own terms)."""
+    """x and `others` in the compute dtype, less one common, detached shift per
+    column (issue 15 item 7). The losses that call this depend only on differences of
+    these points, so values and gradients do not change, but the kernels'
+    ||a||^2 + ||b||^2 - 2ab expansion then works on the spread of the batch, not its
+    offset: a common offset of 1e4 with spread 1e-2 cancels every digit of float32
+    otherwise.
+
+    A column is shifted only where its offset is large against its spread
+    (|mean| > 4 max|x - mean| over the finite rows), and by the mean rounded to a
+    power of two q no smaller than that spread nor x's own ulp there: then every
+    x_i - shift is exact in floating point (no rounding, so exact ties stay exact
+    and small batches keep their bits). NaN and inf rows take no part in the
+    shift (they stay NaN / inf and poison only their own terms)."""
     from .reference.feature_space import compute_dtype
 
     dt = compute_dtype(x.dtype)
@@ -347,9 +353,21 @@ def centred(x: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         return (x,) + others
     with torch.no_grad():
         keep = torch.isfinite(x).all(1)
-        count = keep.sum()
-        total = torch.where(keep[:, None], x, torch.zeros_like(x)).sum(0, dtype=torch.float64)
-        shift = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+        if not bool(keep.any()):
+            return (x,) + others
+        v = x[keep].to(torch.float64)
+        mean = v.mean(0)
+        dev = (v - mean).abs().amax(0)
+        top = v.abs().amax(0)
+        bits = 53 if dt == torch.float64 else 24
+        _, e_top = torch.frexp(top)
+        ulp = torch.ldexp(torch.ones_like(top), e_top - bits)
+        _, e_q = torch.frexp(torch.maximum(dev, ulp))
+        q = torch.ldexp(torch.ones_like(top), e_q)  # a power of two >= both
+        shift = torch.where(mean.abs() > 4 * dev, torch.round(mean / q) * q,
+                            torch.zeros_like(mean))
+        if not bool(shift.any()):
+            return (x,) + others
         shift = shift.to(dt)
     return (x - shift,) + tuple(o - shift for o in others)
 
