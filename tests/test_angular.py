@@ -756,7 +756,7 @@ def test_modules_under_cpu_autocast(make, backend):
     mod = make(backend).to(device_for(backend))
     x = torch.randn(12, 8, device=device_for(backend), requires_grad=True)
     y = (torch.arange(12) % 5).to(x.device)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device_for(backend).type, dtype=torch.bfloat16):
         h = torch.nn.functional.linear(x, torch.eye(8, device=x.device))
         assert h.dtype == torch.bfloat16
         loss = mod.eval()(h, y)

@@ -846,7 +846,7 @@ def test_centre_modules_under_cpu_autocast(case, backend):
     x = torch.randn(12, 6, device=dev, requires_grad=True)
     y = (torch.arange(12) % 4).to(dev)
     c0 = mod.centers.detach().clone()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device_for(backend).type, dtype=torch.bfloat16):
         h = torch.nn.functional.linear(x, torch.eye(6, device=dev))
         assert h.dtype == torch.bfloat16
         loss = mod(h, y)
