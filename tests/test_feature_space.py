@@ -912,3 +912,28 @@ def test_cosine_semihard_exact_ties_in_one_dimension(backend):
         want = fm.triplet_margin_loss(x.double(), y, mining="semihard", distance="cosine",
                                       **REF)
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-6, atol=1e-6)
+
+
+
+@pytest.mark.parametrize("spread", [1e-12, 1e10], ids=["tiny", "huge"])
+@pytest.mark.parametrize("backend", ["reference"] + fused_backends("contrastive_center_loss"))
+def test_contrastive_center_gradient_at_tiny_and_huge_spreads(backend, spread):
+    # found by tests/test_fuzz.py (issue 15 item 9): the fused backwards formed
+    # own / den^2, and den^2 under- (spread 1e-12, delta 1e-24) or overflows (1e10)
+    # float32: an inf / NaN or zero gradient where the float64 reference's is finite
+    g = torch.Generator().manual_seed(2)
+    x = spread * torch.randn(5, 3, generator=g, dtype=torch.float64)
+    c = spread * torch.randn(2, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1, 1])
+    dev = device_for(backend)
+    xx = x.float().to(dev).requires_grad_(True)
+    loss = fm.contrastive_center_loss(xx, y.to(dev), c.float().to(dev), delta=spread ** 2,
+                                      backend=backend)
+    loss.backward()
+    x64 = x.float().double().requires_grad_(True)
+    want = fm.contrastive_center_loss(x64, y, c.float().double(), delta=spread ** 2, **REF)
+    want.backward()
+    torch.testing.assert_close(loss.double().cpu(), want.detach(), rtol=1e-4, atol=1e-6)
+    scale = x64.grad.abs().max()
+    torch.testing.assert_close(xx.grad.double().cpu() / scale, x64.grad / scale, rtol=1e-3,
+                               atol=1e-4)

@@ -506,7 +506,10 @@ def fs_inputs(p, op):
         y[:] = int(y[0]) if n else 0
     if p["special_in"] == "x":
         x = place_special(x, p["special"], p["where"])
-    else:
+    elif op != "contrastive_center" or p["special"] == "nan":
+        # (an inf centre meets a centred feature of exactly 0 inside the ||x||^2 +
+        # ||c||^2 - 2 x.c expansion: 0 * inf is NaN in dgemm but 0 in sgemm, so float32
+        # and float64 disagree by BLAS, not by this library)
         cen = place_special(cen, p["special"], p["where"])
     return x, y, cen, unit
 

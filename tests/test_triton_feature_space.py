@@ -331,3 +331,13 @@ def test_cosine_triplet_backward_strided(mining, view):
     got = grads(lambda b: tfs.triplet_margin_loss(make(b), y, **kw), base)
     want = grads(lambda b: ref.triplet_margin_loss(make(b), y, **kw), base)
     assert_matches(got, want, torch.float64)
+
+
+def test_soft_nearest_neighbor_nan_row_in_one_class_is_nan():
+    # found by tests/test_fuzz.py (issue 15 item 9): "has a partner" was s_same > 0,
+    # which a NaN distance fails, so a NaN feature in a one-class batch gave loss 0
+    x = torch.tensor([[float("nan")], [2.0], [3.0]], device=DEV)
+    y = torch.zeros(3, dtype=torch.long, device=DEV)
+    got = tfs.soft_nearest_neighbor_loss(x, y, temperature=0.5, reduction="none")
+    want = ref.soft_nearest_neighbor_loss(x, y, temperature=0.5, reduction="none")
+    assert torch.isnan(want).all() and torch.isnan(got).all()

@@ -177,7 +177,8 @@ class _ContrastiveCenterLoss(torch.autograd.Function):
     def backward(ctx, grad):
         x, labels, c, own, den = ctx.saved_tensors
         a = grad / den                  # d per / d own, times 2
-        b = -grad * own / (den * den)   # d per / d den, times 2
+        b = -grad * (own / den) / den   # d per / d den, times 2 (den * den under- /
+        # overflows float32 for spreads past ~1e+-10)
         cy = c[labels]
         diff = x - cy
         # sums over the classes j != y_i are formed without subtracting the own class

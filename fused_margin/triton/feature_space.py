@@ -187,7 +187,9 @@ def _snn_fwd_kernel(x_ptr, nrm_ptr, lab_ptr, t_ptr, per_ptr, lse_all_ptr, lse_sa
         same = other & (yr[:, None] == yc[None, :])
         m_all, s_all = _lse_update(logit, other, m_all, s_all)
         m_same, s_same = _lse_update(logit, same, m_same, s_same)
-    has = s_same > 0  # s >= 1 once a row has seen one entry: no underflow
+    # s >= 1 once a row has seen one entry: no underflow; a NaN distance makes s NaN,
+    # and the row's loss NaN, not 0 (issue 15 item 9)
+    has = (s_same > 0) | (s_same != s_same)
     lse_all = tl.where(has, m_all + tl.log(tl.where(has, s_all, 1.0)), 0.0)
     lse_same = tl.where(has, m_same + tl.log(tl.where(has, s_same, 1.0)), 0.0)
     tl.store(per_ptr + rows, lse_all - lse_same, mask=rmask)
