@@ -937,3 +937,18 @@ def test_contrastive_center_gradient_at_tiny_and_huge_spreads(backend, spread):
     scale = x64.grad.abs().max()
     torch.testing.assert_close(xx.grad.double().cpu() / scale, x64.grad / scale, rtol=1e-3,
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fused_backends("knn_std"))
+def test_knn_std_nan_outside_the_class_does_not_leak(backend):
+    # found by tests/test_fuzz.py: the reference's std weighted the unused neighbour
+    # slots by 0, and 0 * NaN is NaN, so a NaN sample of class 0 made class 1's
+    # sigma_c NaN (the fused backends, whose unused slots point elsewhere, did not)
+    x = torch.tensor([[1.0, 0.0], [float("nan"), -1.0], [-2.0, -1.0]])
+    c = torch.tensor([[3.0, 0.0], [1.0, 2.0]])
+    y = torch.tensor([1, 0, 0])
+    dev = device_for(backend)
+    sx, sc = fm.knn_std(x.to(dev), y.to(dev), c.to(dev), n_neighbors=3, backend=backend)
+    assert torch.isnan(sc[0]) and torch.isnan(sx[1:]).all()
+    torch.testing.assert_close(sc[1].cpu(), torch.tensor(2.0).sqrt())
+    assert sx[0] == 0
