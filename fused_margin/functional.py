@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import checks
-from .dispatch import resolve, resolve_unless
+from .dispatch import resolve
 from .reference.angular import arcgrad_scale, camri_margins, drw_weights, ldam_margins
 
 __all__ = [
@@ -54,17 +54,11 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
         return fn(features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
                   elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
                   reduction=reduction)
-    fn = resolve_unless("margin_cross_entropy", backend, features.device, _LINEAR_PENDING,
-                        "normalize=False / bias / label_smoothing")
+    fn = resolve("margin_cross_entropy", backend, features.device)
     return fn(features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
               elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
               reduction=reduction, normalize=normalize, bias=bias,
               label_smoothing=float(label_smoothing))
-
-
-# backends whose margin_cross_entropy kernel does not yet take normalize=False, bias
-# or label_smoothing: the reference serves those calls (one warning)
-_LINEAR_PENDING = {"triton": "pending in the rewritten Triton margin kernel"}
 
 
 def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,
