@@ -47,9 +47,13 @@ LINEAR_SHAPES = [("bf16", 1024, 256, 50_000), ("fp32", 1024, 256, 50_000),
                  ("bf16", 4096, 512, 100_000)]
 LINEAR_PROVIDERS = ("fused", "floor", "cce", "liger", "torch", "eager")
 KW = dict(kind="arcface", s=64.0, m=0.5)
-# the sweep's candidates (bf16, C = 100K): rows x classes x D step, warps, stages, chunk
-SWEEP = [(128, 128, 64, 8, 3, 4096), (128, 128, 64, 8, 4, 4096), (128, 256, 64, 8, 3, 4096),
-         (128, 128, 64, 4, 3, 4096), (64, 128, 64, 4, 3, 4096), (128, 128, 64, 8, 3, 8192)]
+# the sweep's candidates (bf16, C = 100K): rows x classes x D step, warps, stages, chunk,
+# the forward's row tile (0: rows): the sm_90 default (256-row forward) first, then the
+# 128-row forward it replaced, then the others
+SWEEP = [(128, 128, 64, 8, 3, 4096, 256), (128, 128, 64, 8, 3, 4096, 0),
+         (128, 128, 64, 8, 4, 4096, 256), (128, 256, 64, 8, 3, 4096, 0),
+         (128, 128, 64, 4, 3, 4096, 0), (64, 128, 64, 4, 3, 4096, 0),
+         (128, 128, 64, 8, 3, 8192, 256)]
 
 
 def parse_args(argv=None):
@@ -283,15 +287,15 @@ def sweep(a) -> dict:
     cuda = torch.cuda.is_available() and not a.dry_run
     C = a.c[0]
     start, rows = time.monotonic(), []
-    cands = SWEEP if cuda else [(32, 32, 16, 4, 2, 64)]
-    for bn, bc, bd, w, st, chunk in cands:
+    cands = SWEEP if cuda else [(32, 32, 16, 4, 2, 64, 64)]
+    for bn, bc, bd, w, st, chunk, fo in cands:
         ident = dict(dtype="bf16", N=a.n, D=a.d, C=C, BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd,
-                     num_warps=w, num_stages=st, chunk_cols=chunk)
+                     num_warps=w, num_stages=st, chunk_cols=chunk, fwd_rows=fo or bn)
         if time.monotonic() - start > a.budget_s:
             rows.append(dict(ident, error="skipped: over the time budget"))
             continue
         blocks = ta.Blocks(bn, bc, bd, num_warps=w, num_stages=st, chunk_rows=8192,
-                           chunk_cols=chunk)
+                           chunk_cols=chunk, fwd_outer=fo)
         x, W, y = problem(a.n, a.d, C, _dtype("bf16"), cuda)
         res = measure(make_step("fused", x, W, y, blocks), [x, W], cuda, a.rep, a.warmup)
         rows.append(dict(ident, **res))
@@ -365,11 +369,12 @@ def table(folder) -> str:
     if os.path.exists(path):
         data = json.load(open(path))
         out.append("\n## tile sweep (fused, bf16)")
-        out.append("| BLOCK_N x C x D | warps | stages | chunk | ms |")
-        out.append("|---|---|---|---|---|")
+        out.append("| BLOCK_N x C x D | forward rows | warps | stages | chunk | ms |")
+        out.append("|---|---|---|---|---|---|")
         for r in data["rows"]:
             t = r.get("error") or f"{r['ms']:.3f}"
-            out.append(f"| {r['BLOCK_N']}x{r['BLOCK_C']}x{r['BLOCK_D']} | {r['num_warps']} | "
+            out.append(f"| {r['BLOCK_N']}x{r['BLOCK_C']}x{r['BLOCK_D']} | "
+                       f"{r.get('fwd_rows', r['BLOCK_N'])} | {r['num_warps']} | "
                        f"{r['num_stages']} | {r['chunk_cols']} | {t} |")
     return "\n".join(out)
 

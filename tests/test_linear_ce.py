@@ -305,16 +305,17 @@ def test_triton_linear_tiles_match_float64(tiles, dtype, case, monkeypatch):
         scale = float(gw.abs().max())
         bound = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
         assert err <= bound * scale + 1e-12, (err, scale)
-    dots = [k for name, k in launched if name in ("_margin_ce_fwd_kernel",
-                                                  "_margin_ce_grad_kernel")]
-    assert dots and all(k.get("NORMALIZE") is False for k in dots)
+    dots = [(name, k) for name, k in launched if name in ("_margin_ce_fwd_kernel",
+                                                          "_margin_ce_grad_kernel")]
+    assert dots and all(k.get("NORMALIZE") is False for _, k in dots)
     assert not any(name == "_row_scale_kernel" for name, _ in launched)  # x read raw
     if tiles == "sm90":
         table = ta.default_blocks(dtype, d)
         assert table is ta.SM90[(ta._table_key(dtype), "mma")]
         assert all((k["BLOCK_N"], k["BLOCK_C"], k["BLOCK_D"], k["num_warps"], k["num_stages"])
-                   == (table.outer, table.sweep, table.d, table.num_warps, table.num_stages)
-                   for k in dots)
+                   == (table.fwd_rows(False, n) if name == "_margin_ce_fwd_kernel" else table.outer,
+                       table.sweep, table.d, table.num_warps, table.num_stages)
+                   for name, k in dots)
 
 
 @needs_triton

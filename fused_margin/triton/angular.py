@@ -617,7 +617,10 @@ class Blocks:
     (0: enough splits for about `programs` programs). The backward's G buffer is at
     most chunk_rows x chunk_cols (0: one tile, outer x sweep), whatever N and C.
     `do` is ignored (the D chunk of the kernels before issue 13, kept so that
-    Blocks(outer, sweep, d, do) still builds)."""
+    Blocks(outer, sweep, d, do) still builds). `fwd_outer` (0: outer) is the forward
+    sweep's row tile where it does not track the best wrong column (elm, partials keep
+    `outer`: their argmax needs the registers) and where it pads N by at most 1/8 more
+    than `outer` does (N = 128 keeps 128-row tiles: a 256-row tile would double the work)."""
     outer: int
     sweep: int
     d: int
@@ -628,6 +631,13 @@ class Blocks:
     programs: int = 1024
     chunk_rows: int = 0
     chunk_cols: int = 0
+    fwd_outer: int = 0
+
+    def fwd_rows(self, track_best: bool, N: int) -> int:
+        fo = self.fwd_outer
+        if track_best or not fo or 8 * -(-N // fo) * fo > 9 * -(-N // self.outer) * self.outer:
+            return self.outer
+        return fo
 
 
 # The tiles an sm_90 GPU gets (FUSED_MARGIN_TRITON_CONFIG=sm90 gives them to the
@@ -637,13 +647,17 @@ class Blocks:
 # logit needs more registers, so its class tile is 64 wide; IEEE float32 runs on the
 # FMA units, 128 x 64 x 16; float64 (DMMA) 32 x 32 with 8 warps. Chosen from the sm_90 builds'
 # register, spill and shared-memory counts (bench/sm90_report.py), untimed: no GPU has
-# run them yet. The G chunk is at most 8192 x 4096 (64 MiB in bf16), 8192 x 2048
+# run them yet. The bf16 / fp16 forward sweep takes 256-row tiles (256 x 128: 85 FLOP per
+# byte of L2 traffic against 64, 254 registers and 0 spills, 144 KiB of 3 stages; arcgrad
+# 256 x 64) except where it tracks the best wrong column (elm, partials: 128 rows, which
+# spill at 256); the gradient kernel keeps 128 x 128 (256 x 128 and 128 x 256 spill
+# 200-300 bytes there). The G chunk is at most 8192 x 4096 (64 MiB in bf16), 8192 x 2048
 # (float32, 64 MiB), 4096 x 1024 (float64, 32 MiB).
 _B16 = dict(num_warps=8, num_stages=3, chunk_rows=8192, chunk_cols=4096)
 _B32 = dict(num_warps=8, num_stages=3, chunk_rows=8192, chunk_cols=2048)
 SM90 = {
-    ("bf16", "mma"): Blocks(128, 128, 64, **_B16),
-    ("bf16", "arcgrad"): Blocks(128, 64, 64, **_B16),
+    ("bf16", "mma"): Blocks(128, 128, 64, fwd_outer=256, **_B16),
+    ("bf16", "arcgrad"): Blocks(128, 64, 64, fwd_outer=256, **_B16),
     ("tf32", "mma"): Blocks(128, 128, 32, **_B32),
     ("tf32", "arcgrad"): Blocks(128, 64, 32, **_B32),
     ("fp32", "mma"): Blocks(128, 64, 16, **dict(_B32, num_stages=2)),
@@ -795,9 +809,10 @@ def prepare(features: torch.Tensor, weight: torch.Tensor,
     return Prepared(xs, ex, qx, E, rw)
 
 
-def _splits(blocks: Blocks, N: int, C: int):
-    """(class tiles per forward program, number of splits)."""
-    n_rb = triton.cdiv(N, blocks.outer)
+def _splits(blocks: Blocks, N: int, C: int, rows: int = 0):
+    """(class tiles per forward program, number of splits) for row tiles of `rows`
+    (0: blocks.outer)."""
+    n_rb = triton.cdiv(N, rows or blocks.outer)
     n_ct = max(1, triton.cdiv(C, blocks.sweep))
     tps = blocks.split or triton.cdiv(n_ct, max(1, min(n_ct, blocks.programs // n_rb)))
     return tps, triton.cdiv(n_ct, tps)
@@ -837,20 +852,21 @@ def margin_ce_fwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
     track = kind == "elm" or partials
     # normalize=False's specialisations (the defaults otherwise: the same binaries)
     linear = {} if normalize else dict(NORMALIZE=False, HAS_BIAS=bias is not None)
-    tps, S = _splits(blocks, N, C)
+    fwd_rows = blocks.fwd_rows(track, N)
+    tps, S = _splits(blocks, N, C, fwd_rows)
     pm = torch.empty(S, N, dtype=tdt, device=dev)
     pl = torch.empty(S, N, dtype=tdt, device=dev)
     pb = torch.empty(S, N, dtype=tdt, device=dev) if track else None
     pi = torch.empty(S, N, dtype=torch.int64, device=dev) if track else None
     strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1), labels.stride(0))
     is64 = features.dtype == torch.float64
-    _launch(_margin_ce_fwd_kernel, (triton.cdiv(N, blocks.outer) * S,),
+    _launch(_margin_ce_fwd_kernel, (triton.cdiv(N, fwd_rows) * S,),
             x, w, qx, rw, labels, params, offset, keep, bias, pm, pl, pb, pi, *strides,
             N, C, D, tps, ignore_index,
             KIND=KINDS.index(kind), FROM_COSINE=from_cos, HAS_OFFSET=offset is not None,
             HAS_KEEP=keep is not None, TRACK_BEST=track, IS_F64=is64, ACC=acc,
             PREC=_precision(features.dtype), UPCAST=_upcast(features.dtype),
-            BLOCK_N=blocks.outer, BLOCK_C=blocks.sweep, BLOCK_D=blocks.d,
+            BLOCK_N=fwd_rows, BLOCK_C=blocks.sweep, BLOCK_D=blocks.d,
             num_warps=blocks.num_warps, num_stages=blocks.num_stages, **linear)
     stats = torch.empty(N_STATS, N, dtype=tdt, device=dev)
     c_star = torch.empty(N, dtype=torch.int64, device=dev)
