@@ -20,8 +20,10 @@ GPUS = {
                  fma_dot=34e12, ex2=132 * 16 * 1.755e9, tf32=390e12),
 }
 FLOOR_H100_BF16_MS = {100_000: 1.83, 1_000_000: 18.8}  # measured (the issue)
-# tiles (angular.SM90): bf16 128 x 128 x 64; fp32 IEEE 128 x 64 x 16
+# tiles (angular.SM90): bf16 128 x 128 x 64 (the forward sweep 256 x 128, fwd_outer);
+# fp32 IEEE 128 x 64 x 16
 TILE = {"bf16": (128, 128, 2), "fp32": (128, 64, 4)}
+TILE_FWD = {"bf16": (256, 128, 2), "fp32": (128, 64, 4)}
 EPI_OPS = {"fwd": 12, "grad": 18}  # fp32 ops per logit after the product (arcface)
 
 
@@ -31,11 +33,14 @@ def model(N, D, C, dt, gpu):
     P = 2 * N * D * C  # one product
     bn, bc, tes = TILE[dt]
     fpb = 2 * bn * bc / ((bn + bc) * tes)  # tile FLOP per byte of L2 -> SM traffic
+    fbn, fbc, _ = TILE_FWD[dt]
+    fpb_f = 2 * fbn * fbc / ((fbn + fbc) * tes)
     if dt == "bf16":
         dot_rate = min(g["mma16"], fpb * g["l2"])
+        dot_rate_f = min(g["mma16"], fpb_f * g["l2"])
         mm_rate = g["mma16"]
     else:
-        dot_rate = g["fma_dot"]
+        dot_rate = dot_rate_f = g["fma_dot"]
         mm_rate = g["sgemm"]
     logits = N * C
     rows = []
@@ -48,7 +53,7 @@ def model(N, D, C, dt, gpu):
     row("row_scale W, x (+ xs copy)", 0, w_bytes + 3 * N * D * es, 0,
         (w_bytes + 3 * N * D * es) / g["hbm"])
     epi_f = logits * EPI_OPS["fwd"] / g["fp32"] + logits / g["ex2"]
-    row("fwd sweep (lse partials)", P, w_bytes, P / fpb, P / dot_rate + epi_f)
+    row("fwd sweep (lse partials)", P, w_bytes, P / fpb_f, P / dot_rate_f + epi_f)
     row("finish (merge, indexed dot)", 2 * N * D, N * D * es * 2, 0, 2 * N * D * es / g["hbm"])
     g_bytes = logits * es
     epi_b = logits * EPI_OPS["grad"] / g["fp32"] + logits / g["ex2"]

@@ -4,6 +4,7 @@ case of each fused op for compute-sanitizer, and the closing table.
 
     python bench/gpu_check.py bench  --out DIR/bench.json [--budget-s 180]
     python bench/gpu_check.py sweep  --out DIR/sweep.json [--budget-s 60]
+    python bench/gpu_check.py linear --out DIR/linear.json [--budget-s 25]
     python bench/gpu_check.py small                       # one small case per fused op
     python bench/gpu_check.py table  DIR                  # the table, from the JSON files
     python bench/gpu_check.py bench  --dry-run --out DIR/bench.json   # CPU, tiny shapes
@@ -21,6 +22,9 @@ during one step less what was allocated before it. Providers:
   liger    LigerFusedLinearCrossEntropyLoss on (w_hat, s x_hat, y) (plain CE), if importable
 The peers' normalisation runs inside the timed step, as ours does. A provider that
 fails (OOM, missing, over its share of the budget) is a row with an "error".
+`linear`: plain linear cross-entropy (issue 18), no normalisation anywhere, at
+LINEAR_SHAPES: fused = margin_cross_entropy(kind="normface", s=1, normalize=False),
+eager = F.cross_entropy(x @ W.T, y), torch / cce / liger on (x, W, y) as they are.
 --dry-run: CPU, bf16, N=32, D=16, C=130, the interpreter for "fused", perf_counter timing;
 it checks the driver, not the speed.
 """
@@ -38,15 +42,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 PROVIDERS = ("fused", "floor", "eager", "compile", "torch", "cce", "liger")
+# the linear rows: (dtype, N, D, C), the issue-18 shape first, then the margin loss's
+LINEAR_SHAPES = [("bf16", 1024, 256, 50_000), ("fp32", 1024, 256, 50_000),
+                 ("bf16", 4096, 512, 100_000)]
+LINEAR_PROVIDERS = ("fused", "floor", "cce", "liger", "torch", "eager")
 KW = dict(kind="arcface", s=64.0, m=0.5)
-# the sweep's candidates (bf16, C = 100K): rows x classes x D step, warps, stages, chunk
-SWEEP = [(128, 128, 64, 8, 3, 4096), (128, 128, 64, 8, 4, 4096), (128, 256, 64, 8, 3, 4096),
-         (128, 128, 64, 4, 3, 4096), (64, 128, 64, 4, 3, 4096), (128, 128, 64, 8, 3, 8192)]
+# the sweep's candidates (bf16, C = 100K): rows x classes x D step, warps, stages, chunk,
+# the forward's row tile (0: rows): the sm_90 default (256-row forward) first, then the
+# 128-row forward it replaced, then the others
+SWEEP = [(128, 128, 64, 8, 3, 4096, 256), (128, 128, 64, 8, 3, 4096, 0),
+         (128, 128, 64, 8, 4, 4096, 256), (128, 256, 64, 8, 3, 4096, 0),
+         (128, 128, 64, 4, 3, 4096, 0), (64, 128, 64, 4, 3, 4096, 0),
+         (128, 128, 64, 8, 3, 8192, 256)]
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("bench", "sweep", "small", "table"))
+    ap.add_argument("what", choices=("bench", "sweep", "linear", "small", "table"))
     ap.add_argument("dir", nargs="?", help="table: the folder with the JSON files")
     ap.add_argument("--out", help="JSON file to write")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpreter")
@@ -125,6 +137,31 @@ def make_step(provider, x, W, y, blocks=None):
             loss(wh, xh * s, y).backward()
         return liger
     raise ValueError(provider)
+
+
+def make_linear_step(provider, x, W, y):
+    """One forward + backward of plain linear cross-entropy, logits x @ W.T."""
+    import torch
+    import torch.nn.functional as F
+
+    import fused_margin as fm
+
+    if provider == "fused":
+        return lambda: fm.margin_cross_entropy(x, W, y, kind="normface", s=1.0,
+                                               normalize=False, backend="triton").backward()
+    if provider == "eager":
+        return lambda: F.cross_entropy((x @ W.T).float(), y).backward()
+    if provider == "torch":
+        opts = torch.nn.LinearCrossEntropyOptions()  # AttributeError where absent
+        return lambda: F.linear_cross_entropy(x, W, y, options=opts).backward()
+    if provider == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+        return lambda: linear_cross_entropy(x, W, y).backward()
+    if provider == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        loss = LigerFusedLinearCrossEntropyLoss()
+        return lambda: loss(W, x, y).backward()
+    return make_step(provider, x, W, y)  # the floor: the same three products
 
 
 def measure(step, leaves, cuda, rep, warmup) -> dict:
@@ -215,6 +252,34 @@ def bench(a) -> dict:
     return dict(_env(cuda), rows=rows)
 
 
+def linear(a) -> dict:
+    import torch
+    cuda = torch.cuda.is_available() and not a.dry_run
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shapes = LINEAR_SHAPES if not a.dry_run else [("bf16", a.n, a.d, a.c[0])]
+    start, rows = time.monotonic(), []
+    for dt, N, D, C in shapes:
+        for prov in LINEAR_PROVIDERS:
+            ident = dict(provider=prov, dtype=dt, N=N, D=D, C=C, kind="linear")
+            if time.monotonic() - start > a.budget_s:
+                rows.append(dict(ident, error="skipped: over the time budget"))
+                continue
+            if a.dry_run and prov in ("torch", "cce", "liger"):
+                rows.append(dict(ident, error="skipped in --dry-run"))
+                continue
+            try:
+                x, W, y = problem(N, D, C, _dtype(dt), cuda)
+                with torch.no_grad():
+                    x.mul_(0.1)  # logits of a few units
+                res = measure(make_linear_step(prov, x, W, y), [x, W], cuda, a.rep, a.warmup)
+            except Exception as exc:  # noqa: BLE001
+                res = dict(error=f"{type(exc).__name__}: {exc}"[:300])
+            rows.append(dict(ident, **res))
+            shown = res.get("error") or f"{res['ms']:.3f} ms, {res['peak_mb']:.0f} MiB"
+            print(f"linear {dt:5s} N={N} D={D} C={C:>9,d} {prov:8s} {shown}", flush=True)
+    return dict(_env(cuda), rows=rows)
+
+
 def sweep(a) -> dict:
     import torch
 
@@ -222,15 +287,15 @@ def sweep(a) -> dict:
     cuda = torch.cuda.is_available() and not a.dry_run
     C = a.c[0]
     start, rows = time.monotonic(), []
-    cands = SWEEP if cuda else [(32, 32, 16, 4, 2, 64)]
-    for bn, bc, bd, w, st, chunk in cands:
+    cands = SWEEP if cuda else [(32, 32, 16, 4, 2, 64, 64)]
+    for bn, bc, bd, w, st, chunk, fo in cands:
         ident = dict(dtype="bf16", N=a.n, D=a.d, C=C, BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd,
-                     num_warps=w, num_stages=st, chunk_cols=chunk)
+                     num_warps=w, num_stages=st, chunk_cols=chunk, fwd_rows=fo or bn)
         if time.monotonic() - start > a.budget_s:
             rows.append(dict(ident, error="skipped: over the time budget"))
             continue
         blocks = ta.Blocks(bn, bc, bd, num_warps=w, num_stages=st, chunk_rows=8192,
-                           chunk_cols=chunk)
+                           chunk_cols=chunk, fwd_outer=fo)
         x, W, y = problem(a.n, a.d, C, _dtype("bf16"), cuda)
         res = measure(make_step("fused", x, W, y, blocks), [x, W], cuda, a.rep, a.warmup)
         rows.append(dict(ident, **res))
@@ -252,6 +317,9 @@ def small() -> None:
         for kind in ("arcface", "elm", "arcgrad"):
             m = torch.full((300,), 0.2, device=dev) if kind == "elm" else 0.3
             fm.margin_cross_entropy(x, W, y, kind=kind, m=m, s=16.0, backend="triton").backward()
+        b = torch.randn(300, device=dev, dtype=dt, requires_grad=True)
+        fm.margin_cross_entropy(x, W, y, kind="cosface", s=1.0, m=0.2, normalize=False, bias=b,
+                                label_smoothing=0.1, backend="triton").backward()
         cos = torch.rand(70, 300, device=dev, dtype=dt).mul(2).sub(1).requires_grad_(True)
         fm.margin_cross_entropy_from_cosine(cos, y, backend="triton").backward()
         keep = torch.arange(0, 300, 3, device=dev)
@@ -279,15 +347,34 @@ def table(folder) -> str:
                 ratio = f"{r['ms'] / f:.2f}" if f else "-"
                 out.append(f"| {r['dtype']} | {r['C']:,} | {r['provider']} | {r['ms']:.3f} | "
                            f"{ratio} | {r['peak_mb']:.0f} |")
+    path = os.path.join(folder, "linear.json")
+    if os.path.exists(path):
+        data = json.load(open(path))
+        out.append("\n## plain linear cross-entropy (normalize=False), fwd+bwd")
+        out.append("| dtype | N x D x C | provider | ms (median) | x floor | peak MiB |")
+        out.append("|---|---|---|---|---|---|")
+        floor = {(r["dtype"], r["N"], r["C"]): r.get("ms") for r in data["rows"]
+                 if r["provider"] == "floor"}
+        for r in data["rows"]:
+            shape = f"{r['N']} x {r['D']} x {r['C']:,}"
+            f = floor.get((r["dtype"], r["N"], r["C"]))
+            if "error" in r:
+                out.append(f"| {r['dtype']} | {shape} | {r['provider']} | {r['error'][:60]} | - "
+                           "| - |")
+            else:
+                ratio = f"{r['ms'] / f:.2f}" if f else "-"
+                out.append(f"| {r['dtype']} | {shape} | {r['provider']} | {r['ms']:.3f} | "
+                           f"{ratio} | {r['peak_mb']:.0f} |")
     path = os.path.join(folder, "sweep.json")
     if os.path.exists(path):
         data = json.load(open(path))
         out.append("\n## tile sweep (fused, bf16)")
-        out.append("| BLOCK_N x C x D | warps | stages | chunk | ms |")
-        out.append("|---|---|---|---|---|")
+        out.append("| BLOCK_N x C x D | forward rows | warps | stages | chunk | ms |")
+        out.append("|---|---|---|---|---|---|")
         for r in data["rows"]:
             t = r.get("error") or f"{r['ms']:.3f}"
-            out.append(f"| {r['BLOCK_N']}x{r['BLOCK_C']}x{r['BLOCK_D']} | {r['num_warps']} | "
+            out.append(f"| {r['BLOCK_N']}x{r['BLOCK_C']}x{r['BLOCK_D']} | "
+                       f"{r.get('fwd_rows', r['BLOCK_N'])} | {r['num_warps']} | "
                        f"{r['num_stages']} | {r['chunk_cols']} | {t} |")
     return "\n".join(out)
 
@@ -300,7 +387,7 @@ def main(argv=None) -> int:
     if a.what == "small":
         small()
         return 0
-    res = bench(a) if a.what == "bench" else sweep(a)
+    res = {"bench": bench, "sweep": sweep, "linear": linear}[a.what](a)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:

@@ -11,16 +11,20 @@
 #                  downloads them, on a machine with a registry); the package from this
 #                  tree, FUSED_MARGIN_NO_EXT=1 (no C++ extension needed)
 #   tests     150  the CUDA-relevant tests: tests/test_triton.py and the triton cases of
-#                  tests/test_angular.py, xdist over 8 workers (kernels compile for real)
+#                  tests/test_angular.py and tests/test_linear_ce.py, xdist over 8 workers
+#                  (kernels compile for real)
 #   sanitize   45  compute-sanitizer --tool memcheck on one small case of each fused op
 #                  (bench/gpu_check.py small), where the tool is there and works
-#   bench     180  fwd+bwd of ours vs eager, torch.compile, the 3-matmul floor, torch's
+#   bench     150  fwd+bwd of ours vs eager, torch.compile, the 3-matmul floor, torch's
 #                  linear_cross_entropy, CCE, Liger at N=4096, D=512, C in {100K, 1M},
 #                  bf16 and fp32 (bench/gpu_check.py bench)
+#   linear     30  plain linear CE (normalize=False, issue 18) vs the floor, CCE, Liger,
+#                  torch's linear_cross_entropy, eager: N=1024 D=256 C=50K bf16 / fp32,
+#                  N=4096 D=512 C=100K bf16 (bench/gpu_check.py linear)
 #   sweep      60  our tiles: a few (rows, classes, D step, warps, stages, chunk) at C=100K
 # then the table (bench/gpu_check.py table). OUTDIR gets log.txt, tests.txt, sanitize.txt,
-# bench.json, sweep.json, table.md. Budget on paper: 30+150+45+180+60 = 465 s, plus the
-# Python start-ups: under 8 minutes.
+# bench.json, linear.json, sweep.json, table.md. Budget on paper: 30+150+45+150+30+60 =
+# 465 s, plus the Python start-ups: under 8 minutes.
 set -uo pipefail
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
@@ -44,6 +48,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run under a timeout, log, never abor
 if [ "$DRY" = 1 ]; then  # CPU: the driver, on tiny shapes under the interpreter
   export TRITON_INTERPRET=1
   stage bench 120 "$PY" "$REPO/bench/gpu_check.py" bench --dry-run --out "$OUT/bench.json"
+  stage linear 60 "$PY" "$REPO/bench/gpu_check.py" linear --dry-run --out "$OUT/linear.json"
   stage sweep 60 "$PY" "$REPO/bench/gpu_check.py" sweep --dry-run --out "$OUT/sweep.json"
   "$PY" "$REPO/bench/gpu_check.py" table "$OUT" | tee "$OUT/table.md"
   exit 0
@@ -60,14 +65,16 @@ print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.cu
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")
 EOF
 stage tests 150 "$PY" -m pytest -q -x -p no:cacheprovider -n 8 "$REPO/tests/test_triton.py" \
-  "$REPO/tests/test_angular.py" -k "(triton or cuda) and not compile_for_sm90"
+  "$REPO/tests/test_angular.py" "$REPO/tests/test_linear_ce.py" \
+  -k "(triton or cuda) and not compile_for_sm90"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   stage sanitize 45 compute-sanitizer --tool memcheck --error-exitcode 9 \
     "$PY" "$REPO/bench/gpu_check.py" small
 else
   echo "== sanitize: compute-sanitizer not found, skipped" | tee -a "$LOG"
 fi
-stage bench 180 "$PY" "$REPO/bench/gpu_check.py" bench --out "$OUT/bench.json" --budget-s 165
+stage bench 150 "$PY" "$REPO/bench/gpu_check.py" bench --out "$OUT/bench.json" --budget-s 135
+stage linear 30 "$PY" "$REPO/bench/gpu_check.py" linear --out "$OUT/linear.json" --budget-s 24
 stage sweep 60 "$PY" "$REPO/bench/gpu_check.py" sweep --c 100000 --out "$OUT/sweep.json" \
   --budget-s 50
 "$PY" "$REPO/bench/gpu_check.py" table "$OUT" | tee "$OUT/table.md"

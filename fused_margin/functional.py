@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import checks
-from .dispatch import resolve, resolve_unless
+from .dispatch import resolve
 from .reference.reduction import reduce_loss
 from .reference.angular import arcgrad_scale, camri_margins, drw_weights, ldam_margins
 
@@ -52,11 +52,7 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                                 ignore_index=ignore_index, reduction_=reduction,
                                 normalize=normalize, bias=bias, label_smoothing=label_smoothing)
     linear = not normalize or bias is not None or bool(label_smoothing)
-    if linear:
-        fn = resolve_unless("margin_cross_entropy", backend, features.device, _LINEAR_PENDING,
-                            "normalize=False / bias / label_smoothing")
-    else:
-        fn = resolve("margin_cross_entropy", backend, features.device)
+    fn = resolve("margin_cross_entropy", backend, features.device)
     if bias is not None:
         features, weight, bias = mixed(features, weight, bias)
     else:
@@ -74,11 +70,6 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
         return _margin_ce_call(lambda **k: fn(features, weight, labels, **kw, **k), fn,
                                "margin_cross_entropy", labels, m, class_weight, ignore_index,
                                reduction)
-
-
-# backends whose margin_cross_entropy kernel does not yet take normalize=False, bias
-# or label_smoothing: the reference serves those calls (one warning)
-_LINEAR_PENDING = {"triton": "pending in the rewritten Triton margin kernel"}
 
 
 def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,

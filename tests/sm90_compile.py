@@ -74,8 +74,10 @@ def _label(rec) -> str:
     bits = [rec["tag"], name]
     if "KIND" in kw and name in ("fwd", "grad", "finish"):
         bits.append(ta.KINDS[int(kw["KIND"])])
+    if kw.get("NORMALIZE") is False:
+        bits.append("linear")
     for flag in ("FROM_COSINE", "PARTIALS", "TRACK_BEST", "HAS_OFFSET", "HAS_KEEP", "WRITE",
-                 "HAS_KS", "HAS_IDX"):
+                 "HAS_KS", "HAS_IDX", "HAS_BIAS", "ROW_WEIGHT"):
         if kw.get(flag):
             bits.append(flag.lower().replace("has_", ""))
     if "BLOCK_N" in kw and "BLOCK_C" in kw:
@@ -121,6 +123,13 @@ def record(ragged: bool = False, all_kinds: bool = False) -> list:
                                     elm_lambda=0.5, class_weight=None, ignore_index=-100,
                                     reduction="mean")
                     loss.backward()
+                if tag in ("bf16", "tf32", "fp32"):
+                    # normalize=False (issue 18): plain linear CE, and with a bias and label
+                    # smoothing (per-row weights)
+                    b = torch.zeros(C, dtype=dt, requires_grad=True)
+                    for extra in (dict(), dict(bias=b, label_smoothing=0.1)):
+                        ta.margin_cross_entropy(x, W, y, kind="normface", s=1.0,
+                                                normalize=False, **extra).backward()
                 if tag == "bf16" and (N, D, C) == shapes[0]:
                     p = ta.MarginParams("arcgrad", 4.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1, "none")
                     for kind in ("arcface", "arcgrad"):

@@ -27,6 +27,10 @@ def test_dry_run_writes_json_and_table(tmp_path):
     for prov in ("fused", "eager", "floor"):
         assert "ms" in got[prov], got[prov]
     assert all("error" in got[p] for p in ("compile", "torch", "cce", "liger"))
+    lin = {r["provider"]: r for r in json.load(open(tmp_path / "linear.json"))["rows"]}
+    for prov in ("fused", "eager", "floor"):
+        assert "ms" in lin[prov], lin[prov]
+    assert "plain linear cross-entropy" in (tmp_path / "table.md").read_text()
     sweep = json.load(open(tmp_path / "sweep.json"))["rows"]
     assert sweep and all("ms" in r for r in sweep), sweep
     assert "| fused |" in (tmp_path / "table.md").read_text()

@@ -582,10 +582,16 @@ def test_sm90_tiles_every_kind(case, dtype, monkeypatch):
     key = ta._table_key(dtype)
     assert table is ta.SM90.get((key, "arcgrad" if case[1]["kind"] == "arcgrad" else "mma"),
                                 ta.SM90[(key, "mma")])
-    dots = [k for n, k in launched if n in ("_margin_ce_fwd_kernel", "_margin_ce_grad_kernel")]
+    dots = [(n, k) for n, k in launched
+            if n in ("_margin_ce_fwd_kernel", "_margin_ce_grad_kernel")]
+    # the forward sweep's row tile: fwd_outer unless it tracks the best wrong column
     assert dots and all((k["BLOCK_N"], k["BLOCK_C"], k["BLOCK_D"], k["num_warps"],
-                         k["num_stages"]) == (table.outer, table.sweep, table.d,
-                                              table.num_warps, table.num_stages) for k in dots)
+                         k["num_stages"]) == (
+        table.fwd_rows(k["TRACK_BEST"], N) if n == "_margin_ce_fwd_kernel" else table.outer,
+        table.sweep, table.d, table.num_warps, table.num_stages) for n, k in dots)
+    if dtype == torch.bfloat16:  # the 256-row forward ran (elm keeps 128)
+        fwd = [k["BLOCK_N"] for n, k in dots if n == "_margin_ce_fwd_kernel"]
+        assert fwd == [128 if case[1]["kind"] == "elm" else 256] * len(fwd)
 
 
 def test_sm90_from_cosine_and_partials(monkeypatch):
@@ -664,3 +670,13 @@ def test_matrix_work_is_four_products(dtype, D, monkeypatch):
         with Mm():
             _apply(None, y, xa, Wa, kind=kind, s=10.0, m=torch.full((C,), 0.2)).backward()
         assert flops[0] / (2 * N * D * C) <= 4.05, flops[0] / (2 * N * D * C)
+
+
+def test_forward_row_tile_rule():
+    """The sm_90 forward's 256-row tile: not where it tracks the best wrong column, not
+    where it would pad N by more than 1/8 beyond the 128-row tiles."""
+    b = ta.SM90[("bf16", "mma")]
+    assert [b.fwd_rows(False, n) for n in (1, 128, 130, 256, 300, 4096)] == [
+        128, 128, 256, 256, 128, 256]
+    assert b.fwd_rows(True, 4096) == 128
+    assert ta.SM90[("tf32", "mma")].fwd_rows(False, 4096) == 128  # no fwd_outer there

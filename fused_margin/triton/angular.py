@@ -251,6 +251,14 @@ def _add_offset(z, off_ptr, cols, cmask, ACC: tl.constexpr, HAS_OFFSET: tl.const
 
 
 @triton.jit
+def _add_bias(z, bias_ptr, cols, cmask, ACC: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """normalize=False's raw product tile plus b_j (HAS_BIAS)."""
+    if HAS_BIAS:
+        z = z + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    return z
+
+
+@triton.jit
 def _grad_tile(cos, cols, cmask, y_col, lse, a, b, off_ptr, s, lo, hi, KIND: tl.constexpr,
                IS_F64: tl.constexpr, ACC: tl.constexpr, HAS_OFFSET: tl.constexpr):
     """dL/dcos of a tile: a_i * exp(z_ij + off_j - lse_i) * dz_ij/dcos off the
@@ -317,13 +325,15 @@ def _margin_ce_fwd_kernel(
         labels_ptr, p_ptr,  # labels / target columns [N], scalars
         off_ptr,  # HAS_OFFSET: per-class logit offsets [C] (non-target logits only)
         keep_ptr,  # HAS_KEEP: W's row [C] int64 of each column (a sampled shard)
+        bias_ptr,  # HAS_BIAS: b [C] (normalize=False), added to the raw products
         pm_ptr, pl_ptr, pb_ptr, pi_ptr,  # out: per split [S, N]: max, sum exp, best, column
         stride_xn, stride_xd, stride_wc, stride_wd, stride_l,
         N, C, D, tiles_per_split, ignore_index,
         KIND: tl.constexpr, FROM_COSINE: tl.constexpr, HAS_OFFSET: tl.constexpr,
         HAS_KEEP: tl.constexpr, TRACK_BEST: tl.constexpr, IS_F64: tl.constexpr,
         ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr = True,
+        HAS_BIAS: tl.constexpr = False):
     n_rb = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     pid_r = pid % n_rb  # row blocks fastest: concurrent programs share W tiles in L2
@@ -334,7 +344,7 @@ def _margin_ce_fwd_kernel(
     s = tl.load(p_ptr + P_S)
     lo = tl.load(p_ptr + P_LO)
     hi = tl.load(p_ptr + P_HI)
-    if not FROM_COSINE:
+    if NORMALIZE and not FROM_COSINE:
         qx = tl.load(qx_ptr + rows, mask=rmask, other=0.0)
 
     m_run = tl.full((BLOCK_N,), float("-inf"), ACC)
@@ -349,10 +359,15 @@ def _margin_ce_fwd_kernel(
         if FROM_COSINE:
             cos = _load_cos(x_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd, ACC)
         else:
-            rw = tl.load(rw_ptr + cols, mask=cmask, other=0.0)
+            if NORMALIZE:
+                rw = tl.load(rw_ptr + cols, mask=cmask, other=0.0)
             cos = _cos_tile(x_ptr, w_ptr, rows, _wrows(keep_ptr, cols, cmask, HAS_KEEP), rmask,
                             cmask, stride_xn, stride_xd, stride_wc, stride_wd, D, BLOCK_N,
-                            BLOCK_C, BLOCK_D, ACC, PREC, UPCAST) * qx[:, None] * rw[None, :]
+                            BLOCK_C, BLOCK_D, ACC, PREC, UPCAST)
+            if NORMALIZE:
+                cos = cos * qx[:, None] * rw[None, :]
+            else:  # normalize=False: the raw products (plus b_j) are the "cosines"
+                cos = _add_bias(cos, bias_ptr, cols, cmask, ACC, HAS_BIAS)
         z, _dz = _nontarget(cos, s, lo, hi, KIND, IS_F64)
         z = _add_offset(z, off_ptr, cols, cmask, ACC, HAS_OFFSET)
         off = (cols[None, :] == y_col[:, None]) | (~cmask)[None, :]
@@ -381,6 +396,7 @@ def _margin_ce_finish_kernel(
         x_ptr, w_ptr, qx_ptr, rw_ptr,  # as the sweep's
         labels_ptr, m_ptr, cw_ptr, p_ptr,  # labels [N], margins [C], class weights [C], scalars
         keep_ptr,  # HAS_KEEP: W's row of each column
+        bias_ptr,  # HAS_BIAS: b [C]
         pm_ptr, pl_ptr, pb_ptr, pi_ptr,  # the sweep's partials [S, N]
         stats_ptr, cstar_ptr,  # out: statistics [N_STATS, N], c* [N] int64
         stride_xn, stride_xd, stride_wc, stride_wd, stride_l,
@@ -388,7 +404,8 @@ def _margin_ce_finish_kernel(
         KIND: tl.constexpr, FROM_COSINE: tl.constexpr, HAS_M_VEC: tl.constexpr,
         HAS_CLASS_WEIGHT: tl.constexpr, HAS_KEEP: tl.constexpr, PARTIALS: tl.constexpr,
         TRACK_BEST: tl.constexpr, IS_F64: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr = True,
+        HAS_BIAS: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     valid, y_col, y = _row_info(labels_ptr, rows, rmask, stride_l, ignore_index)
@@ -432,9 +449,14 @@ def _margin_ce_finish_kernel(
             b = tl.load(w_ptr + wrow[:, None] * stride_wc + dd[None, :] * stride_wd, mask=m2,
                         other=0.0).to(ACC)
             dot += tl.sum(a * b, axis=1)
-        qx = tl.load(qx_ptr + rows, mask=rmask, other=0.0)
-        rwy = tl.load(rw_ptr + yc, mask=has_t, other=0.0)
-        cos_y = dot * qx * rwy
+        if NORMALIZE:
+            qx = tl.load(qx_ptr + rows, mask=rmask, other=0.0)
+            rwy = tl.load(rw_ptr + yc, mask=has_t, other=0.0)
+            cos_y = dot * qx * rwy
+        elif HAS_BIAS:
+            cos_y = dot + tl.load(bias_ptr + yc, mask=has_t, other=0.0).to(ACC)
+        else:
+            cos_y = dot
     cos_y = tl.where(has_t, cos_y, 0.0)
 
     if PARTIALS:  # a class shard's statistics; the target logit is formed outside
@@ -465,7 +487,9 @@ def _margin_ce_finish_kernel(
         lse_other = tl.where(l_run > 0, m_run + tl.log(tl.where(l_run > 0, l_run, 1.0)),
                              float("-inf"))
         lse_other = tl.where(l_run != l_run, l_run, lse_other)
-        if HAS_CLASS_WEIGHT:
+        if ROW_WEIGHT:  # per-row weights [N] (label smoothing's a_i)
+            w = tl.load(cw_ptr + rows, mask=rmask, other=0.0).to(ACC)
+        elif HAS_CLASS_WEIGHT:
             w = tl.load(cw_ptr + y, mask=rmask, other=0.0).to(ACC)
         else:
             w = tl.zeros((BLOCK_N,), dtype=ACC) + 1.0
@@ -488,17 +512,21 @@ def _margin_ce_grad_kernel(
         labels_ptr, p_ptr, off_ptr, keep_ptr,  # labels, scalars, logit offsets, kept rows
         lse_ptr, a_ptr, b_ptr,  # per row [N]: lse, a (softmax scale), b (target term)
         g_ptr,  # out: the chunk's G [n_rows, n_cols] (row stride stride_gn), input dtype
+        bias_ptr, db_ptr,  # HAS_BIAS: b [C]; out: the tile's column sums of G, float32
+        # [row blocks of the chunk, n_cols] (row stride stride_gn)
         stride_xn, stride_xd, stride_wc, stride_wd, stride_l, stride_gn,
         N, C, D, r0, c0, n_rows, n_cols, ignore_index,
         KIND: tl.constexpr, FROM_COSINE: tl.constexpr, HAS_OFFSET: tl.constexpr,
         HAS_KEEP: tl.constexpr, IS_F64: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
         UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_D: tl.constexpr):
+        BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr = True,
+        HAS_BIAS: tl.constexpr = False):
     """One tile of the chunk (rows r0 + [0, n_rows), classes c0 + [0, n_cols)): the
     logits recomputed, G = dL/d<xs_i, W_j> (FROM_COSINE: dL/dcos) written."""
     n_rb = tl.cdiv(n_rows, BLOCK_N)
     pid = tl.program_id(0)
-    lr = (pid % n_rb).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_r = pid % n_rb
+    lr = pid_r.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     lc = (pid // n_rb).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     rows = r0 + lr
     cols = c0 + lc
@@ -515,6 +543,15 @@ def _margin_ce_grad_kernel(
         cos = _load_cos(x_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd, ACC)
         g = _grad_tile(cos, cols, cmask, y_col, lse, a, b, off_ptr, s, lo, hi, KIND, IS_F64,
                        ACC, HAS_OFFSET)
+    elif not NORMALIZE:  # G = dL/d(x.W + b) = dL/dcos: no factors
+        xw = _cos_tile(x_ptr, w_ptr, rows, _wrows(keep_ptr, cols, cmask, HAS_KEEP), rmask,
+                       cmask, stride_xn, stride_xd, stride_wc, stride_wd, D, BLOCK_N, BLOCK_C,
+                       BLOCK_D, ACC, PREC, UPCAST)
+        g = _grad_tile(_add_bias(xw, bias_ptr, cols, cmask, ACC, HAS_BIAS), cols, cmask,
+                       y_col, lse, a, b, off_ptr, s, lo, hi, KIND, IS_F64, ACC, HAS_OFFSET)
+        g = tl.where(rmask[:, None], g, 0.0)
+        if HAS_BIAS:  # dL/db: this tile's column sums, unrounded (no atomics: summed after)
+            tl.store(db_ptr + pid_r * stride_gn + lc, tl.sum(g, axis=0), mask=cmask)
     else:
         xw = _cos_tile(x_ptr, w_ptr, rows, _wrows(keep_ptr, cols, cmask, HAS_KEEP), rmask,
                        cmask, stride_xn, stride_xd, stride_wc, stride_wd, D, BLOCK_N, BLOCK_C,
@@ -581,7 +618,10 @@ class Blocks:
     (0: enough splits for about `programs` programs). The backward's G buffer is at
     most chunk_rows x chunk_cols (0: one tile, outer x sweep), whatever N and C.
     `do` is ignored (the D chunk of the kernels before issue 13, kept so that
-    Blocks(outer, sweep, d, do) still builds)."""
+    Blocks(outer, sweep, d, do) still builds). `fwd_outer` (0: outer) is the forward
+    sweep's row tile where it does not track the best wrong column (elm, partials keep
+    `outer`: their argmax needs the registers) and where it pads N by at most 1/8 more
+    than `outer` does (N = 128 keeps 128-row tiles: a 256-row tile would double the work)."""
     outer: int
     sweep: int
     d: int
@@ -592,6 +632,13 @@ class Blocks:
     programs: int = 1024
     chunk_rows: int = 0
     chunk_cols: int = 0
+    fwd_outer: int = 0
+
+    def fwd_rows(self, track_best: bool, N: int) -> int:
+        fo = self.fwd_outer
+        if track_best or not fo or 8 * -(-N // fo) * fo > 9 * -(-N // self.outer) * self.outer:
+            return self.outer
+        return fo
 
 
 # The tiles an sm_90 GPU gets (FUSED_MARGIN_TRITON_CONFIG=sm90 gives them to the
@@ -601,13 +648,17 @@ class Blocks:
 # logit needs more registers, so its class tile is 64 wide; IEEE float32 runs on the
 # FMA units, 128 x 64 x 16; float64 (DMMA) 32 x 32 with 8 warps. Chosen from the sm_90 builds'
 # register, spill and shared-memory counts (bench/sm90_report.py), untimed: no GPU has
-# run them yet. The G chunk is at most 8192 x 4096 (64 MiB in bf16), 8192 x 2048
+# run them yet. The bf16 / fp16 forward sweep takes 256-row tiles (256 x 128: 85 FLOP per
+# byte of L2 traffic against 64, 254 registers and 0 spills, 144 KiB of 3 stages; arcgrad
+# 256 x 64) except where it tracks the best wrong column (elm, partials: 128 rows, which
+# spill at 256); the gradient kernel keeps 128 x 128 (256 x 128 and 128 x 256 spill
+# 200-300 bytes there). The G chunk is at most 8192 x 4096 (64 MiB in bf16), 8192 x 2048
 # (float32, 64 MiB), 4096 x 1024 (float64, 32 MiB).
 _B16 = dict(num_warps=8, num_stages=3, chunk_rows=8192, chunk_cols=4096)
 _B32 = dict(num_warps=8, num_stages=3, chunk_rows=8192, chunk_cols=2048)
 SM90 = {
-    ("bf16", "mma"): Blocks(128, 128, 64, **_B16),
-    ("bf16", "arcgrad"): Blocks(128, 64, 64, **_B16),
+    ("bf16", "mma"): Blocks(128, 128, 64, fwd_outer=256, **_B16),
+    ("bf16", "arcgrad"): Blocks(128, 64, 64, fwd_outer=256, **_B16),
     ("tf32", "mma"): Blocks(128, 128, 32, **_B32),
     ("tf32", "arcgrad"): Blocks(128, 64, 32, **_B32),
     ("fp32", "mma"): Blocks(128, 64, 16, **dict(_B32, num_stages=2)),
@@ -692,6 +743,10 @@ class MarginParams:
     # also return per-row (lse of the non-target logits, target cosine) from the
     # same sweep, for AdaCos's scale update
     with_stats: bool = False
+    # normalize=False: logits s * (x.W_j + b_j), no inverse norms (kinds LINEAR_KINDS)
+    normalize: bool = True
+    # the class_weight tensor is a per-row weight [N] (label smoothing's a_i)
+    row_weight: bool = False
 
     def tensor(self, dtype: torch.dtype, device) -> torch.Tensor:
         """The scalars the kernels read, in PARAMS order, in the compute dtype."""
@@ -755,9 +810,10 @@ def prepare(features: torch.Tensor, weight: torch.Tensor,
     return Prepared(xs, ex, qx, E, rw)
 
 
-def _splits(blocks: Blocks, N: int, C: int):
-    """(class tiles per forward program, number of splits)."""
-    n_rb = triton.cdiv(N, blocks.outer)
+def _splits(blocks: Blocks, N: int, C: int, rows: int = 0):
+    """(class tiles per forward program, number of splits) for row tiles of `rows`
+    (0: blocks.outer)."""
+    n_rb = triton.cdiv(N, rows or blocks.outer)
     n_ct = max(1, triton.cdiv(C, blocks.sweep))
     tps = blocks.split or triton.cdiv(n_ct, max(1, min(n_ct, blocks.programs // n_rb)))
     return tps, triton.cdiv(n_ct, tps)
@@ -767,12 +823,16 @@ def margin_ce_fwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
                   *, kind: str, params: torch.Tensor, m_vec: Optional[torch.Tensor],
                   class_weight: Optional[torch.Tensor], ignore_index: int,
                   blocks: Optional[Blocks] = None, offset: Optional[torch.Tensor] = None,
-                  partials: bool = False, keep: Optional[torch.Tensor] = None):
+                  partials: bool = False, keep: Optional[torch.Tensor] = None,
+                  normalize: bool = True, bias: Optional[torch.Tensor] = None,
+                  row_weight: bool = False):
     """Launch the forward sweep and its finish. `weight` None: `features` is the cosine
     [N, C]. Returns (stats [N_STATS, N], c* [N] int64, Prepared or None); with
     `partials` the stats rows are PT_* (a class shard's) and c* is the best wrong
     column of every row. `offset` [C] is added to the non-target logits. `keep` [C]
-    int64: the columns are those rows of `weight` (read in place)."""
+    int64: the columns are those rows of `weight` (read in place). normalize=False: the
+    "cosines" are x.W_j (+ bias_j), x and W read as they are (Prepared.xs is x itself,
+    no factors); row_weight: `class_weight` is a per-row weight [N] instead."""
     from_cos = weight is None
     N = features.shape[0]
     C = features.shape[1] if from_cos else (weight.shape[0] if keep is None else keep.numel())
@@ -780,37 +840,45 @@ def margin_ce_fwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
     blocks = kind_blocks(blocks or default_blocks(features.dtype, D), features.dtype, kind)
     acc, tdt = _acc(features.dtype)
     dev = features.device
-    prep = None if from_cos else prepare(features, weight, keep)
+    if from_cos:
+        prep = None
+    elif normalize:
+        prep = prepare(features, weight, keep)
+    else:  # the raw products: no scaled copy of x, no inverse norms
+        prep = Prepared(features, None, None, None, None)
     x = features if from_cos else prep.xs
     w = features if from_cos else weight
     qx = None if from_cos else prep.qx
     rw = None if from_cos else prep.rw
     track = kind == "elm" or partials
-    tps, S = _splits(blocks, N, C)
+    # normalize=False's specialisations (the defaults otherwise: the same binaries)
+    linear = {} if normalize else dict(NORMALIZE=False, HAS_BIAS=bias is not None)
+    fwd_rows = blocks.fwd_rows(track, N)
+    tps, S = _splits(blocks, N, C, fwd_rows)
     pm = torch.empty(S, N, dtype=tdt, device=dev)
     pl = torch.empty(S, N, dtype=tdt, device=dev)
     pb = torch.empty(S, N, dtype=tdt, device=dev) if track else None
     pi = torch.empty(S, N, dtype=torch.int64, device=dev) if track else None
     strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1), labels.stride(0))
     is64 = features.dtype == torch.float64
-    _launch(_margin_ce_fwd_kernel, (triton.cdiv(N, blocks.outer) * S,),
-            x, w, qx, rw, labels, params, offset, keep, pm, pl, pb, pi, *strides,
+    _launch(_margin_ce_fwd_kernel, (triton.cdiv(N, fwd_rows) * S,),
+            x, w, qx, rw, labels, params, offset, keep, bias, pm, pl, pb, pi, *strides,
             N, C, D, tps, ignore_index,
             KIND=KINDS.index(kind), FROM_COSINE=from_cos, HAS_OFFSET=offset is not None,
             HAS_KEEP=keep is not None, TRACK_BEST=track, IS_F64=is64, ACC=acc,
             PREC=_precision(features.dtype), UPCAST=_upcast(features.dtype),
-            BLOCK_N=blocks.outer, BLOCK_C=blocks.sweep, BLOCK_D=blocks.d,
-            num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+            BLOCK_N=fwd_rows, BLOCK_C=blocks.sweep, BLOCK_D=blocks.d,
+            num_warps=blocks.num_warps, num_stages=blocks.num_stages, **linear)
     stats = torch.empty(N_STATS, N, dtype=tdt, device=dev)
     c_star = torch.empty(N, dtype=torch.int64, device=dev)
     _launch(_margin_ce_finish_kernel, (triton.cdiv(N, ROW_BLOCK),),
-            x, w, qx, rw, labels, m_vec, class_weight, params, keep, pm, pl, pb, pi,
+            x, w, qx, rw, labels, m_vec, class_weight, params, keep, bias, pm, pl, pb, pi,
             stats, c_star, *strides, N, C, D, S, ignore_index,
             KIND=KINDS.index(kind), FROM_COSINE=from_cos, HAS_M_VEC=m_vec is not None,
             HAS_CLASS_WEIGHT=class_weight is not None, HAS_KEEP=keep is not None,
             PARTIALS=partials, TRACK_BEST=track, IS_F64=is64, ACC=acc,
             BLOCK_N=ROW_BLOCK, BLOCK_D=min(ROW_D, max(16, triton.next_power_of_2(max(D, 1)))),
-            **ROW_LAUNCH)
+            **linear, **(dict(ROW_WEIGHT=True) if row_weight else {}), **ROW_LAUNCH)
     return stats, c_star, prep
 
 
@@ -847,11 +915,15 @@ def _project(a, v, t, E, out, *, ks=None, idx=None, e_sign=1):
 def margin_ce_bwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels: torch.Tensor,
                   saved: _Saved, lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                   offset: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None,
-                  need_dx: bool = True, need_dw: bool = True):
+                  need_dx: bool = True, need_dw: bool = True,
+                  bias: Optional[torch.Tensor] = None, db: Optional[torch.Tensor] = None):
     """dL/dfeatures, dL/dweight (or dL/dcosine, None) for dL/dcos_ij =
     a_i exp(z_ij + offset_j - lse_i) dz_ij/dcos_ij off the target and b_i at it
     (lse, a, b: contiguous [N]). With `keep` the columns are those rows of
-    weight, and dL/dweight is 0 on the others. A gradient not needed is None."""
+    weight, and dL/dweight is 0 on the others. A gradient not needed is None.
+    normalize=False (saved.prep.qx None): cos is x.W_j (+ bias_j), so dL/dx = G W,
+    dL/dW = G^T x with no projection; `db` (zeros [C], compute dtype) receives
+    dL/dbias, the column sums of the G tiles, unrounded."""
     from_cos = weight is None
     N = features.shape[0]
     C = features.shape[1] if from_cos else (weight.shape[0] if keep is None else keep.numel())
@@ -868,22 +940,30 @@ def margin_ce_bwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
         _launch(_margin_ce_grad_kernel,
                 (triton.cdiv(N, blk.outer) * triton.cdiv(C, blk.sweep),),
                 features, features, None, None, labels, saved.params, offset, keep, lse, a, b,
-                dcos, features.stride(0), features.stride(1), 0, 0, labels.stride(0), C,
+                dcos, None, None, features.stride(0), features.stride(1), 0, 0, labels.stride(0), C,
                 N, C, 0, 0, 0, N, C, saved.ignore_index, FROM_COSINE=True, **common)
         return dcos, None
     D = features.shape[1]
     pr = saved.prep
+    linear = pr.qx is None
+    need_db = db is not None
     dx = torch.zeros(N, D, dtype=features.dtype, device=dev) if need_dx else None
     dw = None
     if need_dw:
         dw = (torch.empty if keep is None else torch.zeros)(weight.shape, dtype=weight.dtype,
                                                             device=dev)
-    if D == 0 or not (need_dx or need_dw):  # D = 0: nothing depends on the (empty) features
+    if not need_db and (D == 0 or not (need_dx or need_dw)):
+        # D = 0: nothing depends on the (empty) features
         return dx, (dw.zero_() if dw is not None else None)
+    if linear:
+        common.update(NORMALIZE=False, HAS_BIAS=bias is not None)
     xs = pr.xs
     rows_c = min(N, blk.chunk_rows or blk.outer)
     cols_c = min(C, blk.chunk_cols or blk.sweep)
     G = torch.empty(rows_c, cols_c, dtype=features.dtype, device=dev)
+    # dL/db's per-tile column sums, [row blocks of a chunk, cols_c] (row stride cols_c)
+    Gs = torch.empty(triton.cdiv(rows_c, blk.outer), cols_c, dtype=tdt,
+                     device=dev) if need_db else None
     A = torch.zeros(N, D, dtype=tdt, device=dev) if need_dx else None
     strides = (xs.stride(0), xs.stride(1), weight.stride(0), weight.stride(1), labels.stride(0),
                cols_c)
@@ -898,20 +978,26 @@ def margin_ce_bwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
             _launch(_margin_ce_grad_kernel,
                     (triton.cdiv(nr, blk.outer) * triton.cdiv(nc, blk.sweep),),
                     xs, weight, pr.qx, pr.rw, labels, saved.params, offset, keep, lse, a, b, g,
-                    *strides, N, C, D, r0, c0, nr, nc, saved.ignore_index, FROM_COSINE=False,
-                    **common)
+                    bias, Gs, *strides, N, C, D, r0, c0, nr, nc, saved.ignore_index,
+                    FROM_COSINE=False, **common)
+            if need_db:
+                db[c0:c0 + nc] += Gs[:triton.cdiv(nr, blk.outer), :nc].sum(0)
             if need_dx:
                 _addmm_acc(A[r0:r0 + nr], g, wc)
             if need_dw:
                 _addmm_acc(B, g.T, xs[r0:r0 + nr])
-        if need_dw:  # dW_j = B_j - <B_j, v_j> v_j, v_j = W_j 2^E/|W_j| 2^-E
+        if need_dw and linear:
+            dw[c0:c0 + nc] = B
+        elif need_dw:  # dW_j = B_j - <B_j, v_j> v_j, v_j = W_j 2^E/|W_j| 2^-E
             if keep is None:
                 _project(B, weight[c0:c0 + nc], pr.rw[c0:c0 + nc], pr.E, dw[c0:c0 + nc],
                          e_sign=-1)
             else:
                 _project(B, weight, pr.rw[c0:c0 + nc], pr.E, dw, idx=keep[c0:c0 + nc],
                          e_sign=-1)
-    if need_dx:  # dx_i = 2^-(e_i + E) (A_i - <A_i, u_i> u_i), u_i = xs_i qx_i 2^E
+    if need_dx and linear:
+        dx.copy_(A)
+    elif need_dx:  # dx_i = 2^-(e_i + E) (A_i - <A_i, u_i> u_i), u_i = xs_i qx_i 2^E
         _project(A, xs, pr.qx, pr.E, dx, ks=pr.ex, e_sign=1)
     return dx, dw
 
@@ -919,14 +1005,16 @@ def margin_ce_bwd(features: torch.Tensor, weight: Optional[torch.Tensor], labels
 # ----------------------------------------------------------------- autograd Function
 
 class MarginCrossEntropyFunction(torch.autograd.Function):
-    """inputs = (features, weight) or (cosine,); only they receive gradients (a
-    per-class margin or class weight is a constant here). With p.with_stats the
-    outputs are (loss, lse_other [N], cos_y [N]), the last two without gradient."""
+    """inputs = (features, weight), (features, weight, bias) (p.normalize False) or
+    (cosine,); only they receive gradients (a per-class margin or class weight is a
+    constant here). With p.with_stats the outputs are (loss, lse_other [N], cos_y [N]),
+    the last two without gradient."""
 
     @staticmethod
     def forward(ctx, p: MarginParams, labels, m_vec, class_weight, *inputs):
         features = inputs[0]
-        weight = inputs[1] if len(inputs) == 2 else None
+        weight = inputs[1] if len(inputs) >= 2 else None
+        bias = inputs[2] if len(inputs) == 3 else None
         tdt = _acc(features.dtype)[1]
         ctx.p = p
         ctx.shapes = [(t.shape, t.dtype) for t in inputs]
@@ -939,7 +1027,9 @@ class MarginCrossEntropyFunction(torch.autograd.Function):
             features.dtype, 0 if weight is None else features.shape[1]), features.dtype, p.kind)
         stats, _, prep = margin_ce_fwd(features, weight, labels, kind=p.kind, params=params,
                                        m_vec=m_vec, class_weight=class_weight,
-                                       ignore_index=p.ignore_index, blocks=blocks)
+                                       ignore_index=p.ignore_index, blocks=blocks,
+                                       normalize=p.normalize, bias=bias,
+                                       row_weight=p.row_weight)
         ctx.saved = _Saved(KINDS.index(p.kind), params, p.ignore_index, blocks, prep, stats)
         ctx.save_for_backward(labels, *inputs)
         loss = stats[ST_LOSS]
@@ -969,10 +1059,15 @@ class MarginCrossEntropyFunction(torch.autograd.Function):
             g = torch.where(d > 0, g / torch.where(d > 0, d, 1.0), g * 0)
         a = (w * g).contiguous()
         need = ctx.needs_input_grad[4:]
-        dx, dw = margin_ce_bwd(inputs[0], inputs[1] if len(inputs) == 2 else None, labels, sv,
+        bias = inputs[2] if len(inputs) == 3 else None
+        db = None
+        if bias is not None and need[2]:
+            db = torch.zeros(bias.shape, dtype=a.dtype, device=a.device)
+        dx, dw = margin_ce_bwd(inputs[0], inputs[1] if len(inputs) >= 2 else None, labels, sv,
                                sv.stats[ST_LSE], a, a * sv.stats[ST_DTGT], need_dx=need[0],
-                               need_dw=len(need) == 2 and need[1])
-        return head + ((dx,) if len(inputs) == 1 else (dx, dw))
+                               need_dw=len(need) >= 2 and need[1], bias=bias, db=db)
+        grads = (dx, dw, None if db is None else db.to(bias.dtype))
+        return head + grads[:len(inputs)]
 
 
 def _with_stats(ctx, p: MarginParams, out, lse_other, cos_y):
@@ -1066,17 +1161,24 @@ def margin_shard_partials(features: torch.Tensor, weight_shard: torch.Tensor,
 def apply(labels: torch.Tensor, *inputs: torch.Tensor, kind: str, s: float,
           m: Union[float, torch.Tensor], m1: float, m2: float, m3: float, elm_lambda: float,
           class_weight: Optional[torch.Tensor], ignore_index: int, reduction: str,
-          blocks: Optional[Blocks] = None, with_stats: bool = False):
+          blocks: Optional[Blocks] = None, with_stats: bool = False, normalize: bool = True,
+          bias: Optional[torch.Tensor] = None, row_weight: Optional[torch.Tensor] = None):
     """MarginCrossEntropyFunction on (features, weight) or (cosine,); `blocks`
-    overrides the tile sizes (tests)."""
+    overrides the tile sizes (tests). normalize=False: raw logits s * (x.W_j + bias_j).
+    row_weight [N] replaces class_weight by per-row weights."""
     m_vec = None
     if isinstance(m, torch.Tensor):
         # per-class vectors are read by class index: contiguous; a 0-d m is a scalar
         m_vec, m = (m.detach().contiguous(), 0.0) if m.dim() == 1 else (None, float(m))
+    if row_weight is not None:
+        class_weight = row_weight
     if class_weight is not None:
         class_weight = class_weight.detach().contiguous()
     p = MarginParams(kind, float(s), float(m), float(m1), float(m2), float(m3),
-                     float(elm_lambda), int(ignore_index), reduction, blocks, with_stats)
+                     float(elm_lambda), int(ignore_index), reduction, blocks, with_stats,
+                     bool(normalize), row_weight is not None)
+    if not normalize and bias is not None:
+        inputs = inputs + (bias.contiguous(),)
     return MarginCrossEntropyFunction.apply(p, labels, m_vec, class_weight, *inputs)
 
 
@@ -1085,10 +1187,40 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          m: Union[float, torch.Tensor] = 0.5, m1: float = 1.0, m2: float = 0.0,
                          m3: float = 0.0, elm_lambda: float = 0.5,
                          class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                         reduction: str = "mean") -> torch.Tensor:
-    return apply(labels, features, weight, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
-                 elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
-                 reduction=reduction)
+                         reduction: str = "mean", normalize: bool = True,
+                         bias: Optional[torch.Tensor] = None,
+                         label_smoothing: float = 0.0) -> torch.Tensor:
+    """normalize=False (kinds normface, cosface, ldam): logits s * (x.W_j + b_j), the
+    kernels' products read raw (no inverse norms, no scaled copy of x), dL/db the
+    column sums of the gradient tiles. label_smoothing: the fused cross-entropy with
+    per-row weights plus an O(N D + C D) term (fused_margin.reference.smoothing),
+    arcgrad and elm with a per-class margin by the reference."""
+    eps = float(label_smoothing)
+    if not eps:
+        return apply(labels, features, weight, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+                     elm_lambda=elm_lambda, class_weight=class_weight,
+                     ignore_index=ignore_index, reduction=reduction, normalize=normalize,
+                     bias=bias)
+    from ..reference import angular as ref
+    from ..reference.reduction import reduce_loss
+    from ..reference.smoothing import needs_reference, smoothed_cross_entropy
+
+    if needs_reference(kind, m, normalize, eps):
+        return ref.margin_cross_entropy(
+            features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+            elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
+            reduction=reduction, normalize=normalize, bias=bias, label_smoothing=eps)
+
+    def ce(row_w, red_w):
+        per = apply(labels, features, weight, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+                    elm_lambda=elm_lambda, class_weight=None, ignore_index=ignore_index,
+                    reduction="none", normalize=normalize, bias=bias, row_weight=row_w)
+        return reduce_loss(per, red_w, reduction)
+
+    return smoothed_cross_entropy(
+        ce, features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+        elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
+        reduction=reduction, normalize=normalize, bias=bias, eps=eps)
 
 
 def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,
