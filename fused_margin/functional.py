@@ -35,7 +35,8 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          elm_lambda: float = 0.5, class_weight: Optional[torch.Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean",
                          normalize: bool = True, bias: Optional[torch.Tensor] = None,
-                         label_smoothing: float = 0.0, backend: str = "auto") -> torch.Tensor:
+                         label_smoothing: float = 0.0, margin_per: str = "class",
+                         backend: str = "auto") -> torch.Tensor:
     """Softmax cross-entropy over s*cos(x, W_j) with the target logit shaped by `kind`.
 
     features [N, D], weight [C, D], labels [N] int64. See docs/api.md for the kinds.
@@ -44,11 +45,25 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
     equal to F.cross_entropy(x @ W.T + bias, ...), without an N x C buffer on the
     fused backends. bias [C]: normalize=False only. label_smoothing: as
     F.cross_entropy defines it (class weights included), on the margined logits.
+    m: a number, a 0-d tensor, [C] (per class) or [N] (per sample: kinds arcface,
+    cosface, sphereface, ldam, elm); a length N and not C is per sample, and where
+    N == C, margin_per="class" (default) or "sample" says which. A per-sample m
+    carries a gradient (reference and cpu backends; the triton backend hands such
+    calls to the reference, with one warning).
     """
-    checks.margin_cross_entropy(features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2,
-                                m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
-                                ignore_index=ignore_index, reduction_=reduction,
-                                normalize=normalize, bias=bias, label_smoothing=label_smoothing)
+    mode = checks.margin_cross_entropy(features, weight, labels, kind=kind, s=s, m=m, m1=m1,
+                                       m2=m2, m3=m3, elm_lambda=elm_lambda,
+                                       class_weight=class_weight, ignore_index=ignore_index,
+                                       reduction_=reduction, normalize=normalize, bias=bias,
+                                       label_smoothing=label_smoothing, margin_per=margin_per)
+    if mode == "sample":
+        # backends take a per-sample margin as [N, 1] (a [C] one stays 1-D)
+        fn = resolve_unless("margin_cross_entropy", backend, features.device, _PER_SAMPLE_PENDING,
+                            "per-sample margins")
+        return fn(features, weight, labels, kind=kind, s=s, m=m.reshape(-1, 1), m1=m1, m2=m2,
+                  m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
+                  ignore_index=ignore_index, reduction=reduction, normalize=normalize,
+                  bias=bias, label_smoothing=float(label_smoothing))
     if normalize and bias is None and not label_smoothing:
         fn = resolve("margin_cross_entropy", backend, features.device)
         return fn(features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
@@ -65,6 +80,8 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
 # backends whose margin_cross_entropy kernel does not yet take normalize=False, bias
 # or label_smoothing: the reference serves those calls (one warning)
 _LINEAR_PENDING = {"triton": "pending in the rewritten Triton margin kernel"}
+# likewise per-sample margins (m of length N, issue 19)
+_PER_SAMPLE_PENDING = {"triton": "pending in the Triton margin kernel (issue 19)"}
 
 
 def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,
@@ -73,13 +90,20 @@ def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor,
                                      elm_lambda: float = 0.5,
                                      class_weight: Optional[torch.Tensor] = None,
                                      ignore_index: int = -100, reduction: str = "mean",
+                                     margin_per: str = "class",
                                      backend: str = "auto") -> torch.Tensor:
-    """margin_cross_entropy on precomputed cosines [N, C]."""
-    checks.margin_cross_entropy_from_cosine(cosine, labels, kind=kind, s=s, m=m, m1=m1, m2=m2,
-                                            m3=m3, elm_lambda=elm_lambda,
-                                            class_weight=class_weight,
-                                            ignore_index=ignore_index, reduction_=reduction)
-    fn = resolve("margin_cross_entropy_from_cosine", backend, cosine.device)
+    """margin_cross_entropy on precomputed cosines [N, C] (m and margin_per as there)."""
+    mode = checks.margin_cross_entropy_from_cosine(cosine, labels, kind=kind, s=s, m=m, m1=m1,
+                                                   m2=m2, m3=m3, elm_lambda=elm_lambda,
+                                                   class_weight=class_weight,
+                                                   ignore_index=ignore_index,
+                                                   reduction_=reduction, margin_per=margin_per)
+    if mode == "sample":
+        fn = resolve_unless("margin_cross_entropy_from_cosine", backend, cosine.device,
+                            _PER_SAMPLE_PENDING, "per-sample margins")
+        m = m.reshape(-1, 1)
+    else:
+        fn = resolve("margin_cross_entropy_from_cosine", backend, cosine.device)
     return fn(cosine, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
               class_weight=class_weight, ignore_index=ignore_index, reduction=reduction)
 

@@ -60,7 +60,9 @@ def _prepare(x: torch.Tensor, labels: torch.Tensor, kind: str, m, m1: float, m2:
         y = torch.where(valid, labels, torch.zeros_like(labels))
         w = w * class_weight.to(dt)[y]
     if isinstance(m, torch.Tensor):
-        marg = m.detach().to(dt).reshape(-1)
+        # [N, 1] (per sample) stays 2-D: the kernels read row i's margin then
+        marg = m.detach().to(dt)
+        marg = marg.contiguous() if marg.dim() == 2 else marg.reshape(-1)
     else:
         marg = torch.full((1,), float(m), dtype=dt)
     th, offset = combined_fallback(m1, m2) if kind == "combined" else (0.0, 0.0)
@@ -159,12 +161,57 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          reduction: str = "mean", normalize: bool = True,
                          bias: Optional[torch.Tensor] = None,
                          label_smoothing: float = 0.0) -> torch.Tensor:
+    needs_m_grad = (_per_sample(m) and m.requires_grad and torch.is_grad_enabled())
     if normalize and bias is None and not label_smoothing:
-        return _margin_ce(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda,
-                          class_weight, ignore_index, reduction)[0]
+        loss, lse_other, cos_y = _margin_ce(features, weight, labels, kind, s, m, m1, m2, m3,
+                                            elm_lambda, class_weight, ignore_index, reduction)
+        if needs_m_grad:
+            loss = loss + _margin_grad_term(lse_other, cos_y, labels, kind, s, m, m1, m2, m3,
+                                            elm_lambda, class_weight, ignore_index, reduction,
+                                            weight.shape[0])
+        return loss
+    if needs_m_grad:
+        # the linear / smoothed sweeps return no per-row statistics: the reference
+        # (N x C) serves a per-sample margin that needs a gradient there
+        from ..reference import angular as ref
+        return ref.margin_cross_entropy(
+            features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+            elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
+            reduction=reduction, normalize=normalize, bias=bias, label_smoothing=label_smoothing)
     return _linear_or_smoothed(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda,
                                class_weight, ignore_index, reduction, normalize, bias,
                                float(label_smoothing))
+
+
+def _per_sample(m) -> bool:
+    return isinstance(m, torch.Tensor) and m.dim() == 2
+
+
+def _margin_grad_term(lse_other, cos_y, labels, kind, s, m, m1, m2, m3, elm_lambda,
+                      class_weight, ignore_index, reduction, num_classes):
+    """Zero in value, d(loss)/dm in gradient, for a per-sample margin m [N, 1]: the
+    kernel's per-row loss is w_i (logaddexp(lse_other_i, s t_i) - s t_i), with t_i
+    the target transform of the sweep's (detached) cos_y and m_i; that expression,
+    at m minus at m.detach(), is exactly 0 and carries the margin's gradient. O(N)."""
+    from ..reference import angular as ref
+
+    dt = lse_other.dtype
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    w = valid.to(dt)
+    if class_weight is not None:
+        w = w * class_weight.to(dt)[y]
+
+    def per_row(mm):
+        m_y = mm.to(dt)[:, 0]
+        t = ref.target_transform(cos_y, kind, m_y, m1, m2, m3)
+        if kind == "elm" and num_classes > 1:
+            t = t + elm_lambda * m_y
+        z = s * t
+        per = torch.logaddexp(lse_other, z) - z
+        return torch.where(valid, w * per, torch.zeros_like(per))
+
+    return reduce_loss(per_row(m) - per_row(m.detach()), w, reduction)
 
 
 def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, *,
@@ -202,6 +249,12 @@ def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor,
                                      class_weight: Optional[torch.Tensor] = None,
                                      ignore_index: int = -100,
                                      reduction: str = "mean") -> torch.Tensor:
+    if _per_sample(m) and m.requires_grad and torch.is_grad_enabled():
+        # the input already is N x C: the reference carries the margin's gradient
+        from ..reference import angular as ref
+        return ref.margin_cross_entropy_from_cosine(
+            cosine, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
+            class_weight=class_weight, ignore_index=ignore_index, reduction=reduction)
     w, marg, th, offset = _prepare(cosine, labels, kind, m, m1, m2, class_weight, ignore_index)
     args = (KIND_CODES[kind], float(s), float(m1), float(m2), float(m3), float(elm_lambda),
             float(th), float(offset), int(ignore_index))

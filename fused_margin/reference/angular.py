@@ -61,8 +61,12 @@ def cosine(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _per_row(m: Union[float, torch.Tensor], idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The margin of each row at class idx: m scalar, [C] (m[idx]) or per sample
+    [N, 1] (row i's own m, whatever idx: ELM's c* term reads it too)."""
     if isinstance(m, torch.Tensor):
         m = m.to(like.dtype)
+        if m.dim() == 2:
+            return m[:, 0]
         return m.expand(like.shape[0]) if m.dim() == 0 else m[idx]
     return torch.full_like(like, float(m))
 
