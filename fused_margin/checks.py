@@ -178,7 +178,7 @@ def combined_margins(kind: str, m1: float, m2: float) -> None:
 
 def margin_cross_entropy(features, weight, labels_, *, kind, s, m, m1, m2, m3, elm_lambda,
                          class_weight, ignore_index, reduction_, normalize=True, bias=None,
-                         label_smoothing=0.0, margin_per=None) -> str:
+                         label_smoothing=0.0, margin_per=None, sub_centers=1) -> str:
     """Returns the margin's mode ("scalar", "class", "sample"); margin_per=None
     accepts no per-sample margin (callers that do not serve one)."""
     tensor("features", features, dim=2, floating=True)
@@ -187,7 +187,15 @@ def margin_cross_entropy(features, weight, labels_, *, kind, s, m, m1, m2, m3, e
         raise ValueError(f"features [N, D] and weight [C, D] disagree on D: "
                          f"{tuple(features.shape)} vs {tuple(weight.shape)}")
     same_dtype(features=features, weight=weight)
-    mode = _margin_common(features.shape[0], weight.shape[0], labels_, kind=kind, s=s, m=m,
+    integer("sub_centers", sub_centers, minimum=1)
+    if weight.shape[0] % sub_centers:
+        raise ValueError(f"with sub_centers={sub_centers}, weight must be [C*K, D] (rows c*K .. "
+                         f"c*K+K-1 for class c); {weight.shape[0]} rows is not a multiple of "
+                         f"{sub_centers}")
+    if sub_centers > 1 and not normalize:
+        raise ValueError("sub_centers applies to cosines (normalize=True) only")
+    mode = _margin_common(features.shape[0], weight.shape[0] // sub_centers, labels_,
+                          kind=kind, s=s, m=m,
                           m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
                           ignore_index=ignore_index, reduction_=reduction_,
                           margin_per=margin_per)

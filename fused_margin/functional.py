@@ -36,7 +36,7 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          ignore_index: int = -100, reduction: str = "mean",
                          normalize: bool = True, bias: Optional[torch.Tensor] = None,
                          label_smoothing: float = 0.0, margin_per: str = "class",
-                         backend: str = "auto") -> torch.Tensor:
+                         sub_centers: int = 1, backend: str = "auto") -> torch.Tensor:
     """Softmax cross-entropy over s*cos(x, W_j) with the target logit shaped by `kind`.
 
     features [N, D], weight [C, D], labels [N] int64. See docs/api.md for the kinds.
@@ -50,12 +50,24 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
     N == C, margin_per="class" (default) or "sample" says which. A per-sample m
     carries a gradient (reference and cpu backends; the triton backend hands such
     calls to the reference, with one warning).
+    sub_centers=K (sub-centre ArcFace, any kind): weight [C*K, D], rows c*K .. c*K+K-1
+    the sub-centres of class c; each class's cosine is the max over its sub-centres
+    (gradient to the arg-max), then the kind's margin. Triton: served by the reference.
     """
     mode = checks.margin_cross_entropy(features, weight, labels, kind=kind, s=s, m=m, m1=m1,
                                        m2=m2, m3=m3, elm_lambda=elm_lambda,
                                        class_weight=class_weight, ignore_index=ignore_index,
                                        reduction_=reduction, normalize=normalize, bias=bias,
-                                       label_smoothing=label_smoothing, margin_per=margin_per)
+                                       label_smoothing=label_smoothing, margin_per=margin_per,
+                                       sub_centers=sub_centers)
+    if sub_centers > 1:
+        fn = resolve_unless("margin_cross_entropy", backend, features.device, _SUB_CENTER_PENDING,
+                            "sub_centers")
+        return fn(features, weight, labels, kind=kind, s=s,
+                  m=m.reshape(-1, 1) if mode == "sample" else m, m1=m1, m2=m2, m3=m3,
+                  elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
+                  reduction=reduction, normalize=normalize, bias=bias,
+                  label_smoothing=float(label_smoothing), sub_centers=sub_centers)
     if mode == "sample":
         # backends take a per-sample margin as [N, 1] (a [C] one stays 1-D)
         fn = resolve_unless("margin_cross_entropy", backend, features.device, _PER_SAMPLE_PENDING,
@@ -82,6 +94,7 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
 _LINEAR_PENDING = {"triton": "pending in the rewritten Triton margin kernel"}
 # likewise per-sample margins (m of length N, issue 19)
 _PER_SAMPLE_PENDING = {"triton": "pending in the Triton margin kernel (issue 19)"}
+_SUB_CENTER_PENDING = _PER_SAMPLE_PENDING
 
 
 def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,

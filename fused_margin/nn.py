@@ -21,6 +21,7 @@ __all__ = [
     "ArcGrad", "AdaCos", "LDAM", "ELM", "CenterLoss", "Sigma2R", "WassersteinLoss",
     "TripletMarginLoss", "SoftNearestNeighborLoss", "ShardedMarginLoss", "GitLoss",
     "TripletCenterLoss", "ContrastiveLoss", "LinearCrossEntropy", "MSoftmax",
+    "SubCenterArcFace",
 ]
 
 
@@ -184,6 +185,73 @@ class ELM(MarginLoss):
         margins = ldam_margins(class_counts, max_m)
         super().__init__(in_features, margins.numel(), kind="elm", s=s, m=margins,
                          elm_lambda=lam, **kw)
+
+
+class SubCenterArcFace(MarginLoss):
+    """Sub-centre ArcFace (Deng et al., ECCV 2020): K sub-centres per class in
+    `weight` [C*K, D] (rows c*K .. c*K+K-1 for class c, pytorch-metric-learning's
+    column order); a class's cosine is the max over its sub-centres, then the
+    `kind`'s margin (ArcFace by default). margin_cross_entropy(sub_centers=K)."""
+
+    def __init__(self, in_features: int, num_classes: int, sub_centers: int = 3,
+                 s: float = 64.0, m: float = 0.5, kind: str = "arcface", **kw):
+        if isinstance(sub_centers, bool) or not isinstance(sub_centers, int) or sub_centers < 1:
+            raise ValueError(f"sub_centers must be a positive int, got {sub_centers!r}")
+        self.sub_centers = sub_centers
+        super().__init__(in_features, num_classes, kind=kind, s=s, m=m, **kw)
+        self.weight = nn.Parameter(torch.empty(num_classes * sub_centers, in_features))
+        self.reset_parameters()
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.margin_cross_entropy(
+            features, self.weight, labels, kind=self.kind, s=self.scale(), m=self.m, m1=self.m1,
+            m2=self.m2, m3=self.m3, elm_lambda=self.elm_lambda, class_weight=self.class_weight,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+            sub_centers=self.sub_centers, backend=self.backend)
+
+    @torch.no_grad()
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """s * max_k cos(x, W_{c,k}), [N, C], no margin."""
+        cos = F.scaled_cosine(features, self.weight, 1.0, backend="auto")
+        n = cos.shape[0]
+        return self.scale() * cos.view(n, self.num_classes, self.sub_centers).amax(dim=2)
+
+    @torch.no_grad()
+    def get_outliers(self, features: torch.Tensor, labels: torch.Tensor, threshold: float = 75.0,
+                     return_dominant_centers: bool = True):
+        """The paper's clean-up step, as pytorch-metric-learning names it: per class,
+        the dominant sub-centre is the one most of the class's samples (in this
+        call) are closest to (the first on ties; sub-centre 0 for a class without
+        samples); a sample whose angle to its class's dominant sub-centre exceeds
+        `threshold` degrees is an outlier. Returns the outliers' indices (int64,
+        increasing) and, unless return_dominant_centers=False, the dominant
+        sub-centres [C, D] (rows of `weight`; PML returns them transposed, [D, C])."""
+        from .reference.angular import inv_norm
+        if features.dim() != 2 or labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError("features must be [N, D] and labels [N]")
+        c, k = self.num_classes, self.sub_centers
+        w = self.weight.detach()
+        x = features.detach().to(w.dtype)
+        valid = labels != self.ignore_index
+        if bool(((labels[valid] < 0) | (labels[valid] >= c)).any()):
+            raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index")
+        y = torch.where(valid, labels, torch.zeros_like(labels))
+        wn = (w * inv_norm(w)[:, None]).view(c, k, -1)
+        xn = x * inv_norm(x)[:, None]
+        cos = torch.einsum("nd,nkd->nk", xn, wn[y])  # each sample vs its class's sub-centres
+        nearest = cos.argmax(dim=1)
+        counts = torch.zeros(c * k, dtype=torch.int64, device=w.device)
+        counts.index_add_(0, (y * k + nearest)[valid],
+                          torch.ones(int(valid.sum()), dtype=torch.int64, device=w.device))
+        dominant = counts.view(c, k).argmax(dim=1)  # first maximum on ties
+        to_dominant = cos.gather(1, dominant[y][:, None])[:, 0]
+        outliers = (valid & (to_dominant < math.cos(math.radians(threshold)))).nonzero()[:, 0]
+        if not return_dominant_centers:
+            return outliers
+        return outliers, w.view(c, k, -1)[torch.arange(c, device=w.device), dominant]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", sub_centers={self.sub_centers}"
 
 
 # ------------------------------------------------------------ feature space

@@ -184,14 +184,16 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean", normalize: bool = True,
                          bias: Optional[torch.Tensor] = None,
-                         label_smoothing: float = 0.0) -> torch.Tensor:
+                         label_smoothing: float = 0.0, sub_centers: int = 1) -> torch.Tensor:
     """normalize=False (kinds LINEAR_KINDS): logits s * (x.W_j + b_j), the target's
     lowered by s * m_y (cosface, ldam); normface with s=1 is plain linear
-    cross-entropy. bias (optional [C], normalize=False only) joins the raw dot products."""
+    cross-entropy. bias (optional [C], normalize=False only) joins the raw dot products.
+    sub_centers=K: weight [C*K, D], rows c*K .. c*K+K-1 the sub-centres of class c; a
+    class's cosine is the max over its sub-centres (gradient to the arg-max)."""
     if normalize:
         if bias is not None:
             raise ValueError("bias applies only with normalize=False")
-        cos = cosine(features, weight)
+        cos = subcenter_max(cosine(features, weight), sub_centers)
     else:
         if kind not in LINEAR_KINDS:
             raise ValueError(f"normalize=False supports kinds {LINEAR_KINDS}, got {kind!r}")
@@ -200,6 +202,15 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
         cos, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
         elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
         reduction=reduction, label_smoothing=label_smoothing)
+
+
+def subcenter_max(cos: torch.Tensor, sub_centers: int) -> torch.Tensor:
+    """[N, C*K] cosines -> [N, C]: the max over each class's K sub-centres (torch.max's
+    gradient goes to one arg-max per class)."""
+    if sub_centers == 1:
+        return cos
+    n, ck = cos.shape
+    return cos.view(n, ck // sub_centers, sub_centers).max(dim=2).values
 
 
 def scaled_cosine(features: torch.Tensor, weight: torch.Tensor, s: float) -> torch.Tensor:
