@@ -21,7 +21,7 @@ __all__ = [
     "ArcGrad", "AdaCos", "LDAM", "ELM", "CenterLoss", "Sigma2R", "WassersteinLoss",
     "TripletMarginLoss", "SoftNearestNeighborLoss", "ShardedMarginLoss", "GitLoss",
     "TripletCenterLoss", "ContrastiveLoss", "LinearCrossEntropy", "MSoftmax",
-    "SubCenterArcFace",
+    "SubCenterArcFace", "MagFace", "ElasticFace",
 ]
 
 
@@ -252,6 +252,132 @@ class SubCenterArcFace(MarginLoss):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", sub_centers={self.sub_centers}"
+
+
+def _valid_mean(v: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """A per-sample regulariser reduced as the cross-entropy is (ignored rows left out)."""
+    v = torch.where(valid, v, torch.zeros_like(v))
+    if reduction == "none":
+        return v
+    if reduction == "sum":
+        return v.sum()
+    count = valid.sum()
+    return v.sum() / torch.clamp(count, min=1).to(v.dtype)
+
+
+class MagFace(MarginLoss):
+    """MagFace (Meng et al., CVPR 2021): ArcFace whose margin grows with the feature
+    magnitude a_i = ||x_i|| clipped to [l_a, u_a] (Eq. 3 with the linear m(a) of the
+    paper's code), m(a) = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m, plus the
+    regulariser lambda_g * g(a_i), g(a) = 1/a + a/u_a^2 (Eq. 5), averaged over the
+    labelled rows. The magnitude keeps its gradient, through the margin (a per-sample
+    margin of the fused kernel) and through g. Defaults: the official code's
+    (s=64, l_a=10, u_a=110, l_m=0.45, u_m=0.8, lambda_g=35)."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, l_a: float = 10.0,
+                 u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8,
+                 lambda_g: float = 35.0, **kw):
+        if not 0 < l_a < u_a:
+            raise ValueError(f"MagFace needs 0 < l_a < u_a, got l_a={l_a}, u_a={u_a}")
+        if not -math.pi / 2 <= l_m <= math.pi / 2 or not -math.pi / 2 <= u_m <= math.pi / 2:
+            raise ValueError(f"MagFace margins must lie in [-pi/2, pi/2], got {l_m}, {u_m}")
+        super().__init__(in_features, num_classes, kind="arcface", s=s, m=0.0, **kw)
+        self.l_a, self.u_a, self.l_m, self.u_m = float(l_a), float(u_a), float(l_m), float(u_m)
+        self.lambda_g = float(lambda_g)
+
+    def magnitude(self, features: torch.Tensor) -> torch.Tensor:
+        return features.norm(dim=1).clamp(self.l_a, self.u_a)
+
+    def margin(self, a: torch.Tensor) -> torch.Tensor:
+        return (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        a = self.magnitude(features)
+        ce = F.margin_cross_entropy(
+            features, self.weight, labels, kind="arcface", s=self.scale(), m=self.margin(a),
+            margin_per="sample", class_weight=self.class_weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, backend=self.backend)
+        g = 1.0 / a + a / (self.u_a ** 2)
+        reg = _valid_mean(g.to(ce.dtype), labels != self.ignore_index, self.reduction)
+        return ce + self.lambda_g * reg
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", l_a={self.l_a:g}, u_a={self.u_a:g}, l_m={self.l_m:g}, "
+                f"u_m={self.u_m:g}, lambda_g={self.lambda_g:g}")
+
+
+# ElasticFace's margins (the official config/config.py): (m, std) by variant and "+"
+_ELASTIC_DEFAULTS = {("arc", False): (0.50, 0.05), ("arc", True): (0.50, 0.0175),
+                     ("cos", False): (0.35, 0.05), ("cos", True): (0.35, 0.02)}
+
+
+class ElasticFace(MarginLoss):
+    """ElasticFace (Boutros et al., CVPRW 2022): ArcFace (variant="arc", Eq. 5) or
+    CosFace (variant="cos", Eq. 6) whose margin is drawn per sample from N(m, std)
+    at every training-mode forward (`generator` for reproducibility); plus=True
+    (ElasticFace+, Eq. 7) sorts the draws and hands the smallest margin to the sample
+    closest to its class centre (largest target cosine), the largest to the farthest.
+    In eval mode the margin is m for every sample (deterministic). Defaults: the
+    official config's (s=64; arc m=0.5, std 0.05, arc+ 0.0175; cos m=0.35, std 0.05,
+    cos+ 0.02). Draws are clipped to [-pi/2, pi/2] for "arc" (the arcface range)."""
+
+    def __init__(self, in_features: int, num_classes: int, variant: str = "arc",
+                 plus: bool = False, s: float = 64.0, m: Optional[float] = None,
+                 std: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                 **kw):
+        if variant not in ("arc", "cos"):
+            raise ValueError(f"variant must be 'arc' or 'cos', got {variant!r}")
+        dm, dstd = _ELASTIC_DEFAULTS[(variant, bool(plus))]
+        m = dm if m is None else float(m)
+        std = dstd if std is None else float(std)
+        if not (math.isfinite(std) and std >= 0):
+            raise ValueError(f"std must be finite and >= 0, got {std}")
+        super().__init__(in_features, num_classes, kind="arcface" if variant == "arc" else "cosface",
+                         s=s, m=m, **kw)
+        self.variant, self.plus, self.std, self.generator = variant, bool(plus), std, generator
+
+    @torch.no_grad()
+    def draw_margins(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """This step's per-sample margins [N] (float32 for half inputs)."""
+        n = features.shape[0]
+        dt = torch.float64 if features.dtype == torch.float64 else torch.float32
+        gen = self.generator
+        draw = torch.randn(n, generator=gen, dtype=dt,
+                           device=gen.device if gen is not None else "cpu")
+        m = (self.m + self.std * draw).to(features.device)
+        if self.variant == "arc":
+            m = m.clamp(-math.pi / 2, math.pi / 2)
+        if self.plus and n:
+            valid = labels != self.ignore_index
+            y = torch.where(valid, labels, torch.zeros_like(labels))
+            cos_y = _target_cosine(features.detach(), self.weight.detach(), y)
+            cos_y = torch.where(valid, cos_y, torch.full_like(cos_y, -math.inf))
+            order = torch.argsort(cos_y, descending=True, stable=True)
+            out = torch.empty_like(m)
+            out[order] = torch.sort(m).values  # the largest cosine gets the smallest margin
+            m = out
+        return m
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(features, labels)
+        return F.margin_cross_entropy(
+            features, self.weight, labels, kind=self.kind, s=self.scale(),
+            m=self.draw_margins(features, labels), margin_per="sample",
+            class_weight=self.class_weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", variant={self.variant!r}, plus={self.plus}, "
+                f"m={self.m:g}, std={self.std:g}")
+
+
+def _target_cosine(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """cos(x_i, W_{y_i}) [N], O(N D) (no N x C)."""
+    from .reference.angular import compute_dtype, inv_norm
+    dt = compute_dtype(x.dtype)
+    x, wy = x.to(dt), w[y].to(dt)
+    return (x * wy).sum(1) * inv_norm(x) * inv_norm(wy)
 
 
 # ------------------------------------------------------------ feature space
