@@ -51,7 +51,8 @@ constexpr double kNormEps = 1e-12;  // reference/angular.py NORM_EPS
 constexpr double kCosEps = 1e-6;    // reference/angular.py COS_EPS
 constexpr double kPi = 3.14159265358979323846;
 
-enum Kind : int64_t { NORMFACE = 0, ARCFACE, COSFACE, SPHEREFACE, COMBINED, LDAM, ELM, ARCGRAD };
+enum Kind : int64_t { NORMFACE = 0, ARCFACE, COSFACE, SPHEREFACE, COMBINED, LDAM, ELM, ARCGRAD, ADAFACE };
+constexpr double kAdaEps = 1e-3;  // reference/angular.py ADAFACE_EPS: AdaFace's clip of theta
 
 struct Cfg {
   int64_t kind;
@@ -73,7 +74,7 @@ FM_INLINE bool in_clamp(T c) { return c >= T(-1.0 + kCosEps) && c <= T(1.0 - kCo
 
 // The kinds whose target logit is a function of the clamped cosine (reference THETA_KINDS).
 FM_INLINE bool theta_kind(int64_t k) {
-  return k == ARCFACE || k == COMBINED || k == SPHEREFACE || k == ARCGRAD;
+  return k == ARCFACE || k == COMBINED || k == SPHEREFACE || k == ARCGRAD || k == ADAFACE;
 }
 
 // Non-target logit and its derivative in the cosine (arcgrad: -s*theta).
@@ -108,6 +109,16 @@ void target_of(T cos, T my, const Cfg& g, T* val, T* der) {
     return;
   }
   const T theta = std::acos(c);
+  if (k == ADAFACE) {
+    // AdaFace: cos(clip(theta - m2 * r, eps, pi - eps)) - m2 * (1 + r), r = my; the clip
+    // is torch.clip's (no gradient outside)
+    const T a = theta - T(g.m2) * my;
+    const T lo = T(kAdaEps), hi = T(kPi - kAdaEps);
+    const T ac = std::min(std::max(a, lo), hi);
+    *val = std::cos(ac) - T(g.m2) * (T(1) + my);
+    *der = (a >= lo && a <= hi) ? mask * std::sin(ac) / sn : T(0);
+    return;
+  }
   if (k == SPHEREFACE) {
     const T kk = std::floor(my * theta / T(kPi));
     const T sign = T(1) - T(2) * (kk - T(2) * std::floor(kk / T(2)));
@@ -391,7 +402,7 @@ void check_cstar(const at::Tensor& cstar, int64_t c) {
 
 Cfg make_cfg(int64_t kind, double s, double m1, double m2, double m3, double elm_lambda,
              double th, double offset, int64_t ignore_index) {
-  TORCH_CHECK(kind >= NORMFACE && kind <= ARCGRAD, "margin_cross_entropy: unknown kind ", kind);
+  TORCH_CHECK(kind >= NORMFACE && kind <= ADAFACE, "margin_cross_entropy: unknown kind ", kind);
   return Cfg{kind, s, m1, m2, m3, elm_lambda, th, offset, ignore_index};
 }
 
@@ -898,7 +909,8 @@ at::Tensor cosine_ce_bwd(const at::Tensor& grad, const at::Tensor& cos, const at
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fused_margin, m) {
-  // kind: 0 normface, 1 arcface, 2 cosface, 3 sphereface, 4 combined, 5 ldam, 6 elm, 7 arcgrad.
+  // kind: 0 normface, 1 arcface, 2 cosface, 3 sphereface, 4 combined, 5 ldam, 6 elm, 7 arcgrad,
+  // 8 adaface.
   // row_weight: class weight of each row's target, 0 for ignored rows; margin: [1], [C] or [N, 1] (per sample);
   // (th, offset): reference.angular.combined_fallback(m1, m2). angular_ce_fwd returns per-row
   // loss, lse, c*, lse_other, cos_y; angular_ce_fused loss, gx, gw, lse_other, cos_y

@@ -13,7 +13,8 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
-MARGIN_KINDS = ("normface", "arcface", "cosface", "sphereface", "combined", "ldam", "elm", "arcgrad")
+MARGIN_KINDS = ("normface", "arcface", "cosface", "sphereface", "combined", "ldam", "elm", "arcgrad",
+                "adaface")
 # kinds whose margin may be a per-class tensor [C]
 PER_CLASS_KINDS = ("arcface", "cosface", "ldam", "elm")
 MINING = ("semihard", "hard", "all")
@@ -106,7 +107,7 @@ def class_vector(name: str, v, num_classes: int, *, nonnegative: bool = True) ->
 MARGIN_PER = ("class", "sample")
 # kinds whose margin may be a per-sample tensor [N] (combined's m1/m2/m3 stay scalars;
 # normface and arcgrad have no margin)
-PER_SAMPLE_KINDS = ("arcface", "cosface", "sphereface", "ldam", "elm")
+PER_SAMPLE_KINDS = ("arcface", "cosface", "sphereface", "ldam", "elm", "adaface")
 
 
 def margin_mode(m, num_classes: int, n: Optional[int], margin_per: str = "class") -> str:

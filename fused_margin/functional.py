@@ -60,6 +60,14 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                                        reduction_=reduction, normalize=normalize, bias=bias,
                                        label_smoothing=label_smoothing, margin_per=margin_per,
                                        sub_centers=sub_centers)
+    if kind == "adaface":
+        fn = resolve_unless("margin_cross_entropy", backend, features.device, _PER_SAMPLE_PENDING,
+                            "kind='adaface'")
+        return fn(features, weight, labels, kind=kind, s=s,
+                  m=m.reshape(-1, 1) if mode == "sample" else m, m1=m1, m2=m2, m3=m3,
+                  elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
+                  reduction=reduction, normalize=normalize, bias=bias,
+                  label_smoothing=float(label_smoothing), sub_centers=sub_centers)
     if sub_centers > 1:
         fn = resolve_unless("margin_cross_entropy", backend, features.device, _SUB_CENTER_PENDING,
                             "sub_centers")
@@ -111,10 +119,12 @@ def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor,
                                                    class_weight=class_weight,
                                                    ignore_index=ignore_index,
                                                    reduction_=reduction, margin_per=margin_per)
-    if mode == "sample":
+    if mode == "sample" or kind == "adaface":
         fn = resolve_unless("margin_cross_entropy_from_cosine", backend, cosine.device,
-                            _PER_SAMPLE_PENDING, "per-sample margins")
-        m = m.reshape(-1, 1)
+                            _PER_SAMPLE_PENDING,
+                            "kind='adaface'" if kind == "adaface" else "per-sample margins")
+        if mode == "sample":
+            m = m.reshape(-1, 1)
     else:
         fn = resolve("margin_cross_entropy_from_cosine", backend, cosine.device)
     return fn(cosine, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,

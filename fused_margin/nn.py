@@ -21,7 +21,7 @@ __all__ = [
     "ArcGrad", "AdaCos", "LDAM", "ELM", "CenterLoss", "Sigma2R", "WassersteinLoss",
     "TripletMarginLoss", "SoftNearestNeighborLoss", "ShardedMarginLoss", "GitLoss",
     "TripletCenterLoss", "ContrastiveLoss", "LinearCrossEntropy", "MSoftmax",
-    "SubCenterArcFace", "MagFace", "ElasticFace",
+    "SubCenterArcFace", "MagFace", "ElasticFace", "AdaFace",
 ]
 
 
@@ -304,6 +304,53 @@ class MagFace(MarginLoss):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", l_a={self.l_a:g}, u_a={self.u_a:g}, l_m={self.l_m:g}, "
                 f"u_m={self.u_m:g}, lambda_g={self.lambda_g:g}")
+
+
+class AdaFace(MarginLoss):
+    """AdaFace (Kim et al., CVPR 2022): margins from the feature norm. With a_i =
+    clip(||x_i||, 0.001, 100) (detached) and mu, sigma running averages of the batch
+    mean and std of a (buffers `batch_mean`, `batch_std`, initial 20 and 100 as in the
+    official code; in training mode each forward first folds this batch in with
+    momentum t_alpha, then uses them), r_i = clip(h (a_i - mu) / (sigma + eps), -1, 1)
+    and the target logit s*(cos(clip(theta_y - m r_i, eps, pi - eps)) - m (1 + r_i))
+    (g_angle = -m r, g_add = m r + m; Eq. 11-12), kind "adaface" of the fused kernel
+    with the per-sample r. Eval mode uses the stored statistics unchanged. Defaults:
+    the paper's (m=0.4, h=0.333, s=64, momentum t_alpha=0.01)."""
+
+    def __init__(self, in_features: int, num_classes: int, m: float = 0.4, h: float = 0.333,
+                 s: float = 64.0, t_alpha: float = 0.01, eps: float = 1e-3, **kw):
+        if not 0 < t_alpha <= 1:
+            raise ValueError(f"t_alpha must lie in (0, 1], got {t_alpha}")
+        if not h > 0:
+            raise ValueError(f"h must be > 0, got {h}")
+        super().__init__(in_features, num_classes, kind="adaface", s=s, m=0.0, m2=float(m), **kw)
+        self.margin, self.h, self.t_alpha, self.eps = float(m), float(h), float(t_alpha), float(eps)
+        self.register_buffer("batch_mean", torch.tensor(20.0))
+        self.register_buffer("batch_std", torch.tensor(100.0))
+
+    @torch.no_grad()
+    def scaler(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """r [N], updating the running statistics first in training mode."""
+        a = features.detach().float().norm(dim=1).clamp(0.001, 100)
+        valid = labels != self.ignore_index
+        if self.training and int(valid.sum()) >= 2:
+            av = a[valid]
+            t = self.t_alpha
+            self.batch_mean.mul_(1 - t).add_(t * av.mean())
+            self.batch_std.mul_(1 - t).add_(t * av.std())
+        r = (a - self.batch_mean) / (self.batch_std + self.eps) * self.h
+        return r.clamp(-1, 1).to(torch.float64 if features.dtype == torch.float64
+                                  else torch.float32)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.margin_cross_entropy(
+            features, self.weight, labels, kind="adaface", s=self.scale(),
+            m=self.scaler(features, labels), m2=self.margin, margin_per="sample",
+            class_weight=self.class_weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", m={self.margin:g}, h={self.h:g}, t_alpha={self.t_alpha:g}"
 
 
 # ElasticFace's margins (the official config/config.py): (m, std) by variant and "+"

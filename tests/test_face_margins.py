@@ -114,3 +114,90 @@ def test_elasticface_arguments():
     x, y = data()
     torch.testing.assert_close(mod.draw_margins(x, y), torch.full((8,), 0.4, dtype=x.dtype))
     assert "variant='arc'" in repr(mod) and "lambda_g=35" in repr(fm.nn.MagFace(4, 5))
+
+
+# ------------------------------------------------------------------ AdaFace
+
+def adaface_target(cy, r, m):
+    theta = torch.acos(cy.clamp(-1 + 1e-6, 1 - 1e-6))
+    return torch.cos(torch.clip(theta - m * r, 1e-3, math.pi - 1e-3)) - (m * r + m)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adaface_kind_is_its_equation(backend):
+    x, y = data(n=9)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    r = torch.rand(9, generator=g, dtype=torch.float64) * 2 - 1
+    x[1] = w[y[1]] * 3  # theta = 0: the clip at eps
+    cos = torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(w).T
+    v = y != -100
+    cy = cos[v].gather(1, y[v][:, None])[:, 0]
+    z = 10 * cos[v].scatter(1, y[v][:, None], adaface_target(cy, r[v], 0.4)[:, None])
+    got = fm.margin_cross_entropy(x, w, y, kind="adaface", s=10.0, m=r, m2=0.4,
+                                  margin_per="sample", backend=backend)
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(z, y[v]))
+
+
+def test_adaface_gradcheck_reference():
+    x, y = data(n=5, c=3, scale=1.0)
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    r = torch.linspace(-1, 1, 5, dtype=torch.float64, requires_grad=True)
+    x = x.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b, rr: fm.margin_cross_entropy(a, b, y, kind="adaface", s=6.0, m=rr, m2=0.4,
+                                                 backend="reference"), (x, w, r))
+
+
+@pytest.mark.skipif(not CPU_OK, reason="no C++ extension")
+@pytest.mark.parametrize("fused", [True, False])
+def test_adaface_kind_cpu_matches_reference(fused, monkeypatch):
+    from fused_margin.cpu import angular as cpu
+    monkeypatch.setattr(cpu, "FUSED", fused)
+    x, y = data(n=9)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    r = torch.rand(9, generator=g, dtype=torch.float64) * 2 - 1
+    x[1] = w[y[1]] * 3
+    out = {}
+    for backend in ("reference", "cpu"):
+        a, b, rr = (t.clone().requires_grad_() for t in (x, w, r))
+        loss = fm.margin_cross_entropy(a, b, y, kind="adaface", s=10.0, m=rr, m2=0.4,
+                                       reduction="sum", backend=backend)
+        out[backend] = (loss,) + torch.autograd.grad(loss, (a, b, rr))
+    for p, q in zip(out["reference"], out["cpu"]):
+        torch.testing.assert_close(q, p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adaface_module_statistics(backend):
+    x, y = data(n=10, scale=5.0)
+    mod = fm.nn.AdaFace(4, 5, backend=backend).double()
+    assert set(mod.state_dict()) == {"weight", "batch_mean", "batch_std"}
+    a = x.norm(dim=1).clamp(0.001, 100)
+    v = y != -100
+    mu = 0.99 * 20 + 0.01 * a[v].mean()
+    sd = 0.99 * 100 + 0.01 * a[v].std()
+    r = ((a - mu) / (sd + 1e-3) * 0.333).clamp(-1, 1)
+    want = fm.margin_cross_entropy(x, mod.weight, y, kind="adaface", s=64.0, m=r, m2=0.4,
+                                   margin_per="sample", backend="reference")
+    torch.testing.assert_close(mod(x, y), want)
+    torch.testing.assert_close(mod.batch_mean, mu.to(mod.batch_mean.dtype))
+    torch.testing.assert_close(mod.batch_std, sd.to(mod.batch_std.dtype))
+    mod.eval()
+    before = mod.state_dict()["batch_mean"].clone()
+    mod(x, y)
+    assert torch.equal(mod.batch_mean, before)  # eval: statistics frozen
+    clone = fm.nn.AdaFace(4, 5).double()
+    clone.load_state_dict(mod.state_dict())
+    clone.eval()
+    torch.testing.assert_close(clone(x, y), mod(x, y))
+
+
+def test_adaface_checks():
+    x, y = data()
+    w = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="per-class"):
+        fm.margin_cross_entropy(x, w, y, kind="adaface", m=torch.zeros(5, dtype=x.dtype))
+    with pytest.raises(ValueError, match="t_alpha"):
+        fm.nn.AdaFace(4, 5, t_alpha=0.0)

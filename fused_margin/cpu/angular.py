@@ -22,7 +22,7 @@ ops = torch.ops.fused_margin
 # its gradient reaches the kernels as a per-row grad_output.
 
 KIND_CODES = {"normface": 0, "arcface": 1, "cosface": 2, "sphereface": 3, "combined": 4,
-              "ldam": 5, "elm": 6, "arcgrad": 7}
+              "ldam": 5, "elm": 6, "arcgrad": 7, "adaface": 8}
 # Class-tiled path (no gradients, reduction="none", or FUSED off): classes per GEMM
 # block; tests shrink it to exercise tiling.
 CLASS_BLOCK = int(os.environ.get("FUSED_MARGIN_CPU_CLASS_BLOCK", "4096"))

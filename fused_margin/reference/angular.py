@@ -32,7 +32,8 @@ from .reduction import reduce_loss
 
 NORM_EPS = 1e-12
 COS_EPS = 1e-6
-THETA_KINDS = ("arcface", "combined", "sphereface", "arcgrad")
+THETA_KINDS = ("arcface", "combined", "sphereface", "arcgrad", "adaface")
+ADAFACE_EPS = 1e-3  # AdaFace's clip of the margined angle to [eps, pi - eps]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,6 +99,10 @@ def target_transform(cos_y: torch.Tensor, kind: str, m_y: torch.Tensor, m1: floa
         phi = c * torch.cos(m_y) - sin * torch.sin(m_y)
         return torch.where(c > torch.cos(math.pi - m_y), phi, c - m_y * torch.sin(m_y))
     theta = torch.acos(c)
+    if kind == "adaface":
+        # AdaFace (Kim et al. 2022, Eq. 11-12): m_y is the clipped norm-hat r, m2 the margin
+        a = torch.clip(theta - m2 * m_y, ADAFACE_EPS, math.pi - ADAFACE_EPS)
+        return torch.cos(a) - m2 * (1 + m_y)
     if kind == "sphereface":
         k = torch.floor(m_y * theta / math.pi).detach()
         sign = 1 - 2 * torch.remainder(k, 2)
