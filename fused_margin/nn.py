@@ -21,7 +21,7 @@ __all__ = [
     "ArcGrad", "AdaCos", "LDAM", "ELM", "CenterLoss", "Sigma2R", "WassersteinLoss",
     "TripletMarginLoss", "SoftNearestNeighborLoss", "ShardedMarginLoss", "GitLoss",
     "TripletCenterLoss", "ContrastiveLoss", "LinearCrossEntropy", "MSoftmax",
-    "SubCenterArcFace", "MagFace", "ElasticFace", "AdaFace",
+    "SubCenterArcFace", "MagFace", "ElasticFace", "AdaFace", "CurricularFace",
 ]
 
 
@@ -351,6 +351,64 @@ class AdaFace(MarginLoss):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", m={self.margin:g}, h={self.h:g}, t_alpha={self.t_alpha:g}"
+
+
+class CurricularFace(MarginLoss):
+    """CurricularFace (Huang et al., CVPR 2020): the ArcFace target s*cos(theta_y + m)
+    (insightface's fallback past pi - m) and each hard negative, cos_j > cos(theta_y + m),
+    re-weighted to s*cos_j*(t + cos_j); t (buffer) is the running average of the batch's
+    mean target cosine, momentum 0.01, updated at the start of each training-mode forward
+    (as the official code does) and held fixed (no gradient) within the step; eval mode
+    leaves it. The hard-negative transform is not in the fused kernels yet: this module
+    runs the eager reference (N x C); backend="cpu" or "triton" raises NotImplementedError,
+    "auto" warns once. Defaults: the paper's (m=0.5, s=64, momentum 0.01, t starts at 0)."""
+
+    _warned = False
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5,
+                 momentum: float = 0.01, **kw):
+        if not 0 < momentum <= 1:
+            raise ValueError(f"momentum must lie in (0, 1], got {momentum}")
+        super().__init__(in_features, num_classes, kind="arcface", s=s, m=m, **kw)
+        self.momentum = float(momentum)
+        self.register_buffer("t", torch.zeros(()))
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from . import checks
+        from .reference.angular import compute_dtype, curricular_cross_entropy, inv_norm
+        if self.backend in ("cpu", "triton"):
+            raise NotImplementedError(
+                f"CurricularFace's hard-negative transform cos_j*(t + cos_j) is not in the "
+                f"{self.backend} kernel yet (issue 19); use backend='reference' (or 'auto', "
+                "which runs the reference)")
+        checks.margin_cross_entropy(features, self.weight, labels, kind="arcface", s=self.s,
+                                    m=self.m, m1=1.0, m2=0.0, m3=0.0, elm_lambda=0.0,
+                                    class_weight=self.class_weight,
+                                    ignore_index=self.ignore_index, reduction_=self.reduction)
+        checks.choice("backend", self.backend, ("auto", "reference"))
+        if self.backend == "auto" and not CurricularFace._warned:
+            CurricularFace._warned = True
+            import warnings
+            warnings.warn("fused_margin: CurricularFace runs the PyTorch reference (N x C) until "
+                          "the fused kernels take its hard-negative transform (issue 19)",
+                          RuntimeWarning, stacklevel=2)
+        if self.training:
+            with torch.no_grad():
+                valid = labels != self.ignore_index
+                if bool(valid.any()):
+                    w = self.weight.detach()
+                    y = labels[valid]
+                    x = features.detach()[valid]
+                    dt = compute_dtype(x.dtype)
+                    cy = ((x.to(dt) * w[y].to(dt)).sum(1) * inv_norm(x.to(dt))
+                          * inv_norm(w[y].to(dt)))
+                    self.t.mul_(1 - self.momentum).add_(self.momentum * cy.mean().to(self.t))
+        return curricular_cross_entropy(features, self.weight, labels, self.t, s=self.s,
+                                        m=float(self.m), class_weight=self.class_weight,
+                                        ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", m={float(self.m):g}, momentum={self.momentum:g}"
 
 
 # ElasticFace's margins (the official config/config.py): (m, std) by variant and "+"

@@ -27,6 +27,7 @@ MARGIN_BOUNDS = {
     "subcenter-arcface": ["5", "-0.1"],
     "elasticface": ["5", "-0.1"],
     "adaface": ["5", "-0.1"],
+    "curricularface": ["5", "-0.1"],
 }
 
 

@@ -201,3 +201,49 @@ def test_adaface_checks():
         fm.margin_cross_entropy(x, w, y, kind="adaface", m=torch.zeros(5, dtype=x.dtype))
     with pytest.raises(ValueError, match="t_alpha"):
         fm.nn.AdaFace(4, 5, t_alpha=0.0)
+
+
+# ------------------------------------------------------------------ CurricularFace
+
+def curricular_eager(x, w, y, t, s=64.0, m=0.5):
+    """The official head's logits, written out (all rows labelled)."""
+    cos = (torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(w).T)
+    cy = cos.gather(1, y[:, None]).clamp(-1 + 1e-6, 1 - 1e-6)
+    ctm = cy * math.cos(m) - torch.sqrt(1 - cy * cy) * math.sin(m)
+    final = torch.where(cy > math.cos(math.pi - m), ctm, cy - m * math.sin(m))
+    hard = cos > ctm.detach()
+    out = torch.where(hard, cos * (t + cos), cos).scatter(1, y[:, None], final)
+    return torch.nn.functional.cross_entropy(s * out, y)
+
+
+def test_curricularface_module():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (12,), generator=g)
+    mod = fm.nn.CurricularFace(4, 5, backend="reference").double()
+    assert set(mod.state_dict()) == {"weight", "t"}
+    cy = (torch.nn.functional.normalize(x) * torch.nn.functional.normalize(mod.weight)[y]).sum(1)
+    t = 0.01 * cy.mean()
+    a = x.clone().requires_grad_()
+    loss = mod(a, y)
+    torch.testing.assert_close(mod.t, t.to(mod.t.dtype).detach())
+    b = x.clone().requires_grad_()
+    want = curricular_eager(b, mod.weight, y, t.detach())
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(torch.autograd.grad(loss, a)[0], torch.autograd.grad(want, b)[0])
+    mod.eval()
+    before = mod.t.clone()
+    mod(x, y)
+    assert torch.equal(mod.t, before)
+    with pytest.raises(NotImplementedError, match="hard-negative"):
+        fm.nn.CurricularFace(4, 5, backend="cpu")(x.float(), y)
+
+
+def test_curricular_gradcheck_reference():
+    from fused_margin.reference.angular import curricular_cross_entropy
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, -100, 1])
+    assert torch.autograd.gradcheck(
+        lambda a, b: curricular_cross_entropy(a, b, y, 0.3, s=6.0, m=0.5), (x, w))

@@ -36,7 +36,8 @@ from .data import DATASETS, DataError, Split, load_split
 from ..dispatch import BACKENDS, OPS, resolve
 
 MARGIN_LOSSES = ("normface", "arcface", "cosface", "sphereface", "combined", "camri", "arcgrad",
-                 "adacos", "ldam", "elm", "subcenter-arcface", "magface", "elasticface", "adaface")
+                 "adacos", "ldam", "elm", "subcenter-arcface", "magface", "elasticface", "adaface",
+                 "curricularface")
 COST_LOSSES = ("wce", "crwwce", "wasserstein")
 FEATURE_LOSSES = ("center", "contrastive-center", "sigma2r", "soft-nn", "triplet", "git",
                   "triplet-center", "contrastive")
@@ -47,16 +48,17 @@ DRW_LOSSES = ("ce", "ldam", "elm")
 IMPORTANT_LOSSES = ("camri", "wce", "crwwce", "wasserstein")
 # --margin is an added angle (radians) for these: the library accepts [-pi/2, pi/2]
 ANGLE_MARGIN_LOSSES = ("arcface", "camri", "combined", "subcenter-arcface", "elasticface",
-                       "adaface")
+                       "adaface", "curricularface")
 
 # Defaults tuned for these small problems (2-10 classes, a 32-d embedding):
 # the face-recognition s = 64 saturates the softmax within a few steps here.
 DEFAULT_SCALE = {k: 16.0 for k in ("normface", "arcface", "cosface", "sphereface", "combined",
                                    "camri", "ldam", "elm", "subcenter-arcface", "magface",
-                                   "elasticface", "adaface")}
+                                   "elasticface", "adaface", "curricularface")}
 DEFAULT_MARGIN = {"arcface": 0.3, "cosface": 0.2, "sphereface": 1.35, "combined": 0.2,
                   "camri": 0.3, "ldam": 0.5, "elm": 0.5, "msoftmax": 0.5,
-                  "subcenter-arcface": 0.3, "elasticface": 0.3, "adaface": 0.4}
+                  "subcenter-arcface": 0.3, "elasticface": 0.3, "adaface": 0.4,
+                  "curricularface": 0.3}
 # issue 19's face-recognition heads: K sub-centres; ElasticFace-Arc's std; MagFace and
 # AdaFace keep their papers' other hyper-parameters (nn.MagFace, nn.AdaFace)
 SUB_CENTERS = 3
@@ -373,6 +375,11 @@ class Objective(nn.Module):
                 self.head = fm_nn.ElasticFace(d, c, variant="arc", s=s, m=m, std=ELASTIC_STD,
                                               backend=mb)
                 self.params["std"] = ELASTIC_STD
+            elif loss == "curricularface":
+                # the hard-negative transform has no fused kernel yet: the reference runs it
+                mb = "reference"
+                self.head = fm_nn.CurricularFace(d, c, s=s, m=m, backend=mb)
+                self.params["momentum"] = self.head.momentum
             elif loss == "adaface":
                 self.head = fm_nn.AdaFace(d, c, m=m, s=s, backend=mb)
                 self.params.update(h=self.head.h, t_alpha=self.head.t_alpha)

@@ -209,6 +209,29 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
         reduction=reduction, label_smoothing=label_smoothing)
 
 
+def curricular_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             t: Union[float, torch.Tensor], *, s: float = 64.0, m: float = 0.5,
+                             class_weight: Optional[torch.Tensor] = None,
+                             ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """CurricularFace (Huang et al., CVPR 2020, Eq. 7-9): the ArcFace target (with its
+    fallback) and every non-target cos_j > cos(theta_y + m) (a hard negative) replaced by
+    cos_j * (t + cos_j); t (detached) is the caller's running average. N x C (eager)."""
+    cos = cosine(features, weight)
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    cos_y = cos.gather(1, y[:, None]).squeeze(1)
+    m_y = torch.full_like(cos_y, float(m))
+    target = target_transform(cos_y, "arcface", m_y, 1.0, 0.0, 0.0)
+    c = cos_y.clamp(-1 + COS_EPS, 1 - COS_EPS)
+    cos_theta_m = (c * math.cos(m) - torch.sqrt(1 - c * c) * math.sin(m)).detach()
+    t = torch.as_tensor(t, dtype=cos.dtype, device=cos.device).detach()
+    hard = cos.detach() > cos_theta_m[:, None]
+    others = torch.where(hard, cos * (t + cos), cos)
+    hit = torch.zeros_like(cos, dtype=torch.bool).scatter(1, y[:, None], valid[:, None])
+    logits = s * torch.where(hit, target[:, None], others)
+    return _cross_entropy(logits, labels, class_weight, ignore_index, reduction)
+
+
 def subcenter_max(cos: torch.Tensor, sub_centers: int) -> torch.Tensor:
     """[N, C*K] cosines -> [N, C]: the max over each class's K sub-centres (torch.max's
     gradient goes to one arg-max per class)."""
