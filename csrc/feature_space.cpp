@@ -1002,7 +1002,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_center_bwd(
   auto gx = at::zeros_like(x), gc = at::zeros_like(c);
   // d per / d own = 0.5 / den, d per / d others = -0.5 own / den^2
   auto q = (grad / den).contiguous();  // times 2 (x - c_y) * 0.5
-  auto h = (grad * own * -0.5 / (den * den)).contiguous();
+  // (own / den) / den: den * den under- or overflows float32 for spreads past ~1e+-10
+  auto h = (grad * (own / den) * -0.5 / den).contiguous();
   block = std::max<int64_t>(1, std::min(block, std::max<int64_t>(nc, 1)));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_center_bwd", [&] {
     using T = scalar_t;

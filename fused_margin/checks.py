@@ -51,22 +51,51 @@ def reduction(r: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {r!r}")
 
 
-def finite(name: str, v, *, positive: bool = False, nonnegative: bool = False) -> None:
+# Scalar parameters enter float32 arithmetic (the kernels, and the reference for
+# 16-bit and float32 inputs): a finite Python float past float32's range (s = 1e300
+# rounds to inf) or a divisor that underflows (temperature = 1e-300, eps = 1e-50
+# round to 0) would give NaN. Magnitudes past SCALAR_MAX and divisors below
+# DIVISOR_MIN are rejected, with room left for the products they enter.
+SCALAR_MAX = 1e30
+DIVISOR_MIN = 1e-30
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def finite(name: str, v, *, positive: bool = False, nonnegative: bool = False,
+           divisor: bool = False) -> None:
+    """A real, finite scalar within float32-safe bounds: |v| <= SCALAR_MAX, and
+    with `divisor` (it divides a distance or cost) v >= DIVISOR_MIN."""
     if isinstance(v, bool) or not isinstance(v, Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    if not math.isfinite(float(v)):
+    try:
+        fv = float(v)
+    except OverflowError:  # an int past float64's range
+        raise ValueError(f"{name} must be finite, got an int of {int(v).bit_length()} bits") \
+            from None
+    if not math.isfinite(fv):
         raise ValueError(f"{name} must be finite, got {v}")
     if positive and not v > 0:
         raise ValueError(f"{name} must be > 0, got {v}")
     if nonnegative and not v >= 0:
         raise ValueError(f"{name} must be >= 0, got {v}")
+    if abs(fv) > SCALAR_MAX:
+        raise ValueError(f"{name} = {v:g} is too large: scalars must have magnitude at most "
+                         f"{SCALAR_MAX:g} (float32 arithmetic would overflow to inf / NaN)")
+    if divisor and fv < DIVISOR_MIN:
+        raise ValueError(f"{name} = {v:g} is too small: it divides the distances (costs), and "
+                         f"must be at least {DIVISOR_MIN:g} (float32 arithmetic would round it "
+                         "to 0 or overflow the quotient to inf / NaN)")
 
 
-def integer(name: str, v, *, minimum: int = 0) -> None:
+def integer(name: str, v, *, minimum: int = 0, maximum: int = INT64_MAX) -> None:
+    """A Python int in [minimum, maximum] (by default at most int64's maximum, what
+    the kernels take)."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    if v > maximum:
+        raise ValueError(f"{name} must be <= {maximum} (an int64), got {v}")
 
 
 def choice(name: str, v, options: Sequence[str]) -> None:
@@ -78,6 +107,8 @@ def labels(y, n: int, num_classes: int, *, ignore_index: Optional[int] = None,
            name: str = "labels") -> torch.Tensor:
     """int64 [n], every value in [0, num_classes) or == ignore_index."""
     tensor(name, y, dim=1)
+    if ignore_index is not None:
+        integer("ignore_index", ignore_index, minimum=INT64_MIN)
     if y.dtype != torch.int64:
         raise TypeError(f"{name} must be int64 (torch.long), got {y.dtype}")
     if y.shape[0] != n:
@@ -187,7 +218,8 @@ def margin_cross_entropy(features, weight, labels_, *, kind, s, m, m1, m2, m3, e
     if features.shape[1] != weight.shape[1]:
         raise ValueError(f"features [N, D] and weight [C, D] disagree on D: "
                          f"{tuple(features.shape)} vs {tuple(weight.shape)}")
-    same_dtype(features=features, weight=weight)
+    # features and weight may differ in dtype: functional.mixed promotes them (or casts
+    # them to the autocast dtype)
     integer("sub_centers", sub_centers, minimum=1)
     if weight.shape[0] % sub_centers:
         raise ValueError(f"with sub_centers={sub_centers}, weight must be [C*K, D] (rows c*K .. "
@@ -253,7 +285,7 @@ def _margin_common(n, c, labels_, *, kind, s, m, m1, m2, m3, elm_lambda, class_w
     mode = margin(m, kind, c, None if margin_per is None else n,
                   "class" if margin_per is None else margin_per)
     combined_margins(kind, m1, m2)
-    integer("ignore_index", ignore_index, minimum=-(2 ** 63))
+    integer("ignore_index", ignore_index, minimum=INT64_MIN)
     if class_weight is not None:
         class_vector("class_weight", class_weight, c)
     if c == 0:
@@ -265,7 +297,7 @@ def _margin_common(n, c, labels_, *, kind, s, m, m1, m2, m3, elm_lambda, class_w
 def logits_labels(logits, labels_, *, ignore_index, reduction_) -> None:
     tensor("logits", logits, dim=2, floating=True)
     reduction(reduction_)
-    integer("ignore_index", ignore_index, minimum=-(2 ** 63))
+    integer("ignore_index", ignore_index, minimum=INT64_MIN)
     if logits.shape[1] == 0:
         raise ValueError("there must be at least one class")
     labels(labels_, logits.shape[0], logits.shape[1], ignore_index=ignore_index)
@@ -335,7 +367,7 @@ def distribution_rows(name: str, t) -> None:
 
 
 def sinkhorn_params(eps, n_iter, tol) -> None:
-    finite("eps", eps, positive=True)
+    finite("eps", eps, positive=True, divisor=True)
     integer("n_iter", n_iter, minimum=1)
     if tol is not None:
         finite("tol", tol, positive=True)
@@ -355,6 +387,48 @@ def features_centers(features, labels_, centers, *, ignore_index=None) -> None:
                          f"{tuple(features.shape)} vs {tuple(centers.shape)}")
     if centers.shape[0] == 0:
         raise ValueError("there must be at least one class")
-    same_dtype(features=features, centers=centers)
     labels(labels_, features.shape[0], centers.shape[0], ignore_index=ignore_index)
     same_device(features=features, labels=labels_, centers=centers)
+
+
+# ------------------------------------------------------------- module settings
+# The nn modules validate their settings in __init__, with the same checks the
+# functions run, so a bad argument fails where it is written, not at the first
+# forward.
+
+def backend_name(backend) -> None:
+    from .dispatch import BACKENDS
+    choice("backend", backend, BACKENDS)
+
+
+def margin_config(num_classes: int, *, kind, s, m, m1, m2, m3, elm_lambda, class_weight,
+                  ignore_index, reduction_, backend) -> None:
+    choice("kind", kind, MARGIN_KINDS)
+    reduction(reduction_)
+    backend_name(backend)
+    finite("s", s)
+    for name, v in (("m1", m1), ("m2", m2), ("m3", m3), ("elm_lambda", elm_lambda)):
+        finite(name, v)
+    margin(m, kind, num_classes)
+    combined_margins(kind, m1, m2)
+    integer("ignore_index", ignore_index, minimum=INT64_MIN)
+    if class_weight is not None:
+        class_vector("class_weight", class_weight, num_classes)
+
+
+def sizes(**named) -> None:
+    for name, v in named.items():
+        integer(name, v, minimum=1)
+
+
+def cost_buffer(cost) -> None:
+    """A WassersteinLoss cost: a floating [K, K] (or [N, K, K]) finite tensor."""
+    tensor("cost", cost, floating=True)
+    if cost.dim() == 2:
+        if cost.shape[0] != cost.shape[1] or cost.shape[0] == 0:
+            raise ValueError(f"cost must be a square [K, K] matrix with K >= 1, got "
+                             f"{tuple(cost.shape)}")
+    elif cost.dim() != 3 or cost.shape[1] != cost.shape[2]:
+        raise ValueError(f"cost must be [K, K] or [N, K, K], got {tuple(cost.shape)}")
+    if cost.numel() and not bool(torch.isfinite(cost).all()):
+        raise ValueError("cost must be finite")

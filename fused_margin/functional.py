@@ -6,12 +6,14 @@ the tensors' device.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple, Union
 
 import torch
 
 from . import checks
 from .dispatch import resolve, resolve_unless
+from .reference.reduction import reduce_loss
 from .reference.angular import arcgrad_scale, camri_margins, drw_weights, ldam_margins
 
 __all__ = [
@@ -60,41 +62,43 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                                        reduction_=reduction, normalize=normalize, bias=bias,
                                        label_smoothing=label_smoothing, margin_per=margin_per,
                                        sub_centers=sub_centers)
+    linear = not normalize or bias is not None or bool(label_smoothing)
+    # what the Triton kernel lacks (the reference serves it there, one warning each)
     if kind == "adaface":
-        fn = resolve_unless("margin_cross_entropy", backend, features.device, _PER_SAMPLE_PENDING,
-                            "kind='adaface'")
-        return fn(features, weight, labels, kind=kind, s=s,
-                  m=m.reshape(-1, 1) if mode == "sample" else m, m1=m1, m2=m2, m3=m3,
-                  elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
-                  reduction=reduction, normalize=normalize, bias=bias,
-                  label_smoothing=float(label_smoothing), sub_centers=sub_centers)
-    if sub_centers > 1:
-        fn = resolve_unless("margin_cross_entropy", backend, features.device, _SUB_CENTER_PENDING,
-                            "sub_centers")
-        return fn(features, weight, labels, kind=kind, s=s,
-                  m=m.reshape(-1, 1) if mode == "sample" else m, m1=m1, m2=m2, m3=m3,
-                  elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
-                  reduction=reduction, normalize=normalize, bias=bias,
-                  label_smoothing=float(label_smoothing), sub_centers=sub_centers)
-    if mode == "sample":
-        # backends take a per-sample margin as [N, 1] (a [C] one stays 1-D)
-        fn = resolve_unless("margin_cross_entropy", backend, features.device, _PER_SAMPLE_PENDING,
-                            "per-sample margins")
-        return fn(features, weight, labels, kind=kind, s=s, m=m.reshape(-1, 1), m1=m1, m2=m2,
-                  m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
-                  ignore_index=ignore_index, reduction=reduction, normalize=normalize,
-                  bias=bias, label_smoothing=float(label_smoothing))
-    if normalize and bias is None and not label_smoothing:
+        pending = (_PER_SAMPLE_PENDING, "kind='adaface'")
+    elif sub_centers > 1:
+        pending = (_SUB_CENTER_PENDING, "sub_centers")
+    elif mode == "sample":
+        pending = (_PER_SAMPLE_PENDING, "per-sample margins")
+    elif linear:
+        pending = (_LINEAR_PENDING, "normalize=False / bias / label_smoothing")
+    else:
+        pending = None
+    if pending is not None:
+        fn = resolve_unless("margin_cross_entropy", backend, features.device, *pending)
+    else:
         fn = resolve("margin_cross_entropy", backend, features.device)
-        return fn(features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
-                  elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
-                  reduction=reduction)
-    fn = resolve_unless("margin_cross_entropy", backend, features.device, _LINEAR_PENDING,
-                        "normalize=False / bias / label_smoothing")
-    return fn(features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
-              elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
-              reduction=reduction, normalize=normalize, bias=bias,
-              label_smoothing=float(label_smoothing))
+    if bias is not None:
+        features, weight, bias = mixed(features, weight, bias)
+    else:
+        features, weight = mixed(features, weight)
+    if mode == "sample":
+        m = m.reshape(-1, 1)  # backends take a per-sample margin as [N, 1] ([C] stays 1-D)
+    kw = dict(kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
+              ignore_index=ignore_index)
+    if sub_centers > 1:
+        kw["sub_centers"] = sub_centers
+    if linear:
+        if label_smoothing and _fused(fn) and _wants_grad(class_weight):
+            raise RuntimeError(
+                "fused_margin: margin_cross_entropy with label_smoothing on a fused backend "
+                "cannot return class_weight's gradient (the smoothing term weighs every class); "
+                "use backend=\"reference\" or pass class_weight.detach()")
+        kw.update(normalize=normalize, bias=bias, label_smoothing=float(label_smoothing))
+    with autocast_off(features.device):
+        return _margin_ce_call(lambda **k: fn(features, weight, labels, **kw, **k), fn,
+                               "margin_cross_entropy", labels, m, class_weight, ignore_index,
+                               reduction, per_sample=mode == "sample")
 
 
 # backends whose margin_cross_entropy kernel does not yet take normalize=False, bias
@@ -127,8 +131,11 @@ def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor,
             m = m.reshape(-1, 1)
     else:
         fn = resolve("margin_cross_entropy_from_cosine", backend, cosine.device)
-    return fn(cosine, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
-              class_weight=class_weight, ignore_index=ignore_index, reduction=reduction)
+    kw = dict(kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
+              ignore_index=ignore_index)
+    return _margin_ce_call(lambda **k: fn(cosine, labels, **kw, **k), fn,
+                           "margin_cross_entropy_from_cosine", labels, m, class_weight,
+                           ignore_index, reduction, per_sample=mode == "sample")
 
 
 def scaled_cosine(features: torch.Tensor, weight: torch.Tensor, s: float = 1.0, *,
@@ -141,7 +148,10 @@ def scaled_cosine(features: torch.Tensor, weight: torch.Tensor, s: float = 1.0, 
                          "disagree on D")
     checks.same_device(features=features, weight=weight)
     checks.finite("s", s)
-    return resolve("scaled_cosine", backend, features.device)(features, weight, s)
+    fn = resolve("scaled_cosine", backend, features.device)
+    features, weight = mixed(features, weight)
+    with autocast_off(features.device):
+        return fn(features, weight, s)
 
 
 def adacos_scale(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, *,
@@ -151,7 +161,9 @@ def adacos_scale(features: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
                                 m2=0.0, m3=0.0, elm_lambda=0.0, class_weight=None,
                                 ignore_index=ignore_index, reduction_="mean")
     fn = resolve("adacos_scale", backend, features.device)
-    return fn(features, weight, labels, s, ignore_index=ignore_index)
+    features, weight = mixed(features, weight)
+    with autocast_off(features.device):
+        return fn(features, weight, labels, s, ignore_index=ignore_index)
 
 
 def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, *,
@@ -165,8 +177,15 @@ def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
                                 m2=0.0, m3=0.0, elm_lambda=0.0, class_weight=class_weight,
                                 ignore_index=ignore_index, reduction_=reduction)
     fn = resolve("adacos_loss", backend, features.device)
-    return fn(features, weight, labels, s, class_weight=class_weight, ignore_index=ignore_index,
-              reduction=reduction)
+    features, weight = mixed(features, weight)
+    with autocast_off(features.device):
+        if _fused(fn) and _wants_grad(class_weight):
+            # the scale's statistics do not involve the class weights
+            per, next_s = fn(features, weight, labels, s, class_weight=None,
+                             ignore_index=ignore_index, reduction="none")
+            return _class_weighted(per, labels, class_weight, ignore_index, reduction), next_s
+        return fn(features, weight, labels, s, class_weight=class_weight,
+                  ignore_index=ignore_index, reduction=reduction)
 
 
 # ------------------------------------------------------ 2. cost-sensitive
@@ -246,7 +265,9 @@ def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
     checks.features_centers(features, labels, centers)
     checks.reduction(reduction)
     fn = resolve("center_loss", backend, features.device)
-    return fn(features, labels, centers, reduction=reduction)
+    features, centers = centred(*mixed(features, centers))
+    with autocast_off(features.device):
+        return fn(features, labels, centers, reduction=reduction)
 
 
 def center_update(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
@@ -256,7 +277,10 @@ def center_update(features: torch.Tensor, labels: torch.Tensor, centers: torch.T
     checks.finite("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return resolve("center_update", backend, features.device)(features, labels, centers, alpha)
+    fn = resolve("center_update", backend, features.device)
+    x, c = mixed(features, centers)
+    with autocast_off(features.device):
+        return fn(x, labels, c, alpha).to(centers.dtype)
 
 
 def contrastive_center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
@@ -267,7 +291,9 @@ def contrastive_center_loss(features: torch.Tensor, labels: torch.Tensor, center
     checks.reduction(reduction)
     checks.finite("delta", delta, positive=True)
     fn = resolve("contrastive_center_loss", backend, features.device)
-    return fn(features, labels, centers, delta=delta, reduction=reduction)
+    features, centers = centred(*mixed(features, centers))
+    with autocast_off(features.device):
+        return fn(features, labels, centers, delta=delta, reduction=reduction)
 
 
 def knn_std(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
@@ -276,7 +302,9 @@ def knn_std(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
     checks.features_centers(features, labels, centers)
     checks.integer("n_neighbors", n_neighbors, minimum=1)
     fn = resolve("knn_std", backend, features.device)
-    return fn(features, labels, centers, n_neighbors=n_neighbors)
+    features, centers = centred(*mixed(features, centers))
+    with autocast_off(features.device):
+        return fn(features, labels, centers, n_neighbors=n_neighbors)
 
 
 def sigma2r_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
@@ -291,8 +319,10 @@ def sigma2r_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Te
     checks.finite("eps", eps, nonnegative=True)
     checks.reduction(reduction)
     fn = resolve("sigma2r_loss", backend, features.device)
-    return fn(features, labels, centers, w_k, n_neighbors=n_neighbors, z=z, eps=eps,
-              reduction=reduction)
+    features, centers = centred(*mixed(features, centers))
+    with autocast_off(features.device):
+        return fn(features, labels, centers, w_k, n_neighbors=n_neighbors, z=z, eps=eps,
+                  reduction=reduction)
 
 
 def soft_nearest_neighbor_loss(features: torch.Tensor, labels: torch.Tensor, *,
@@ -300,9 +330,10 @@ def soft_nearest_neighbor_loss(features: torch.Tensor, labels: torch.Tensor, *,
                                backend: str = "auto") -> torch.Tensor:
     """Eq. 2 of the sigma^2R paper with squared Euclidean distances."""
     checks.embeddings_labels("features", features, labels)
-    checks.finite("temperature", temperature, positive=True)
+    checks.finite("temperature", temperature, positive=True, divisor=True)
     checks.reduction(reduction)
     fn = resolve("soft_nearest_neighbor_loss", backend, features.device)
+    features, = centred(features)
     return fn(features, labels, temperature=temperature, reduction=reduction)
 
 
@@ -316,6 +347,10 @@ def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margi
     checks.choice("distance", distance, checks.DISTANCES)
     checks.reduction(reduction)
     fn = resolve("triplet_margin_loss", backend, embeddings.device)
+    if distance != "cosine":  # 1 - cos is not translation invariant
+        embeddings, = centred(embeddings)
+    else:  # but it is scale invariant, row by row
+        embeddings = unit_rows(embeddings)
     return fn(embeddings, labels, margin=margin, mining=mining, distance=distance,
               reduction=reduction)
 
@@ -333,6 +368,7 @@ def git_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor
     checks.finite("lambda_g", lambda_g, nonnegative=True)
     checks.reduction(reduction)
     fn = resolve("git_loss", backend, features.device)
+    features, centers = centred(*mixed(features, centers))
     return fn(features, labels, centers, lambda_c=float(lambda_c), lambda_g=float(lambda_g),
               reduction=reduction)
 
@@ -346,6 +382,7 @@ def triplet_center_loss(features: torch.Tensor, labels: torch.Tensor, centers: t
     checks.choice("distance", distance, CENTER_DISTANCES)
     checks.reduction(reduction)
     fn = resolve("triplet_center_loss", backend, features.device)
+    features, centers = centred(*mixed(features, centers))
     return fn(features, labels, centers, margin=float(margin), distance=distance,
               reduction=reduction)
 
@@ -360,4 +397,150 @@ def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: 
     checks.choice("distance", distance, CENTER_DISTANCES)
     checks.reduction(reduction)
     fn = resolve("contrastive_loss", backend, embeddings.device)
+    embeddings, = centred(embeddings)
     return fn(embeddings, labels, margin=float(margin), distance=distance, reduction=reduction)
+
+
+# ---------------------------------------- gradients the fused kernels do not form
+
+def _fused(fn) -> bool:
+    return not fn.__module__.startswith("fused_margin.reference")
+
+
+def _wants_grad(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+
+
+def _class_weighted(per: torch.Tensor, labels: torch.Tensor, class_weight: torch.Tensor,
+                    ignore_index: int, reduction: str) -> torch.Tensor:
+    """The class-weighted reduction of unweighted per-row losses (0 on ignored
+    rows), differentiable in class_weight: w_i * l_i summed, or over sum(w)."""
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    w = valid.to(per.dtype) * class_weight.to(per.dtype)[y]
+    return reduce_loss(torch.where(valid, per * w, torch.zeros_like(per)), w, reduction)
+
+
+def _margin_ce_call(call, fn, op: str, labels, m, class_weight, ignore_index, reduction,
+                    per_sample: bool = False):
+    """Runs a margin cross-entropy backend. The fused kernels take a per-class
+    margin and the class weights as constants: a margin that requires grad is an
+    error there (not a silent None), and a class_weight that requires grad gets its
+    true gradient from the kernels' unweighted per-row losses, weighted here. A
+    per-sample margin [N, 1] gets its gradient from the cpu backend (an O(N) term)."""
+    if not _fused(fn):
+        return call(class_weight=class_weight, reduction=reduction)
+    if _wants_grad(m) and not (per_sample and fn.__module__.split(".")[1] == "cpu"):
+        backend = fn.__module__.split(".")[1]
+        raise RuntimeError(
+            f"fused_margin: {op} on the {backend} backend treats a per-class margin m as a "
+            "constant and cannot return its gradient, but m requires grad; use "
+            "backend=\"reference\" to learn margins (or pass m.detach())")
+    if _wants_grad(class_weight):
+        per = call(class_weight=None, reduction="none")
+        return _class_weighted(per, labels, class_weight, ignore_index, reduction)
+    return call(class_weight=class_weight, reduction=reduction)
+
+
+# ------------------------------------------- translation-invariant distances
+
+def centred(x: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """x and `others` in the compute dtype, less one common, detached shift per
+    column (issue 15 item 7). The losses that call this depend only on differences of
+    these points, so values and gradients do not change, but the kernels'
+    ||a||^2 + ||b||^2 - 2ab expansion then works on the spread of the batch, not its
+    offset: a common offset of 1e4 with spread 1e-2 cancels every digit of float32
+    otherwise.
+
+    A column is shifted only where its offset is large against its spread
+    (|mean| > 4 max|x - mean| over the finite rows), and by the mean rounded to a
+    power of two q no smaller than that spread nor x's own ulp there: then every
+    x_i - shift is exact in floating point (no rounding, so exact ties stay exact
+    and small batches keep their bits). NaN and inf rows take no part in the
+    shift (they stay NaN / inf and poison only their own terms)."""
+    from .reference.feature_space import compute_dtype
+
+    dt = compute_dtype(x.dtype)
+    x = x.to(dt)
+    others = tuple(o.to(dt) for o in others)
+    if x.numel() == 0:
+        return (x,) + others
+    with torch.no_grad():
+        keep = torch.isfinite(x).all(1)
+        if not bool(keep.any()):
+            return (x,) + others
+        v = x[keep].to(torch.float64)
+        mean = v.mean(0)
+        dev = (v - mean).abs().amax(0)
+        top = v.abs().amax(0)
+        bits = 53 if dt == torch.float64 else 24
+        _, e_top = torch.frexp(top)
+        ulp = torch.ldexp(torch.ones_like(top), e_top - bits)
+        _, e_q = torch.frexp(torch.maximum(dev, ulp))
+        q = torch.ldexp(torch.ones_like(top), e_q)  # a power of two >= both
+        shift = torch.where(mean.abs() > 4 * dev, torch.round(mean / q) * q,
+                            torch.zeros_like(mean))
+        if not bool(shift.any()):
+            return (x,) + others
+        shift = shift.to(dt)
+    return (x - shift,) + tuple(o - shift for o in others)
+
+
+# ------------------------------------------------------- mixed precision
+
+def mixed(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The operands of a two-operand op (features and weight / centres) in one dtype,
+    as torch's autocast treats linear layers: under autocast for their device, every
+    float16/bfloat16/float32 operand in the autocast dtype (float64 stays); outside
+    it (or where float64 remains) the wider dtype (torch.promote_types). The casts
+    are differentiable, so each input's gradient comes back in its own dtype; the
+    op then runs with autocast off (autocast_off), on its own compute-dtype rules."""
+    dev = tensors[0].device.type
+    if _autocast_on(dev):
+        amp = torch.get_autocast_dtype(dev)
+        tensors = tuple(t if t.dtype == torch.float64 else t.to(amp) for t in tensors)
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return tuple(t.to(dt) for t in tensors)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return False
+
+
+def autocast_off(device: torch.device):
+    """Autocast disabled for the op's body, where it is on (the op's own rules, float32
+    compute for 16-bit inputs, then hold; the reference's matmuls are not recast)."""
+    if _autocast_on(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x's rows as unit vectors, in x's compute dtype, for the cosine distance
+    (issue 15 item 5). Each row is first multiplied by the power of two that puts its
+    largest |entry| in [0.5, 1) (exact), so that its squared norm cannot overflow
+    (norms >= 1e19 in float32) or underflow (<= 3e-20) into a zero vector or NaN;
+    then divided by its norm, which is exact where the rows are parallel in one
+    dimension (u = x / |x| = +-1 and d = 0 or 2 exactly, so every backend breaks
+    semi-hard ties alike). A zero row stays zero (cosine 0 with everything, no
+    gradient); inf and NaN rows give NaN, as in the reference. Differentiable."""
+    from .reference.feature_space import compute_dtype
+
+    x = x.to(compute_dtype(x.dtype))
+    if x.numel() == 0:
+        return x
+    with torch.no_grad():
+        top = x.abs().amax(1)
+        ok = torch.isfinite(top) & (top > 0)
+        _, e = torch.frexp(torch.where(ok, top, torch.ones_like(top)))
+        scale = torch.ldexp(torch.ones_like(top), -e)
+    v = x * scale[:, None]
+    sq = (v * v).sum(1)
+    big = (sq > 0) | torch.isnan(sq)  # a NaN row stays NaN
+    norm = torch.sqrt(torch.where(big, sq, torch.ones_like(sq)))
+    return torch.where(big[:, None], v / norm[:, None], torch.zeros_like(v))

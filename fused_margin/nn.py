@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import checks
 from . import functional as F
 from .reference.angular import camri_margins, ldam_margins
 
@@ -29,6 +30,9 @@ def _store_margin_config(module: nn.Module, *, kind, s, m, m1, m2, m3, elm_lambd
                          ignore_index, reduction, backend) -> None:
     """The margin settings every classification module keeps; a per-class `m` and
     `class_weight` become buffers so they follow .to() and land in state_dict."""
+    checks.margin_config(module.num_classes, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+                         elm_lambda=elm_lambda, class_weight=class_weight,
+                         ignore_index=ignore_index, reduction_=reduction, backend=backend)
     module.kind, module.s, module.m1, module.m2, module.m3 = kind, float(s), m1, m2, m3
     module.elm_lambda, module.ignore_index = elm_lambda, ignore_index
     module.reduction, module.backend = reduction, backend
@@ -49,8 +53,7 @@ class MarginLoss(nn.Module):
                  class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        if in_features < 1 or num_classes < 1:
-            raise ValueError("in_features and num_classes must be positive")
+        checks.sizes(in_features=in_features, num_classes=num_classes)
         self.in_features, self.num_classes = in_features, num_classes
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         _store_margin_config(self, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
@@ -500,6 +503,11 @@ class CenterLoss(nn.Module):
     def __init__(self, num_classes: int, feat_dim: int, *, alpha: Optional[float] = None,
                  reduction: str = "mean", backend: str = "auto"):
         super().__init__()
+        checks.sizes(num_classes=num_classes, feat_dim=feat_dim)
+        checks.reduction(reduction)
+        checks.backend_name(backend)
+        if alpha is not None:
+            checks.finite("alpha", alpha)
         if alpha is not None and not 0.0 < float(alpha) <= 1.0:
             raise ValueError(f"alpha must be in (0, 1] or None, got {alpha}")
         self.alpha = None if alpha is None else float(alpha)
@@ -571,6 +579,12 @@ class Sigma2R(nn.Module):
     def __init__(self, num_classes: int, feat_dim: int, n_neighbors: int = 7, z: float = 40.0,
                  eps: float = 1e-3, *, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
+        checks.sizes(num_classes=num_classes, feat_dim=feat_dim)
+        checks.integer("n_neighbors", n_neighbors, minimum=1)
+        checks.finite("z", z, positive=True)
+        checks.finite("eps", eps, nonnegative=True)
+        checks.reduction(reduction)
+        checks.backend_name(backend)
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
         self.w_k = nn.Parameter(torch.zeros(num_classes))
         self.n_neighbors, self.z, self.eps = n_neighbors, z, eps
@@ -594,6 +608,11 @@ class WassersteinLoss(nn.Module):
                  entropic: bool = False, tol: Optional[float] = None, ignore_index: int = -100,
                  reduction: str = "mean", backend: str = "auto"):
         super().__init__()
+        checks.cost_buffer(cost)
+        checks.sinkhorn_params(eps, n_iter, tol)
+        checks.integer("ignore_index", ignore_index, minimum=checks.INT64_MIN)
+        checks.reduction(reduction)
+        checks.backend_name(backend)
         self.register_buffer("cost", cost.detach().clone())
         self.eps, self.n_iter, self.entropic, self.tol = eps, n_iter, entropic, tol
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
@@ -611,6 +630,11 @@ class TripletMarginLoss(nn.Module):
     def __init__(self, margin: float = 0.2, mining: str = "semihard", distance: str = "l2", *,
                  reduction: str = "mean", backend: str = "auto"):
         super().__init__()
+        checks.finite("margin", margin, nonnegative=True)
+        checks.choice("mining", mining, checks.MINING)
+        checks.choice("distance", distance, checks.DISTANCES)
+        checks.reduction(reduction)
+        checks.backend_name(backend)
         self.margin, self.mining, self.distance = margin, mining, distance
         self.reduction, self.backend = reduction, backend
 
@@ -626,6 +650,9 @@ class SoftNearestNeighborLoss(nn.Module):
     def __init__(self, temperature: float = 1.0, *, reduction: str = "mean",
                  backend: str = "auto"):
         super().__init__()
+        checks.finite("temperature", temperature, positive=True, divisor=True)
+        checks.reduction(reduction)
+        checks.backend_name(backend)
         self.temperature, self.reduction, self.backend = temperature, reduction, backend
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -757,8 +784,7 @@ class ShardedMarginLoss(nn.Module):
                  init_seed: Optional[int] = None):
         super().__init__()
         distributed = _distributed()
-        if in_features < 1 or num_classes < 1:
-            raise ValueError("in_features and num_classes must be positive")
+        checks.sizes(in_features=in_features, num_classes=num_classes)
         # None stays None (the default group, looked up at each call): holding
         # dist.group.WORLD here would keep the process group alive past
         # destroy_process_group(), and gloo's worker threads would then drop

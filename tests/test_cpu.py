@@ -513,3 +513,46 @@ def test_fused_path_retained_graph(monkeypatch):
     (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
     (g2,) = torch.autograd.grad(3 * loss, x)
     torch.testing.assert_close(g2, 3 * g1, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------ issue 15 item 5: operands past float32's product range
+
+@pytest.mark.parametrize("scales", [(1e20, 1e19), (1e38, 1.0), (1e-10, 1e30), (3e-12, 1e25)],
+                         ids=["x1e20-W1e19", "x1e38", "x1e-10-W1e30", "x3e-12-W1e25"])
+@pytest.mark.parametrize("kind", ["arcface", "cosface", "normface"])
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_huge_operands_stay_finite(path, kind, scales):
+    # x . W overflowed float32 (nan for x * 1e20 against W * 1e19, inf for x * 1e38)
+    # and r^2 in the normalisation Jacobian underflowed; the rows are brought to unit
+    # range by powers of two first, so loss and gradients equal the reference's
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(9, 16, generator=g).clamp(-3, 3)
+    W = torch.randn(6, 16, generator=g)
+    y = torch.randint(0, 6, (9,), generator=g)
+    sx, sw = scales
+    kw = dict(kind=kind, s=10.0, m=0.3 if kind != "normface" else 0.0)
+    xs, Ws = (x * sx).requires_grad_(True), (W * sw).requires_grad_(True)
+    got = fm.margin_cross_entropy(xs, Ws, y, backend="cpu", **kw)
+    got.backward()
+    x64, W64 = x.double().requires_grad_(True), W.double().requires_grad_(True)
+    want = fm.margin_cross_entropy(x64, W64, y, backend="reference", **kw)
+    want.backward()
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    # d/d(c x) = (1/c) d/dx: compare the rescaled gradients
+    torch.testing.assert_close((xs.grad.double() * sx), x64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close((Ws.grad.double() * sw), W64.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_zero_rows_stay_zero_when_others_are_rescaled(path):
+    # the rescaling leaves rows of norm <= NORM_EPS alone: still zero vectors
+    x = torch.randn(4, 5)
+    x[1] = 1e-14
+    x[2] *= 1e25
+    W = torch.randn(3, 5)
+    y = torch.tensor([0, 1, 2, 0])
+    got = fm.margin_cross_entropy(x, W, y, reduction="none", s=8.0, backend="cpu")
+    want = fm.margin_cross_entropy(x.double(), W.double(), y, reduction="none", s=8.0,
+                                   backend="reference")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

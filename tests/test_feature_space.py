@@ -540,8 +540,10 @@ def test_bad_input_raises():
         fm.soft_nearest_neighbor_loss(x, y, temperature=-1.0, **REF)
     with pytest.raises(ValueError, match="w_k"):
         fm.sigma2r_loss(x, y, c, w_k[:2], **REF)
-    with pytest.raises(TypeError, match="dtype"):
-        fm.center_loss(x, y, c.float(), **REF)
+    # mixed dtypes promote (issue 15 item 6); an integer tensor is still a TypeError
+    assert fm.center_loss(x, y, c.float(), **REF).dtype == torch.float64
+    with pytest.raises(TypeError, match="centers must be float"):
+        fm.center_loss(x, y, c.long(), **REF)
 
 
 # ------------------------------------------------------------------ nn modules
@@ -769,3 +771,184 @@ def test_center_loss_module_alpha_rule(backend):
     assert torch.equal(mod.centers.detach(), c1)
     with pytest.raises(ValueError, match="alpha"):
         fnn.CenterLoss(4, 3, alpha=0.0)
+
+
+# ------------------------------------------- issue 15 item 7: a large common offset
+
+OFFSET_CASES = [
+    ("triplet-hard-sq", "triplet_margin_loss",
+     lambda be, x, y, c: fm.triplet_margin_loss(x, y, mining="hard", distance="squared_l2",
+                                                backend=be)),
+    ("triplet-semihard-l2", "triplet_margin_loss",
+     lambda be, x, y, c: fm.triplet_margin_loss(x, y, mining="semihard", distance="l2",
+                                                backend=be)),
+    ("triplet-all-sq", "triplet_margin_loss",
+     lambda be, x, y, c: fm.triplet_margin_loss(x, y, mining="all", distance="squared_l2",
+                                                backend=be)),
+    ("soft-nn", "soft_nearest_neighbor_loss",
+     lambda be, x, y, c: fm.soft_nearest_neighbor_loss(x, y, temperature=1e-4, backend=be)),
+    ("center", "center_loss", lambda be, x, y, c: fm.center_loss(x, y, c, backend=be)),
+    ("contrastive-center", "contrastive_center_loss",
+     lambda be, x, y, c: fm.contrastive_center_loss(x, y, c, delta=1e-4, backend=be)),
+    ("knn-std", "knn_std",
+     lambda be, x, y, c: torch.cat(fm.knn_std(x, y, c, n_neighbors=2, backend=be))),
+    ("sigma2r", "sigma2r_loss",
+     lambda be, x, y, c: fm.sigma2r_loss(x, y, c, torch.zeros(4, device=x.device),
+                                         n_neighbors=2, z=4.0, backend=be)),
+]
+
+
+@pytest.mark.parametrize("case,backend", [
+    pytest.param(case, p.values[0], marks=p.marks, id=f"{case[0]}-{p.id}")
+    for case in OFFSET_CASES for p in [pytest.param("reference", id="reference")]
+    + fused_backends(case[1])])
+def test_large_common_offset_keeps_the_spread(case, backend):
+    # features 1e4 + 0.01 * noise: the squared-distance expansion cancelled every
+    # digit in float32 (hard squared-l2 triplet 24.2 on cpu, 8.17 on triton against
+    # 0.2007); centring the batch first keeps the float64 value of the same inputs
+    _, _, fn = case
+    g = torch.Generator().manual_seed(5)
+    x = (1e4 + 0.01 * torch.randn(16, 8, generator=g, dtype=torch.float64)).float()
+    c = (1e4 + 0.01 * torch.randn(4, 8, generator=g, dtype=torch.float64)).float()
+    y = torch.arange(16) % 4
+    dev = device_for(backend)
+    xx = x.clone().to(dev).requires_grad_(True)
+    got = fn(backend, xx, y.to(dev), c.to(dev))
+    got.sum().backward()
+    x64 = x.double().requires_grad_(True)
+    want = fn("reference", x64, y, c.double())
+    want.sum().backward()
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-4, atol=1e-6)
+    scale = x64.grad.abs().max().clamp_min(1e-30)
+    torch.testing.assert_close(xx.grad.double().cpu() / scale, x64.grad / scale,
+                               rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------ issue 15 item 6: mixed precision
+
+CENTRE_MODULES = [
+    ("CenterLoss", "center_loss", lambda be: fnn.CenterLoss(4, 6, backend=be)),
+    ("CenterLoss-alpha", "center_loss", lambda be: fnn.CenterLoss(4, 6, alpha=0.5, backend=be)),
+    ("Sigma2R", "sigma2r_loss", lambda be: fnn.Sigma2R(4, 6, n_neighbors=2, z=4.0, backend=be)),
+]
+
+
+@pytest.mark.parametrize("case,backend", [
+    pytest.param(case, p.values[0], marks=p.marks, id=f"{case[0]}-{p.id}")
+    for case in CENTRE_MODULES for p in [pytest.param("reference", id="reference")]
+    + fused_backends(case[1])])
+def test_centre_modules_under_cpu_autocast(case, backend):
+    # bf16 activations against fp32 centres raised a TypeError (issue 15 item 6)
+    _, _, make = case
+    torch.manual_seed(3)
+    dev = device_for(backend)
+    mod = make(backend).to(dev)
+    x = torch.randn(12, 6, device=dev, requires_grad=True)
+    y = (torch.arange(12) % 4).to(dev)
+    c0 = mod.centers.detach().clone()
+    with torch.autocast(device_for(backend).type, dtype=torch.bfloat16):
+        h = torch.nn.functional.linear(x, torch.eye(6, device=dev))
+        assert h.dtype == torch.bfloat16
+        loss = mod(h, y)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert mod.centers.dtype == torch.float32
+    if mod.centers.requires_grad:
+        assert mod.centers.grad.dtype == torch.float32
+        assert torch.isfinite(mod.centers.grad).all()
+    else:  # Wen et al.'s rule moved the centres, in their own dtype
+        assert not torch.equal(c0, mod.centers.detach())
+    # outside autocast: bf16 features with fp32 centres promote to fp32
+    xb = x.detach().bfloat16().requires_grad_(True)
+    got = fm.center_loss(xb, y, c0.requires_grad_(True), backend=backend)
+    got.backward()
+    assert got.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16
+    assert c0.grad.dtype == torch.float32
+    torch.testing.assert_close(got, fm.center_loss(xb.detach().float(), y, c0.detach(), **REF))
+
+
+# ------------------------------------- issue 15 item 5: cosine triplet magnitudes and ties
+
+TRIPLET_BACKENDS = [pytest.param("reference", id="reference")] + fused_backends(
+    "triplet_margin_loss")
+
+
+@pytest.mark.parametrize("backend", TRIPLET_BACKENDS)
+@pytest.mark.parametrize("mining", MININGS)
+def test_cosine_triplet_huge_and_tiny_norms(mining, backend):
+    # cpu gave NaN for row norms <= 3e-20 or >= 1e19 (the squared norm under- or
+    # overflowing float32); only directions matter, on every backend
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(8, 4, generator=g)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    sc = torch.tensor([1e20, 3e-21, 1.0, 1.0, 1e25, 1e-25, 1e19, 3e-20])[:, None]
+    dev = device_for(backend)
+    xs = (x * sc).to(dev).requires_grad_(True)
+    kw = dict(mining=mining, distance="cosine", margin=0.5)
+    got = fm.triplet_margin_loss(xs, y.to(dev), backend=backend, **kw)
+    got.backward()
+    x64 = x.double().requires_grad_(True)
+    want = fm.triplet_margin_loss(x64, y, **kw, **REF)
+    want.backward()
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(xs.grad).all()
+    torch.testing.assert_close(xs.grad.double().cpu() * sc.double(), x64.grad, rtol=1e-4,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", TRIPLET_BACKENDS)
+def test_cosine_semihard_exact_ties_in_one_dimension(backend):
+    # D = 1: every cosine distance is exactly 0 or 2; x * rsqrt(x^2) is not exactly
+    # +-1, so the backends broke the d_an > d_ap ties differently (0.400 vs 0.3714)
+    dev = device_for(backend)
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        n = int(torch.randint(2, 10, (1,), generator=g))
+        x = torch.randn(n, 1, generator=g) * torch.rand(n, 1, generator=g) * 10
+        y = torch.randint(0, 3, (n,), generator=g)
+        got = fm.triplet_margin_loss(x.to(dev), y.to(dev), mining="semihard",
+                                     distance="cosine", backend=backend)
+        want = fm.triplet_margin_loss(x.double(), y, mining="semihard", distance="cosine",
+                                      **REF)
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-6, atol=1e-6)
+
+
+
+@pytest.mark.parametrize("spread", [1e-12, 1e10], ids=["tiny", "huge"])
+@pytest.mark.parametrize("backend", ["reference"] + fused_backends("contrastive_center_loss"))
+def test_contrastive_center_gradient_at_tiny_and_huge_spreads(backend, spread):
+    # found by tests/test_fuzz.py (issue 15 item 9): the fused backwards formed
+    # own / den^2, and den^2 under- (spread 1e-12, delta 1e-24) or overflows (1e10)
+    # float32: an inf / NaN or zero gradient where the float64 reference's is finite
+    g = torch.Generator().manual_seed(2)
+    x = spread * torch.randn(5, 3, generator=g, dtype=torch.float64)
+    c = spread * torch.randn(2, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1, 1])
+    dev = device_for(backend)
+    xx = x.float().to(dev).requires_grad_(True)
+    loss = fm.contrastive_center_loss(xx, y.to(dev), c.float().to(dev), delta=spread ** 2,
+                                      backend=backend)
+    loss.backward()
+    x64 = x.float().double().requires_grad_(True)
+    want = fm.contrastive_center_loss(x64, y, c.float().double(), delta=spread ** 2, **REF)
+    want.backward()
+    torch.testing.assert_close(loss.double().cpu(), want.detach(), rtol=1e-4, atol=1e-6)
+    scale = x64.grad.abs().max()
+    torch.testing.assert_close(xx.grad.double().cpu() / scale, x64.grad / scale, rtol=1e-3,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fused_backends("knn_std"))
+def test_knn_std_nan_outside_the_class_does_not_leak(backend):
+    # found by tests/test_fuzz.py: the reference's std weighted the unused neighbour
+    # slots by 0, and 0 * NaN is NaN, so a NaN sample of class 0 made class 1's
+    # sigma_c NaN (the fused backends, whose unused slots point elsewhere, did not)
+    x = torch.tensor([[1.0, 0.0], [float("nan"), -1.0], [-2.0, -1.0]])
+    c = torch.tensor([[3.0, 0.0], [1.0, 2.0]])
+    y = torch.tensor([1, 0, 0])
+    dev = device_for(backend)
+    sx, sc = fm.knn_std(x.to(dev), y.to(dev), c.to(dev), n_neighbors=3, backend=backend)
+    assert torch.isnan(sc[0]) and torch.isnan(sx[1:]).all()
+    torch.testing.assert_close(sc[1].cpu(), torch.tensor(2.0).sqrt())
+    assert sx[0] == 0

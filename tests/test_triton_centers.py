@@ -147,3 +147,29 @@ def test_no_n_by_c_allocation():
         loss.backward()
     assert max(rec.sizes) < n * c, [a for a in rec.allocs if a.numel >= n * c]
     assert max(rec.sizes) >= n * d  # the recorder saw the [N, D] gradients
+
+
+def test_contrastive_center_gradients_finite_where_the_reference_is():
+    # issue 15 item 9: the backward summed over the other classes as total - own, so
+    # one overflowing row (an inf b_i or x_i term) made every centre's gradient NaN
+    # where the reference's (and the cpu backend's) are finite
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, generator=g)
+    x[0, 0] = 1e19  # ||x_0 - c||^2 ~ 1e38: finite, but b_0 x_0 overflows
+    for c, y in ((torch.randn(1, 3, generator=g), torch.zeros(5, dtype=torch.long)),
+                 (torch.randn(3, 3, generator=g), torch.tensor([0, 1, 2, 0, 1]))):
+        _check_finite_like_reference(x, c, y)
+
+
+def _check_finite_like_reference(x, c, y):
+    out = []
+    for fn in (ref.contrastive_center_loss, tc.contrastive_center_loss):
+        xx, cc = x.clone().to(DEV).requires_grad_(True), c.clone().to(DEV).requires_grad_(True)
+        loss = fn(xx, y.to(DEV), cc, delta=1.0, reduction="sum")
+        loss.backward()
+        out.append((loss.detach().cpu(), xx.grad.cpu(), cc.grad.cpu()))
+    (lr, xr, cr), (lt, xt, ct) = out
+    assert torch.isfinite(lr) and torch.isfinite(xr).all() and torch.isfinite(cr).all()
+    assert torch.isfinite(xt).all() and torch.isfinite(ct).all()
+    torch.testing.assert_close(lt, lr, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ct, cr, rtol=1e-3, atol=1e-3)

@@ -312,3 +312,32 @@ def test_strided_inputs():
         got = grads(lambda a, b: fn(*strided(a, b), yt), x, c)
         want = grads(lambda a, b: fn(a, b, y), x, c)
         assert_matches(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("mining", ["semihard", "all"])
+@pytest.mark.parametrize("view", ["rows", "cols", "overlap"])
+def test_cosine_triplet_backward_strided(mining, view):
+    # issue 15 item 1: the backward read the contiguous unit rows u with x's
+    # strides, past u's end for x[::2] / x[:, ::2] / an overlapping as_strided x
+    base = torch.randn(24, 10, dtype=torch.float64, device=DEV)
+    y = torch.tensor([0, 1, 2] * 4, device=DEV)
+    if view == "rows":
+        make = lambda b: b[::2, :5]  # noqa: E731
+    elif view == "cols":
+        make = lambda b: b[:12, ::2]  # noqa: E731
+    else:  # rows overlap: row i is base.flatten()[3i : 3i + 5]
+        make = lambda b: b.as_strided((12, 5), (3, 1))  # noqa: E731
+    kw = dict(margin=0.5, mining=mining, distance="cosine", reduction="sum")
+    got = grads(lambda b: tfs.triplet_margin_loss(make(b), y, **kw), base)
+    want = grads(lambda b: ref.triplet_margin_loss(make(b), y, **kw), base)
+    assert_matches(got, want, torch.float64)
+
+
+def test_soft_nearest_neighbor_nan_row_in_one_class_is_nan():
+    # found by tests/test_fuzz.py (issue 15 item 9): "has a partner" was s_same > 0,
+    # which a NaN distance fails, so a NaN feature in a one-class batch gave loss 0
+    x = torch.tensor([[float("nan")], [2.0], [3.0]], device=DEV)
+    y = torch.zeros(3, dtype=torch.long, device=DEV)
+    got = tfs.soft_nearest_neighbor_loss(x, y, temperature=0.5, reduction="none")
+    want = ref.soft_nearest_neighbor_loss(x, y, temperature=0.5, reduction="none")
+    assert torch.isnan(want).all() and torch.isnan(got).all()

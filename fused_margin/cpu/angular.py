@@ -3,15 +3,18 @@ AdaCos's one-sweep loss and the class-shard partials (csrc/angular.cpp).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..reference.angular import adacos_scale_from_stats, combined_fallback, compute_dtype
+from ..reference.angular import (NORM_EPS, adacos_scale_from_stats, combined_fallback,
+                                 compute_dtype)
 from ..reference.reduction import reduce_loss
 from ..reference.sharded import ShardPartials, partials_around
+from ..autograd_guard import first_order
 
 ops = torch.ops.fused_margin
 
@@ -84,6 +87,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
         return loss, lse_other, cos_y
 
     @staticmethod
+    @first_order("margin_cross_entropy (cpu backend)")
     @once_differentiable
     def backward(ctx, grad, _lse_other, _cos_y):
         features, weight, labels, row_w, marg, lse, cstar = ctx.saved_tensors
@@ -114,6 +118,7 @@ class _MarginCrossEntropyFused(torch.autograd.Function):
         return loss.sum(), lse_other, cos_y
 
     @staticmethod
+    @first_order("margin_cross_entropy (cpu backend)")
     @once_differentiable
     def backward(ctx, grad, _lse_other, _cos_y):
         if ctx.grads is None:
@@ -134,9 +139,44 @@ def _fused(features, weight, labels, row_w, marg, args, need_x, need_w):
                                 _row_block(weight.shape[0], row_w.element_size()), need_x, need_w)
 
 
+# The kernels form cos_ij = rx_i * rw_j * (x_i . W_j) and the normalisation
+# Jacobian r^2 (g . v) v in the compute dtype, with the inverse norms r in float64:
+# the product overflows float32 for x * 1e20 against W * 1e19 (or x * 1e38), and
+# r^2 underflows for rows of norm past ~1e19. Rows whose largest |entry| lies
+# outside [2^-ROW_EXP, 2^ROW_EXP] are first brought to [0.5, 1) by a power of two,
+# exact in floating point and invisible to the cosines (the gradient is scaled back
+# by autograd). Every ordinary call pays one max per row of each operand and makes
+# no copy of W; rows of norm <= NORM_EPS stay as they are (zero vectors).
+ROW_EXP = 40
+
+
+def _row_pow2(t: torch.Tensor):
+    """(t with out-of-range rows rescaled by powers of two, or t itself when every
+    row is in range)."""
+    with torch.no_grad():
+        top = t.abs().amax(1).to(torch.float64)
+        lo, hi = 2.0 ** -ROW_EXP, 2.0 ** ROW_EXP
+        zero = top * math.sqrt(t.shape[1]) <= NORM_EPS  # norm <= NORM_EPS for sure
+        if bool(((top >= lo) & (top <= hi) | zero).all()):
+            return t
+        safe = torch.where(top > 0, top, torch.ones_like(top))
+        norm = (t.to(torch.float64) / safe[:, None]).square().sum(1).sqrt() * safe
+        _, e = torch.frexp(safe)
+        ok = torch.isfinite(top) & (top > 0) & (norm > NORM_EPS)
+        scale = torch.ldexp(torch.ones_like(top), torch.where(ok, -e, torch.zeros_like(e)))
+    return t * scale.to(t.dtype)[:, None]
+
+
+def _safe_operands(features: torch.Tensor, weight: torch.Tensor):
+    if features.numel() == 0 or weight.numel() == 0 or features.dtype == torch.float64:
+        return features, weight
+    return _row_pow2(features), _row_pow2(weight)
+
+
 def _margin_ce(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda, class_weight,
                ignore_index, reduction):
     """(reduced loss, lse_other [N], cos_y [N]) from one sweep on whichever path applies."""
+    features, weight = _safe_operands(features, weight)
     w, marg, th, offset = _prepare(features, labels, kind, m, m1, m2, class_weight, ignore_index)
     args = (KIND_CODES[kind], float(s), float(m1), float(m2), float(m3), float(elm_lambda),
             float(th), float(offset), int(ignore_index))
@@ -340,6 +380,7 @@ class _MarginCrossEntropyFromCosine(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order("margin_cross_entropy_from_cosine (cpu backend)")
     @once_differentiable
     def backward(ctx, grad):
         cosine, labels, row_w, marg, lse, cstar = ctx.saved_tensors
@@ -392,6 +433,7 @@ class _ShardPartials(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("margin_shard_partials (cpu backend)")
     @once_differentiable
     def backward(ctx, _g_max, g_sum, g_cos_y, _g_wrong, _g_column):
         features, weight, col, offset, keep, row_max = ctx.saved_tensors

@@ -10,6 +10,7 @@ from torch.autograd.function import once_differentiable
 
 from ..reference import cost_sensitive as _cs
 from ..reference.reduction import reduce_loss
+from ..autograd_guard import first_order
 
 ops = torch.ops.fused_margin
 
@@ -75,6 +76,7 @@ class _CostSensitiveCE(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order("weighted_cross_entropy / crwwce_loss (cpu backend)")
     @once_differentiable
     def backward(ctx, grad):
         term, labels, z = ctx.saved_tensors
@@ -147,6 +149,7 @@ class _WassersteinDist(torch.autograd.Function):
         return per
 
     @staticmethod
+    @first_order("wasserstein_loss (cpu backend)")
     @once_differentiable
     def backward(ctx, grad):
         h, b, c, f, g = ctx.saved_tensors

@@ -9,6 +9,7 @@ import torch
 
 from ..reference import feature_space as _fs
 from ..reference.reduction import reduce_loss
+from ..autograd_guard import first_order
 
 ops = torch.ops.fused_margin
 
@@ -34,6 +35,7 @@ class _SoftNearestNeighbor(torch.autograd.Function):
         return per, has
 
     @staticmethod
+    @first_order("soft_nearest_neighbor_loss (cpu backend)")
     def backward(ctx, grad, _):
         x, labels, lse_all, lse_same = ctx.saved_tensors
         gx = ops.snn_bwd(grad.contiguous(), x, labels, lse_all, lse_same, ctx.temperature,
@@ -69,6 +71,7 @@ class _TripletMined(torch.autograd.Function):
         return per, valid
 
     @staticmethod
+    @first_order("triplet_margin_loss (cpu backend)")
     def backward(ctx, grad, _):
         x, per, valid, a, p, n = ctx.saved_tensors
         w = torch.where(valid & (per > 0), grad, torch.zeros_like(grad))
@@ -88,6 +91,7 @@ class _TripletAllTerms(torch.autograd.Function):
         return per
 
     @staticmethod
+    @first_order("triplet_margin_loss (cpu backend)")
     def backward(ctx, grad):
         x, labels, per = ctx.saved_tensors
         w = torch.where(per > 0, grad, torch.zeros_like(grad))
@@ -109,6 +113,7 @@ class _TripletAllSum(torch.autograd.Function):
         return stats[0].to(x.dtype), count
 
     @staticmethod
+    @first_order("triplet_margin_loss (cpu backend)")
     def backward(ctx, grad, _):
         x, a, b, pw = ctx.saved_tensors
         return _pair_grad(x, a, b, pw.to(x.dtype) * grad, ctx.distance), None, None, None
@@ -161,6 +166,7 @@ class _CenterLoss(torch.autograd.Function):
         return ops.center_fwd(x, labels, c)
 
     @staticmethod
+    @first_order("center_loss (cpu backend)")
     def backward(ctx, grad):
         x, labels, c = ctx.saved_tensors
         gx, gc = ops.center_bwd(grad.contiguous(), x, labels, c)
@@ -175,6 +181,7 @@ class _ContrastiveCenterLoss(torch.autograd.Function):
         return per
 
     @staticmethod
+    @first_order("contrastive_center_loss (cpu backend)")
     def backward(ctx, grad):
         x, labels, c, own, den = ctx.saved_tensors
         gx, gc = ops.contrastive_center_bwd(grad.contiguous(), x, labels, c, own, den,

@@ -87,8 +87,12 @@ def _std_with(anchor: torch.Tensor, points: torch.Tensor, valid: torch.Tensor) -
     row r; 0 where |S| < 2."""
     w = valid.to(anchor.dtype)
     size = 1 + w.sum(1)
-    mean = (anchor + (w[..., None] * points).sum(1)) / size[:, None]
-    ss = ((anchor - mean) ** 2).sum(1) + (w * ((points - mean[:, None, :]) ** 2).sum(2)).sum(1)
+    # slots that hold no neighbour are masked with where(), not multiplied by 0: the
+    # point parked there may be NaN or inf (0 * NaN would leak into this std)
+    pts = torch.where(valid[..., None], points, torch.zeros_like(points))
+    mean = (anchor + pts.sum(1)) / size[:, None]
+    dev2 = torch.where(valid, ((pts - mean[:, None, :]) ** 2).sum(2), torch.zeros_like(w))
+    ss = ((anchor - mean) ** 2).sum(1) + dev2.sum(1)
     var = torch.where(size > 1, ss / torch.clamp(size - 1, min=1), torch.zeros_like(ss))
     return safe_sqrt(var)
 

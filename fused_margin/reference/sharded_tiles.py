@@ -42,6 +42,7 @@ import torch
 
 from .angular import COS_EPS, compute_dtype, inv_norm
 from .sharded import ShardPartials, class_logit, partials_around
+from ..autograd_guard import first_order
 
 __all__ = ["MIN_ROWS", "TILE_BYTES", "class_logit_backward_", "margin_shard_partials",
            "tiling", "unit_backward"]
@@ -181,6 +182,7 @@ class _RowPartials(torch.autograd.Function):
         return row_max, sum_exp, cos_y, wrong_cos, wrong_column
 
     @staticmethod
+    @first_order("margin_shard_partials (reference tiles backend)")
     @torch.autograd.function.once_differentiable
     def backward(ctx, _g_max, g_sum, g_cos_y, _g_wrong, _g_index):
         features, weight_shard, keep, col, row_max, offset = ctx.saved_tensors

@@ -66,6 +66,7 @@ import triton.language as tl
 
 from ..reference.angular import COS_EPS, NORM_EPS, adacos_scale_from_stats, combined_fallback
 from ..reference.sharded import ShardPartials, partials_around
+from ..autograd_guard import first_order
 from . import config
 
 KINDS = ("normface", "arcface", "cosface", "sphereface", "combined", "ldam", "elm", "arcgrad")
@@ -953,6 +954,7 @@ class MarginCrossEntropyFunction(torch.autograd.Function):
         return _with_stats(ctx, p, out, stats[ST_LSE_OTHER], stats[ST_COSY])
 
     @staticmethod
+    @first_order("margin_cross_entropy (triton backend)")
     def backward(ctx, grad_out, *_stats_grads):
         head = (None,) * 4
         if ctx.empty:
@@ -1018,6 +1020,7 @@ class ShardPartialsFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("margin_shard_partials (triton backend)")
     @torch.autograd.function.once_differentiable
     def backward(ctx, _g_max, g_sum, g_cos_y, _g_wrong, _g_column):
         head = (None,) * 4

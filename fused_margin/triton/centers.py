@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ..reference.feature_space import compute_dtype
 from ..reference.reduction import reduce_loss
+from ..autograd_guard import first_order
 
 
 def _interpreted() -> bool:
@@ -156,6 +157,7 @@ class _CenterLoss(torch.autograd.Function):
         return center_fwd(x, labels, c)
 
     @staticmethod
+    @first_order("center_loss (triton backend)")
     def backward(ctx, grad):
         x, labels, c = ctx.saved_tensors
         gx = grad[:, None] * (x - c[labels])
@@ -171,21 +173,38 @@ class _ContrastiveCenterLoss(torch.autograd.Function):
         return per
 
     @staticmethod
+    @first_order("contrastive_center_loss (triton backend)")
     def backward(ctx, grad):
         x, labels, c, own, den = ctx.saved_tensors
         a = grad / den                  # d per / d own, times 2
-        b = -grad * own / (den * den)   # d per / d den, times 2
+        b = -grad * (own / den) / den   # d per / d den, times 2 (den * den under- /
+        # overflows float32 for spreads past ~1e+-10)
         cy = c[labels]
         diff = x - cy
-        total = c.sum(0)
-        gx = a[:, None] * diff + b[:, None] * ((c.shape[0] - 1) * x - (total[None, :] - cy))
+        # sums over the classes j != y_i are formed without subtracting the own class
+        # from a total (an inf or NaN own term would turn the others' finite sum
+        # into NaN where the reference's is finite: issue 15 item 9)
+        gx = a[:, None] * diff + b[:, None] * ((c.shape[0] - 1) * x - _excluding(c)[labels])
         gc = None
         if ctx.needs_input_grad[2]:
-            # every row pulls every centre by -b_i (x_i - c_j); rows of class j
-            # instead by -a_i (x_i - c_j): put back b, take a
-            gc = (b.sum() * c - (b[:, None] * x).sum(0)[None, :])
-            gc = gc.index_add_(0, labels, (b - a)[:, None] * diff)
+            # row i pulls centre j != y_i by -b_i (x_i - c_j) and its own centre by
+            # -a_i (x_i - c_{y_i}): per class k the sums of b_i and b_i x_i over its
+            # rows, then for each j the sums over the other classes
+            n_c = c.shape[0]
+            sb = torch.zeros(n_c, dtype=c.dtype, device=c.device).index_add_(0, labels, b)
+            sbx = torch.zeros_like(c).index_add_(0, labels, b[:, None] * x)
+            gc = _excluding(sb[:, None]) * c - _excluding(sbx)
+            gc = gc.index_add_(0, labels, -a[:, None] * diff)
         return gx, None, gc, None, None
+
+
+def _excluding(v: torch.Tensor) -> torch.Tensor:
+    """[K, D] -> row j: sum of the rows k != j, as an exclusive prefix plus an
+    exclusive suffix sum (no total - own subtraction)."""
+    zero = torch.zeros_like(v[:1])
+    pre = torch.cat([zero, torch.cumsum(v, 0)[:-1]])
+    suf = torch.cat([torch.cumsum(v.flip(0), 0)[:-1].flip(0), zero])
+    return pre + suf
 
 
 def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,

@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from ..reference import cost_sensitive as _ref
 from ..reference.reduction import reduce_loss
+from ..autograd_guard import first_order
 
 # class tile width cap; tests lower it to exercise several (partial) tiles
 MAX_BLOCK_K = 1024
@@ -170,6 +171,7 @@ class CostSensitiveCE(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order("weighted_cross_entropy / crwwce_loss (triton backend)")
     @once_differentiable
     def backward(ctx, grad):
         gz = None

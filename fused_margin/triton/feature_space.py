@@ -74,6 +74,7 @@ import triton.language as tl
 from ..reference.feature_space import _std_with, compute_dtype, safe_sqrt, sigma2r_with
 from ..reference.reduction import reduce_loss
 from ..reference import feature_space as _ref
+from ..autograd_guard import first_order
 
 # larger n_neighbors select with the reference's [M, N] sort instead of the kernel
 MAX_TOP_K = 64
@@ -186,7 +187,9 @@ def _snn_fwd_kernel(x_ptr, nrm_ptr, lab_ptr, t_ptr, per_ptr, lse_all_ptr, lse_sa
         same = other & (yr[:, None] == yc[None, :])
         m_all, s_all = _lse_update(logit, other, m_all, s_all)
         m_same, s_same = _lse_update(logit, same, m_same, s_same)
-    has = s_same > 0  # s >= 1 once a row has seen one entry: no underflow
+    # s >= 1 once a row has seen one entry: no underflow; a NaN distance makes s NaN,
+    # and the row's loss NaN, not 0 (issue 15 item 9)
+    has = (s_same > 0) | (s_same != s_same)
     lse_all = tl.where(has, m_all + tl.log(tl.where(has, s_all, 1.0)), 0.0)
     lse_same = tl.where(has, m_same + tl.log(tl.where(has, s_same, 1.0)), 0.0)
     tl.store(per_ptr + rows, lse_all - lse_same, mask=rmask)
@@ -288,6 +291,7 @@ class SoftNearestNeighborFunction(torch.autograd.Function):
         return per, has
 
     @staticmethod
+    @first_order("soft_nearest_neighbor_loss (triton backend)")
     def backward(ctx, g_per, _g_has):
         x, labels, temp, lse_all, lse_same, nrm, has = ctx.saved_tensors
         if g_per is None or x.numel() == 0:  # nothing to launch over
@@ -843,6 +847,7 @@ class TripletPairsFunction(torch.autograd.Function):
         return per
 
     @staticmethod
+    @first_order("triplet_margin_loss (triton backend)")
     def backward(ctx, g, *_):
         x, labels, m, saved, aux, *layout = ctx.saved_tensors
         order, rank, first, npos = layout
@@ -860,6 +865,10 @@ class TripletPairsFunction(torch.autograd.Function):
             aux_in = saved
         blocks = ctx.blocks
         N, D = x.shape
+        # the kernel reads x and u (for "cosine" a contiguous copy of x's unit rows)
+        # with one pair of strides: give x the contiguous layout u has, or a sliced,
+        # transposed or overlapping x is read past u's end (issue 15 item 1)
+        x = x.contiguous()
         u, nrm, consts = _launch_args(x, labels, distance, blocks)
         dx = torch.empty_like(x)
         _triplet_grad_kernel[(triton.cdiv(N, blocks.m), triton.cdiv(D, blocks.do))](

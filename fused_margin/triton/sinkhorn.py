@@ -62,6 +62,7 @@ from ..reference.cost_sensitive import (TOL_EVERY, _safe_log, centred, compute_d
                                         fixed_point_grads, ot_cost_grads)
 from ..reference import cost_sensitive as _ref
 from ..reference.reduction import reduce_loss
+from ..autograd_guard import first_order
 
 # the largest class count a program handles; its [BLOCK_K] vectors (G, the column
 # statistics) stay in registers, the cost streams in [BLOCK_I, BLOCK_K] tiles
@@ -368,6 +369,7 @@ class SinkhornFunction(torch.autograd.Function):
         return plan.to(out_dtype)
 
     @staticmethod
+    @first_order("sinkhorn (triton backend)")
     def backward(ctx, grad_plan):
         plan, = ctx.saved_tensors
         ga, gb, gc = fixed_point_grads(plan, grad_plan.to(plan.dtype), ctx.eps)
@@ -408,6 +410,7 @@ class WassersteinFunction(torch.autograd.Function):
         return per
 
     @staticmethod
+    @first_order("wasserstein_loss (triton backend)")
     def backward(ctx, grad_per):
         s = ctx.solved
         h, target = ctx.saved_tensors
