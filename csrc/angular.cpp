@@ -51,7 +51,8 @@ constexpr double kNormEps = 1e-12;  // reference/angular.py NORM_EPS
 constexpr double kCosEps = 1e-6;    // reference/angular.py COS_EPS
 constexpr double kPi = 3.14159265358979323846;
 
-enum Kind : int64_t { NORMFACE = 0, ARCFACE, COSFACE, SPHEREFACE, COMBINED, LDAM, ELM, ARCGRAD };
+enum Kind : int64_t { NORMFACE = 0, ARCFACE, COSFACE, SPHEREFACE, COMBINED, LDAM, ELM, ARCGRAD, ADAFACE };
+constexpr double kAdaEps = 1e-3;  // reference/angular.py ADAFACE_EPS: AdaFace's clip of theta
 
 struct Cfg {
   int64_t kind;
@@ -73,7 +74,7 @@ FM_INLINE bool in_clamp(T c) { return c >= T(-1.0 + kCosEps) && c <= T(1.0 - kCo
 
 // The kinds whose target logit is a function of the clamped cosine (reference THETA_KINDS).
 FM_INLINE bool theta_kind(int64_t k) {
-  return k == ARCFACE || k == COMBINED || k == SPHEREFACE || k == ARCGRAD;
+  return k == ARCFACE || k == COMBINED || k == SPHEREFACE || k == ARCGRAD || k == ADAFACE;
 }
 
 // Non-target logit and its derivative in the cosine (arcgrad: -s*theta).
@@ -108,6 +109,16 @@ void target_of(T cos, T my, const Cfg& g, T* val, T* der) {
     return;
   }
   const T theta = std::acos(c);
+  if (k == ADAFACE) {
+    // AdaFace: cos(clip(theta - m2 * r, eps, pi - eps)) - m2 * (1 + r), r = my; the clip
+    // is torch.clip's (no gradient outside)
+    const T a = theta - T(g.m2) * my;
+    const T lo = T(kAdaEps), hi = T(kPi - kAdaEps);
+    const T ac = std::min(std::max(a, lo), hi);
+    *val = std::cos(ac) - T(g.m2) * (T(1) + my);
+    *der = (a >= lo && a <= hi) ? mask * std::sin(ac) / sn : T(0);
+    return;
+  }
   if (k == SPHEREFACE) {
     const T kk = std::floor(my * theta / T(kPi));
     const T sign = T(1) - T(2) * (kk - T(2) * std::floor(kk / T(2)));
@@ -256,6 +267,9 @@ struct Rows {
   std::vector<int64_t> cstar;
 
   T m_at(int64_t c) const { return marg[marg_n == 1 ? 0 : c]; }
+  // per-sample margins (margin [N, 1], marg_n == -1): row i's own margin, for its
+  // target and for ELM's c* term alike
+  bool per_row() const { return marg_n < 0; }
   bool valid(int64_t i) const { return y[i] != g.ignore_index; }
   // the target's column in block [c0, c0 + cb), -1 if elsewhere or the row is ignored
   int64_t local_target(int64_t i, int64_t c0, int64_t cb) const {
@@ -292,8 +306,9 @@ struct Rows {
 
   // Target value / s (ELM's term included) and its derivative in cos_y.
   void target(int64_t i, T cos_y, int64_t cst, T* val, T* der) const {
-    target_of<T>(cos_y, m_at(y[i]), g, val, der);
-    if (g.kind == ELM && C > 1 && cst >= 0) *val += T(g.elm_lambda) * m_at(cst);
+    target_of<T>(cos_y, per_row() ? marg[i] : m_at(y[i]), g, val, der);
+    if (g.kind == ELM && C > 1 && cst >= 0)
+      *val += T(g.elm_lambda) * (per_row() ? marg[i] : m_at(cst));
   }
 
   // log sum over the classes folded so far (the non-target ones for a valid row).
@@ -358,8 +373,9 @@ void check_common(const at::Tensor& labels, const at::Tensor& roww, const at::Te
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n && labels.scalar_type() == at::kLong,
               "margin_cross_entropy: labels must be int64 [N]");
   TORCH_CHECK(roww.dim() == 1 && roww.size(0) == n, "margin_cross_entropy: row weights must be [N]");
-  TORCH_CHECK(margin.dim() == 1 && (margin.size(0) == 1 || margin.size(0) == c),
-              "margin_cross_entropy: margin must be [1] or [C]");
+  TORCH_CHECK((margin.dim() == 1 && (margin.size(0) == 1 || margin.size(0) == c)) ||
+                  (margin.dim() == 2 && margin.size(0) == n && margin.size(1) == 1),
+              "margin_cross_entropy: margin must be [1], [C] or (per sample) [N, 1]");
   TORCH_CHECK(c >= 1, "margin_cross_entropy: there must be at least one class");
   auto lab = labels.contiguous();
   const int64_t* y = lab.data_ptr<int64_t>();
@@ -386,7 +402,7 @@ void check_cstar(const at::Tensor& cstar, int64_t c) {
 
 Cfg make_cfg(int64_t kind, double s, double m1, double m2, double m3, double elm_lambda,
              double th, double offset, int64_t ignore_index) {
-  TORCH_CHECK(kind >= NORMFACE && kind <= ARCGRAD, "margin_cross_entropy: unknown kind ", kind);
+  TORCH_CHECK(kind >= NORMFACE && kind <= ADAFACE, "margin_cross_entropy: unknown kind ", kind);
   return Cfg{kind, s, m1, m2, m3, elm_lambda, th, offset, ignore_index};
 }
 
@@ -397,7 +413,7 @@ Rows<T> make_rows(const at::Tensor& lab, const at::Tensor& roww, const at::Tenso
   r.y = lab.data_ptr<int64_t>();
   r.roww = roww.data_ptr<T>();
   r.marg = marg.data_ptr<T>();
-  r.marg_n = marg.size(0);
+  r.marg_n = marg.dim() == 2 ? -1 : marg.size(0);
   r.rx = rx.data_ptr<T>();
   r.rw = rw.data_ptr<T>();
   r.g = g;
@@ -893,8 +909,9 @@ at::Tensor cosine_ce_bwd(const at::Tensor& grad, const at::Tensor& cos, const at
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fused_margin, m) {
-  // kind: 0 normface, 1 arcface, 2 cosface, 3 sphereface, 4 combined, 5 ldam, 6 elm, 7 arcgrad.
-  // row_weight: class weight of each row's target, 0 for ignored rows; margin: [1] or [C];
+  // kind: 0 normface, 1 arcface, 2 cosface, 3 sphereface, 4 combined, 5 ldam, 6 elm, 7 arcgrad,
+  // 8 adaface.
+  // row_weight: class weight of each row's target, 0 for ignored rows; margin: [1], [C] or [N, 1] (per sample);
   // (th, offset): reference.angular.combined_fallback(m1, m2). angular_ce_fwd returns per-row
   // loss, lse, c*, lse_other, cos_y; angular_ce_fused loss, gx, gw, lse_other, cos_y
   // (lse_other = log sum_{j != y} exp(logit_j), cos_y the target cosine: AdaCos's statistics).

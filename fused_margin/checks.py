@@ -13,7 +13,8 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
-MARGIN_KINDS = ("normface", "arcface", "cosface", "sphereface", "combined", "ldam", "elm", "arcgrad")
+MARGIN_KINDS = ("normface", "arcface", "cosface", "sphereface", "combined", "ldam", "elm", "arcgrad",
+                "adaface")
 # kinds whose margin may be a per-class tensor [C]
 PER_CLASS_KINDS = ("arcface", "cosface", "ldam", "elm")
 MINING = ("semihard", "hard", "all")
@@ -134,17 +135,53 @@ def class_vector(name: str, v, num_classes: int, *, nonnegative: bool = True) ->
         raise ValueError(f"{name} must be >= 0")
 
 
-def margin(m: Union[float, torch.Tensor], kind: str, num_classes: int) -> None:
+MARGIN_PER = ("class", "sample")
+# kinds whose margin may be a per-sample tensor [N] (combined's m1/m2/m3 stay scalars;
+# normface and arcgrad have no margin)
+PER_SAMPLE_KINDS = ("arcface", "cosface", "sphereface", "ldam", "elm", "adaface")
+
+
+def margin_mode(m, num_classes: int, n: Optional[int], margin_per: str = "class") -> str:
+    """"scalar", "class" ([C]) or "sample" ([N]) for a margin m: a 1-D length that is
+    N and not C is per sample, C and not N per class; where N == C, margin_per says
+    which. n=None: per-sample margins are not accepted (per class only)."""
+    choice("margin_per", margin_per, MARGIN_PER)
+    if not isinstance(m, torch.Tensor) or m.dim() == 0:
+        return "scalar"
+    if m.dim() != 1:
+        raise ValueError(f"m must be a number, a 0-d tensor, [C] or [N], got shape "
+                         f"{tuple(m.shape)}")
+    k = m.shape[0]
+    if n is None:
+        return "class"
+    if k == n and (k != num_classes or margin_per == "sample"):
+        return "sample"
+    if k == num_classes and margin_per == "class":
+        return "class"
+    raise ValueError(f"m must have one entry per class ({num_classes}) or per sample ({n}), "
+                     f"got {k}")
+
+
+def margin(m: Union[float, torch.Tensor], kind: str, num_classes: int, n: Optional[int] = None,
+           margin_per: str = "class") -> str:
+    """Validates m; returns margin_mode's answer."""
+    mode = margin_mode(m, num_classes, n, margin_per)
     if isinstance(m, torch.Tensor):
-        if kind not in PER_CLASS_KINDS:
+        if mode == "sample":
+            if kind not in PER_SAMPLE_KINDS:
+                raise ValueError(f"a per-sample margin tensor [N] is supported for kinds "
+                                 f"{PER_SAMPLE_KINDS}, not {kind!r}")
+            tensor("m", m, dim=1, floating=True)
+            if m.numel() and not bool(torch.isfinite(m.detach()).all()):
+                raise ValueError("m must be finite")
+        elif kind not in PER_CLASS_KINDS:
             raise ValueError(f"a per-class margin tensor is supported for kinds {PER_CLASS_KINDS}, "
                              f"not {kind!r}")
-        m = m.detach()
-        if m.dim() == 0:
+        elif m.dim() == 0:
             finite("m", float(m))
         else:
-            class_vector("m", m, num_classes, nonnegative=False)
-        lo, hi = (float(m.min()), float(m.max())) if m.numel() else (0.0, 0.0)
+            class_vector("m", m.detach(), num_classes, nonnegative=False)
+        lo, hi = (float(m.detach().min()), float(m.detach().max())) if m.numel() else (0.0, 0.0)
     else:
         finite("m", m)
         lo = hi = float(m)
@@ -154,6 +191,7 @@ def margin(m: Union[float, torch.Tensor], kind: str, num_classes: int) -> None:
         raise ValueError(f"arcface margins must lie in [-pi/2, pi/2], got [{lo}, {hi}]")
     if kind == "sphereface" and lo < 0:
         raise ValueError(f"sphereface's multiplicative margin must be >= 0, got {lo}")
+    return mode
 
 
 ANGLE_LIMIT = math.pi / 2
@@ -172,7 +210,9 @@ def combined_margins(kind: str, m1: float, m2: float) -> None:
 
 def margin_cross_entropy(features, weight, labels_, *, kind, s, m, m1, m2, m3, elm_lambda,
                          class_weight, ignore_index, reduction_, normalize=True, bias=None,
-                         label_smoothing=0.0) -> None:
+                         label_smoothing=0.0, margin_per=None, sub_centers=1) -> str:
+    """Returns the margin's mode ("scalar", "class", "sample"); margin_per=None
+    accepts no per-sample margin (callers that do not serve one)."""
     tensor("features", features, dim=2, floating=True)
     tensor("weight", weight, dim=2, floating=True)
     if features.shape[1] != weight.shape[1]:
@@ -180,12 +220,22 @@ def margin_cross_entropy(features, weight, labels_, *, kind, s, m, m1, m2, m3, e
                          f"{tuple(features.shape)} vs {tuple(weight.shape)}")
     # features and weight may differ in dtype: functional.mixed promotes them (or casts
     # them to the autocast dtype)
-    _margin_common(features.shape[0], weight.shape[0], labels_, kind=kind, s=s, m=m, m1=m1,
-                   m2=m2, m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
-                   ignore_index=ignore_index, reduction_=reduction_)
+    integer("sub_centers", sub_centers, minimum=1)
+    if weight.shape[0] % sub_centers:
+        raise ValueError(f"with sub_centers={sub_centers}, weight must be [C*K, D] (rows c*K .. "
+                         f"c*K+K-1 for class c); {weight.shape[0]} rows is not a multiple of "
+                         f"{sub_centers}")
+    if sub_centers > 1 and not normalize:
+        raise ValueError("sub_centers applies to cosines (normalize=True) only")
+    mode = _margin_common(features.shape[0], weight.shape[0] // sub_centers, labels_,
+                          kind=kind, s=s, m=m,
+                          m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
+                          ignore_index=ignore_index, reduction_=reduction_,
+                          margin_per=margin_per)
     same_device(features=features, weight=weight, labels=labels_, class_weight=class_weight,
                 m=m if isinstance(m, torch.Tensor) else None)
     linear_mode(kind, normalize, bias, label_smoothing, weight)
+    return mode
 
 
 # kinds that normalize=False accepts (reference.angular.LINEAR_KINDS)
@@ -213,23 +263,27 @@ def linear_mode(kind, normalize, bias, label_smoothing, weight) -> None:
 
 
 def margin_cross_entropy_from_cosine(cosine, labels_, *, kind, s, m, m1, m2, m3, elm_lambda,
-                                     class_weight, ignore_index, reduction_) -> None:
+                                     class_weight, ignore_index, reduction_,
+                                     margin_per=None) -> str:
     tensor("cosine", cosine, dim=2, floating=True)
-    _margin_common(cosine.shape[0], cosine.shape[1], labels_, kind=kind, s=s, m=m, m1=m1,
-                   m2=m2, m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
-                   ignore_index=ignore_index, reduction_=reduction_)
+    mode = _margin_common(cosine.shape[0], cosine.shape[1], labels_, kind=kind, s=s, m=m,
+                          m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
+                          ignore_index=ignore_index, reduction_=reduction_,
+                          margin_per=margin_per)
     same_device(cosine=cosine, labels=labels_, class_weight=class_weight,
                 m=m if isinstance(m, torch.Tensor) else None)
+    return mode
 
 
 def _margin_common(n, c, labels_, *, kind, s, m, m1, m2, m3, elm_lambda, class_weight,
-                   ignore_index, reduction_) -> None:
+                   ignore_index, reduction_, margin_per=None) -> str:
     choice("kind", kind, MARGIN_KINDS)
     reduction(reduction_)
     finite("s", s)
     for name, v in (("m1", m1), ("m2", m2), ("m3", m3), ("elm_lambda", elm_lambda)):
         finite(name, v)
-    margin(m, kind, c)
+    mode = margin(m, kind, c, None if margin_per is None else n,
+                  "class" if margin_per is None else margin_per)
     combined_margins(kind, m1, m2)
     integer("ignore_index", ignore_index, minimum=INT64_MIN)
     if class_weight is not None:
@@ -237,6 +291,7 @@ def _margin_common(n, c, labels_, *, kind, s, m, m1, m2, m3, elm_lambda, class_w
     if c == 0:
         raise ValueError("there must be at least one class")
     labels(labels_, n, c, ignore_index=ignore_index)
+    return mode
 
 
 def logits_labels(logits, labels_, *, ignore_index, reduction_) -> None:

@@ -202,3 +202,22 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
         raise ValueError(f"backend {backend!r} cannot run on {device} tensors")
     return _load(impls[backend])
 
+
+def resolve_unless(op: str, backend: str, device: torch.device, lacking: Dict[str, str],
+                   feature: str) -> Callable:
+    """resolve(), except that where the picked backend is a key of `lacking` (a
+    backend whose kernel does not yet serve `feature`), the reference serves the
+    call instead, with one warning per (op, backend, feature) naming the pending work."""
+    fn = resolve(op, backend, device)
+    impls = OPS[op]
+    for name, pending in lacking.items():
+        if name in impls and getattr(fn, "__module__", None) == impls[name].split(":")[0]:
+            key = (op, name, feature)
+            if key not in _warned:
+                _warned.add(key)
+                warnings.warn(f"fused_margin: the {name} kernel of {op} does not serve {feature} "
+                              f"yet ({pending}); the PyTorch reference computes these calls",
+                              RuntimeWarning, stacklevel=3)
+            return _load(impls["reference"])
+    return fn
+

@@ -254,6 +254,9 @@ def _local_problem(features, weight_shard, labels, *, class_start, num_classes, 
         checks._margin_common(features.shape[0], num_classes, labels, kind=kind, s=s, m=m, m1=m1,
                               m2=m2, m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
                               ignore_index=ignore_index, reduction_=reduction)
+        if kind == "adaface":
+            raise ValueError("kind 'adaface' is not supported by fused_margin.distributed yet "
+                             "(issue 19)")
         checks.same_device(features=features, weight_shard=weight_shard, labels=labels,
                            class_weight=class_weight,
                            m=m if isinstance(m, torch.Tensor) else None)

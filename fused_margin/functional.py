@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import checks
-from .dispatch import resolve
+from .dispatch import resolve, resolve_unless
 from .reference.reduction import reduce_loss
 from .reference.angular import arcgrad_scale, camri_margins, drw_weights, ldam_margins
 
@@ -37,7 +37,8 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          elm_lambda: float = 0.5, class_weight: Optional[torch.Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean",
                          normalize: bool = True, bias: Optional[torch.Tensor] = None,
-                         label_smoothing: float = 0.0, backend: str = "auto") -> torch.Tensor:
+                         label_smoothing: float = 0.0, margin_per: str = "class",
+                         sub_centers: int = 1, backend: str = "auto") -> torch.Tensor:
     """Softmax cross-entropy over s*cos(x, W_j) with the target logit shaped by `kind`.
 
     features [N, D], weight [C, D], labels [N] int64. See docs/api.md for the kinds.
@@ -46,19 +47,45 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
     equal to F.cross_entropy(x @ W.T + bias, ...), without an N x C buffer on the
     fused backends. bias [C]: normalize=False only. label_smoothing: as
     F.cross_entropy defines it (class weights included), on the margined logits.
+    m: a number, a 0-d tensor, [C] (per class) or [N] (per sample: kinds arcface,
+    cosface, sphereface, ldam, elm); a length N and not C is per sample, and where
+    N == C, margin_per="class" (default) or "sample" says which. A per-sample m
+    carries a gradient (reference and cpu backends; the triton backend hands such
+    calls to the reference, with one warning).
+    sub_centers=K (sub-centre ArcFace, any kind): weight [C*K, D], rows c*K .. c*K+K-1
+    the sub-centres of class c; each class's cosine is the max over its sub-centres
+    (gradient to the arg-max), then the kind's margin. Triton: served by the reference.
     """
-    checks.margin_cross_entropy(features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2,
-                                m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
-                                ignore_index=ignore_index, reduction_=reduction,
-                                normalize=normalize, bias=bias, label_smoothing=label_smoothing)
+    mode = checks.margin_cross_entropy(features, weight, labels, kind=kind, s=s, m=m, m1=m1,
+                                       m2=m2, m3=m3, elm_lambda=elm_lambda,
+                                       class_weight=class_weight, ignore_index=ignore_index,
+                                       reduction_=reduction, normalize=normalize, bias=bias,
+                                       label_smoothing=label_smoothing, margin_per=margin_per,
+                                       sub_centers=sub_centers)
     linear = not normalize or bias is not None or bool(label_smoothing)
-    fn = resolve("margin_cross_entropy", backend, features.device)
+    # what the Triton kernel lacks (the reference serves it there, one warning each)
+    if kind == "adaface":
+        pending = (_PER_SAMPLE_PENDING, "kind='adaface'")
+    elif sub_centers > 1:
+        pending = (_SUB_CENTER_PENDING, "sub_centers")
+    elif mode == "sample":
+        pending = (_PER_SAMPLE_PENDING, "per-sample margins")
+    else:
+        pending = None
+    if pending is not None:
+        fn = resolve_unless("margin_cross_entropy", backend, features.device, *pending)
+    else:
+        fn = resolve("margin_cross_entropy", backend, features.device)
     if bias is not None:
         features, weight, bias = mixed(features, weight, bias)
     else:
         features, weight = mixed(features, weight)
+    if mode == "sample":
+        m = m.reshape(-1, 1)  # backends take a per-sample margin as [N, 1] ([C] stays 1-D)
     kw = dict(kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
               ignore_index=ignore_index)
+    if sub_centers > 1:
+        kw["sub_centers"] = sub_centers
     if linear:
         if label_smoothing and _fused(fn) and _wants_grad(class_weight):
             raise RuntimeError(
@@ -69,7 +96,14 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
     with autocast_off(features.device):
         return _margin_ce_call(lambda **k: fn(features, weight, labels, **kw, **k), fn,
                                "margin_cross_entropy", labels, m, class_weight, ignore_index,
-                               reduction)
+                               reduction, per_sample=mode == "sample")
+
+
+# backends whose margin_cross_entropy kernel does not yet take per-sample margins
+# (m of length N), sub-centres or kind="adaface" (issue 19): the reference serves
+# those calls (one warning)
+_PER_SAMPLE_PENDING = {"triton": "pending in the Triton margin kernel (issue 19)"}
+_SUB_CENTER_PENDING = _PER_SAMPLE_PENDING
 
 
 def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor, *,
@@ -78,18 +112,27 @@ def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor,
                                      elm_lambda: float = 0.5,
                                      class_weight: Optional[torch.Tensor] = None,
                                      ignore_index: int = -100, reduction: str = "mean",
+                                     margin_per: str = "class",
                                      backend: str = "auto") -> torch.Tensor:
-    """margin_cross_entropy on precomputed cosines [N, C]."""
-    checks.margin_cross_entropy_from_cosine(cosine, labels, kind=kind, s=s, m=m, m1=m1, m2=m2,
-                                            m3=m3, elm_lambda=elm_lambda,
-                                            class_weight=class_weight,
-                                            ignore_index=ignore_index, reduction_=reduction)
-    fn = resolve("margin_cross_entropy_from_cosine", backend, cosine.device)
+    """margin_cross_entropy on precomputed cosines [N, C] (m and margin_per as there)."""
+    mode = checks.margin_cross_entropy_from_cosine(cosine, labels, kind=kind, s=s, m=m, m1=m1,
+                                                   m2=m2, m3=m3, elm_lambda=elm_lambda,
+                                                   class_weight=class_weight,
+                                                   ignore_index=ignore_index,
+                                                   reduction_=reduction, margin_per=margin_per)
+    if mode == "sample" or kind == "adaface":
+        fn = resolve_unless("margin_cross_entropy_from_cosine", backend, cosine.device,
+                            _PER_SAMPLE_PENDING,
+                            "kind='adaface'" if kind == "adaface" else "per-sample margins")
+        if mode == "sample":
+            m = m.reshape(-1, 1)
+    else:
+        fn = resolve("margin_cross_entropy_from_cosine", backend, cosine.device)
     kw = dict(kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
               ignore_index=ignore_index)
     return _margin_ce_call(lambda **k: fn(cosine, labels, **kw, **k), fn,
                            "margin_cross_entropy_from_cosine", labels, m, class_weight,
-                           ignore_index, reduction)
+                           ignore_index, reduction, per_sample=mode == "sample")
 
 
 def scaled_cosine(features: torch.Tensor, weight: torch.Tensor, s: float = 1.0, *,
@@ -375,14 +418,16 @@ def _class_weighted(per: torch.Tensor, labels: torch.Tensor, class_weight: torch
     return reduce_loss(torch.where(valid, per * w, torch.zeros_like(per)), w, reduction)
 
 
-def _margin_ce_call(call, fn, op: str, labels, m, class_weight, ignore_index, reduction):
+def _margin_ce_call(call, fn, op: str, labels, m, class_weight, ignore_index, reduction,
+                    per_sample: bool = False):
     """Runs a margin cross-entropy backend. The fused kernels take a per-class
     margin and the class weights as constants: a margin that requires grad is an
     error there (not a silent None), and a class_weight that requires grad gets its
-    true gradient from the kernels' unweighted per-row losses, weighted here."""
+    true gradient from the kernels' unweighted per-row losses, weighted here. A
+    per-sample margin [N, 1] gets its gradient from the cpu backend (an O(N) term)."""
     if not _fused(fn):
         return call(class_weight=class_weight, reduction=reduction)
-    if _wants_grad(m):
+    if _wants_grad(m) and not (per_sample and fn.__module__.split(".")[1] == "cpu"):
         backend = fn.__module__.split(".")[1]
         raise RuntimeError(
             f"fused_margin: {op} on the {backend} backend treats a per-class margin m as a "

@@ -22,6 +22,7 @@ __all__ = [
     "ArcGrad", "AdaCos", "LDAM", "ELM", "CenterLoss", "Sigma2R", "WassersteinLoss",
     "TripletMarginLoss", "SoftNearestNeighborLoss", "ShardedMarginLoss", "GitLoss",
     "TripletCenterLoss", "ContrastiveLoss", "LinearCrossEntropy", "MSoftmax",
+    "SubCenterArcFace", "MagFace", "ElasticFace", "AdaFace", "CurricularFace",
 ]
 
 
@@ -187,6 +188,304 @@ class ELM(MarginLoss):
         margins = ldam_margins(class_counts, max_m)
         super().__init__(in_features, margins.numel(), kind="elm", s=s, m=margins,
                          elm_lambda=lam, **kw)
+
+
+class SubCenterArcFace(MarginLoss):
+    """Sub-centre ArcFace (Deng et al., ECCV 2020): K sub-centres per class in
+    `weight` [C*K, D] (rows c*K .. c*K+K-1 for class c, pytorch-metric-learning's
+    column order); a class's cosine is the max over its sub-centres, then the
+    `kind`'s margin (ArcFace by default). margin_cross_entropy(sub_centers=K)."""
+
+    def __init__(self, in_features: int, num_classes: int, sub_centers: int = 3,
+                 s: float = 64.0, m: float = 0.5, kind: str = "arcface", **kw):
+        if isinstance(sub_centers, bool) or not isinstance(sub_centers, int) or sub_centers < 1:
+            raise ValueError(f"sub_centers must be a positive int, got {sub_centers!r}")
+        self.sub_centers = sub_centers
+        super().__init__(in_features, num_classes, kind=kind, s=s, m=m, **kw)
+        self.weight = nn.Parameter(torch.empty(num_classes * sub_centers, in_features))
+        self.reset_parameters()
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.margin_cross_entropy(
+            features, self.weight, labels, kind=self.kind, s=self.scale(), m=self.m, m1=self.m1,
+            m2=self.m2, m3=self.m3, elm_lambda=self.elm_lambda, class_weight=self.class_weight,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+            sub_centers=self.sub_centers, backend=self.backend)
+
+    @torch.no_grad()
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """s * max_k cos(x, W_{c,k}), [N, C], no margin."""
+        cos = F.scaled_cosine(features, self.weight, 1.0, backend="auto")
+        n = cos.shape[0]
+        return self.scale() * cos.view(n, self.num_classes, self.sub_centers).amax(dim=2)
+
+    @torch.no_grad()
+    def get_outliers(self, features: torch.Tensor, labels: torch.Tensor, threshold: float = 75.0,
+                     return_dominant_centers: bool = True):
+        """The paper's clean-up step, as pytorch-metric-learning names it: per class,
+        the dominant sub-centre is the one most of the class's samples (in this
+        call) are closest to (the first on ties; sub-centre 0 for a class without
+        samples); a sample whose angle to its class's dominant sub-centre exceeds
+        `threshold` degrees is an outlier. Returns the outliers' indices (int64,
+        increasing) and, unless return_dominant_centers=False, the dominant
+        sub-centres [C, D] (rows of `weight`; PML returns them transposed, [D, C])."""
+        from .reference.angular import inv_norm
+        if features.dim() != 2 or labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError("features must be [N, D] and labels [N]")
+        c, k = self.num_classes, self.sub_centers
+        w = self.weight.detach()
+        x = features.detach().to(w.dtype)
+        valid = labels != self.ignore_index
+        if bool(((labels[valid] < 0) | (labels[valid] >= c)).any()):
+            raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index")
+        y = torch.where(valid, labels, torch.zeros_like(labels))
+        wn = (w * inv_norm(w)[:, None]).view(c, k, -1)
+        xn = x * inv_norm(x)[:, None]
+        cos = torch.einsum("nd,nkd->nk", xn, wn[y])  # each sample vs its class's sub-centres
+        nearest = cos.argmax(dim=1)
+        counts = torch.zeros(c * k, dtype=torch.int64, device=w.device)
+        counts.index_add_(0, (y * k + nearest)[valid],
+                          torch.ones(int(valid.sum()), dtype=torch.int64, device=w.device))
+        dominant = counts.view(c, k).argmax(dim=1)  # first maximum on ties
+        to_dominant = cos.gather(1, dominant[y][:, None])[:, 0]
+        outliers = (valid & (to_dominant < math.cos(math.radians(threshold)))).nonzero()[:, 0]
+        if not return_dominant_centers:
+            return outliers
+        return outliers, w.view(c, k, -1)[torch.arange(c, device=w.device), dominant]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", sub_centers={self.sub_centers}"
+
+
+def _valid_mean(v: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """A per-sample regulariser reduced as the cross-entropy is (ignored rows left out)."""
+    v = torch.where(valid, v, torch.zeros_like(v))
+    if reduction == "none":
+        return v
+    if reduction == "sum":
+        return v.sum()
+    count = valid.sum()
+    return v.sum() / torch.clamp(count, min=1).to(v.dtype)
+
+
+class MagFace(MarginLoss):
+    """MagFace (Meng et al., CVPR 2021): ArcFace whose margin grows with the feature
+    magnitude a_i = ||x_i|| clipped to [l_a, u_a] (Eq. 3 with the linear m(a) of the
+    paper's code), m(a) = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m, plus the
+    regulariser lambda_g * g(a_i), g(a) = 1/a + a/u_a^2 (Eq. 5), averaged over the
+    labelled rows. The magnitude keeps its gradient, through the margin (a per-sample
+    margin of the fused kernel) and through g. Defaults: the official code's
+    (s=64, l_a=10, u_a=110, l_m=0.45, u_m=0.8, lambda_g=35)."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, l_a: float = 10.0,
+                 u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8,
+                 lambda_g: float = 35.0, **kw):
+        if not 0 < l_a < u_a:
+            raise ValueError(f"MagFace needs 0 < l_a < u_a, got l_a={l_a}, u_a={u_a}")
+        if not -math.pi / 2 <= l_m <= math.pi / 2 or not -math.pi / 2 <= u_m <= math.pi / 2:
+            raise ValueError(f"MagFace margins must lie in [-pi/2, pi/2], got {l_m}, {u_m}")
+        super().__init__(in_features, num_classes, kind="arcface", s=s, m=0.0, **kw)
+        self.l_a, self.u_a, self.l_m, self.u_m = float(l_a), float(u_a), float(l_m), float(u_m)
+        self.lambda_g = float(lambda_g)
+
+    def magnitude(self, features: torch.Tensor) -> torch.Tensor:
+        return features.norm(dim=1).clamp(self.l_a, self.u_a)
+
+    def margin(self, a: torch.Tensor) -> torch.Tensor:
+        return (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        a = self.magnitude(features)
+        ce = F.margin_cross_entropy(
+            features, self.weight, labels, kind="arcface", s=self.scale(), m=self.margin(a),
+            margin_per="sample", class_weight=self.class_weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, backend=self.backend)
+        g = 1.0 / a + a / (self.u_a ** 2)
+        reg = _valid_mean(g.to(ce.dtype), labels != self.ignore_index, self.reduction)
+        return ce + self.lambda_g * reg
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", l_a={self.l_a:g}, u_a={self.u_a:g}, l_m={self.l_m:g}, "
+                f"u_m={self.u_m:g}, lambda_g={self.lambda_g:g}")
+
+
+class AdaFace(MarginLoss):
+    """AdaFace (Kim et al., CVPR 2022): margins from the feature norm. With a_i =
+    clip(||x_i||, 0.001, 100) (detached) and mu, sigma running averages of the batch
+    mean and std of a (buffers `batch_mean`, `batch_std`, initial 20 and 100 as in the
+    official code; in training mode each forward first folds this batch in with
+    momentum t_alpha, then uses them), r_i = clip(h (a_i - mu) / (sigma + eps), -1, 1)
+    and the target logit s*(cos(clip(theta_y - m r_i, eps, pi - eps)) - m (1 + r_i))
+    (g_angle = -m r, g_add = m r + m; Eq. 11-12), kind "adaface" of the fused kernel
+    with the per-sample r. Eval mode uses the stored statistics unchanged. Defaults:
+    the paper's (m=0.4, h=0.333, s=64, momentum t_alpha=0.01)."""
+
+    def __init__(self, in_features: int, num_classes: int, m: float = 0.4, h: float = 0.333,
+                 s: float = 64.0, t_alpha: float = 0.01, eps: float = 1e-3, **kw):
+        if not 0 < t_alpha <= 1:
+            raise ValueError(f"t_alpha must lie in (0, 1], got {t_alpha}")
+        if not h > 0:
+            raise ValueError(f"h must be > 0, got {h}")
+        super().__init__(in_features, num_classes, kind="adaface", s=s, m=0.0, m2=float(m), **kw)
+        self.margin, self.h, self.t_alpha, self.eps = float(m), float(h), float(t_alpha), float(eps)
+        self.register_buffer("batch_mean", torch.tensor(20.0))
+        self.register_buffer("batch_std", torch.tensor(100.0))
+
+    @torch.no_grad()
+    def scaler(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """r [N], updating the running statistics first in training mode."""
+        a = features.detach().float().norm(dim=1).clamp(0.001, 100)
+        valid = labels != self.ignore_index
+        if self.training and int(valid.sum()) >= 2:
+            av = a[valid]
+            t = self.t_alpha
+            self.batch_mean.mul_(1 - t).add_(t * av.mean())
+            self.batch_std.mul_(1 - t).add_(t * av.std())
+        r = (a - self.batch_mean) / (self.batch_std + self.eps) * self.h
+        return r.clamp(-1, 1).to(torch.float64 if features.dtype == torch.float64
+                                  else torch.float32)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.margin_cross_entropy(
+            features, self.weight, labels, kind="adaface", s=self.scale(),
+            m=self.scaler(features, labels), m2=self.margin, margin_per="sample",
+            class_weight=self.class_weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", m={self.margin:g}, h={self.h:g}, t_alpha={self.t_alpha:g}"
+
+
+class CurricularFace(MarginLoss):
+    """CurricularFace (Huang et al., CVPR 2020): the ArcFace target s*cos(theta_y + m)
+    (insightface's fallback past pi - m) and each hard negative, cos_j > cos(theta_y + m),
+    re-weighted to s*cos_j*(t + cos_j); t (buffer) is the running average of the batch's
+    mean target cosine, momentum 0.01, updated at the start of each training-mode forward
+    (as the official code does) and held fixed (no gradient) within the step; eval mode
+    leaves it. The hard-negative transform is not in the fused kernels yet: this module
+    runs the eager reference (N x C); backend="cpu" or "triton" raises NotImplementedError,
+    "auto" warns once. Defaults: the paper's (m=0.5, s=64, momentum 0.01, t starts at 0)."""
+
+    _warned = False
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5,
+                 momentum: float = 0.01, **kw):
+        if not 0 < momentum <= 1:
+            raise ValueError(f"momentum must lie in (0, 1], got {momentum}")
+        super().__init__(in_features, num_classes, kind="arcface", s=s, m=m, **kw)
+        self.momentum = float(momentum)
+        self.register_buffer("t", torch.zeros(()))
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from . import checks
+        from .reference.angular import compute_dtype, curricular_cross_entropy, inv_norm
+        if self.backend in ("cpu", "triton"):
+            raise NotImplementedError(
+                f"CurricularFace's hard-negative transform cos_j*(t + cos_j) is not in the "
+                f"{self.backend} kernel yet (issue 19); use backend='reference' (or 'auto', "
+                "which runs the reference)")
+        checks.margin_cross_entropy(features, self.weight, labels, kind="arcface", s=self.s,
+                                    m=self.m, m1=1.0, m2=0.0, m3=0.0, elm_lambda=0.0,
+                                    class_weight=self.class_weight,
+                                    ignore_index=self.ignore_index, reduction_=self.reduction)
+        checks.choice("backend", self.backend, ("auto", "reference"))
+        if self.backend == "auto" and not CurricularFace._warned:
+            CurricularFace._warned = True
+            import warnings
+            warnings.warn("fused_margin: CurricularFace runs the PyTorch reference (N x C) until "
+                          "the fused kernels take its hard-negative transform (issue 19)",
+                          RuntimeWarning, stacklevel=2)
+        if self.training:
+            with torch.no_grad():
+                valid = labels != self.ignore_index
+                if bool(valid.any()):
+                    w = self.weight.detach()
+                    y = labels[valid]
+                    x = features.detach()[valid]
+                    dt = compute_dtype(x.dtype)
+                    cy = ((x.to(dt) * w[y].to(dt)).sum(1) * inv_norm(x.to(dt))
+                          * inv_norm(w[y].to(dt)))
+                    self.t.mul_(1 - self.momentum).add_(self.momentum * cy.mean().to(self.t))
+        return curricular_cross_entropy(features, self.weight, labels, self.t, s=self.s,
+                                        m=float(self.m), class_weight=self.class_weight,
+                                        ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", m={float(self.m):g}, momentum={self.momentum:g}"
+
+
+# ElasticFace's margins (the official config/config.py): (m, std) by variant and "+"
+_ELASTIC_DEFAULTS = {("arc", False): (0.50, 0.05), ("arc", True): (0.50, 0.0175),
+                     ("cos", False): (0.35, 0.05), ("cos", True): (0.35, 0.02)}
+
+
+class ElasticFace(MarginLoss):
+    """ElasticFace (Boutros et al., CVPRW 2022): ArcFace (variant="arc", Eq. 5) or
+    CosFace (variant="cos", Eq. 6) whose margin is drawn per sample from N(m, std)
+    at every training-mode forward (`generator` for reproducibility); plus=True
+    (ElasticFace+, Eq. 7) sorts the draws and hands the smallest margin to the sample
+    closest to its class centre (largest target cosine), the largest to the farthest.
+    In eval mode the margin is m for every sample (deterministic). Defaults: the
+    official config's (s=64; arc m=0.5, std 0.05, arc+ 0.0175; cos m=0.35, std 0.05,
+    cos+ 0.02). Draws are clipped to [-pi/2, pi/2] for "arc" (the arcface range)."""
+
+    def __init__(self, in_features: int, num_classes: int, variant: str = "arc",
+                 plus: bool = False, s: float = 64.0, m: Optional[float] = None,
+                 std: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                 **kw):
+        if variant not in ("arc", "cos"):
+            raise ValueError(f"variant must be 'arc' or 'cos', got {variant!r}")
+        dm, dstd = _ELASTIC_DEFAULTS[(variant, bool(plus))]
+        m = dm if m is None else float(m)
+        std = dstd if std is None else float(std)
+        if not (math.isfinite(std) and std >= 0):
+            raise ValueError(f"std must be finite and >= 0, got {std}")
+        super().__init__(in_features, num_classes, kind="arcface" if variant == "arc" else "cosface",
+                         s=s, m=m, **kw)
+        self.variant, self.plus, self.std, self.generator = variant, bool(plus), std, generator
+
+    @torch.no_grad()
+    def draw_margins(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """This step's per-sample margins [N] (float32 for half inputs)."""
+        n = features.shape[0]
+        dt = torch.float64 if features.dtype == torch.float64 else torch.float32
+        gen = self.generator
+        draw = torch.randn(n, generator=gen, dtype=dt,
+                           device=gen.device if gen is not None else "cpu")
+        m = (self.m + self.std * draw).to(features.device)
+        if self.variant == "arc":
+            m = m.clamp(-math.pi / 2, math.pi / 2)
+        if self.plus and n:
+            valid = labels != self.ignore_index
+            y = torch.where(valid, labels, torch.zeros_like(labels))
+            cos_y = _target_cosine(features.detach(), self.weight.detach(), y)
+            cos_y = torch.where(valid, cos_y, torch.full_like(cos_y, -math.inf))
+            order = torch.argsort(cos_y, descending=True, stable=True)
+            out = torch.empty_like(m)
+            out[order] = torch.sort(m).values  # the largest cosine gets the smallest margin
+            m = out
+        return m
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(features, labels)
+        return F.margin_cross_entropy(
+            features, self.weight, labels, kind=self.kind, s=self.scale(),
+            m=self.draw_margins(features, labels), margin_per="sample",
+            class_weight=self.class_weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", variant={self.variant!r}, plus={self.plus}, "
+                f"m={self.m:g}, std={self.std:g}")
+
+
+def _target_cosine(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """cos(x_i, W_{y_i}) [N], O(N D) (no N x C)."""
+    from .reference.angular import compute_dtype, inv_norm
+    dt = compute_dtype(x.dtype)
+    x, wy = x.to(dt), w[y].to(dt)
+    return (x * wy).sum(1) * inv_norm(x) * inv_norm(wy)
 
 
 # ------------------------------------------------------------ feature space

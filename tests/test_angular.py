@@ -536,7 +536,7 @@ def _ok():
     (lambda x, W, y, kw: (x, W, y, dict(kind="bogus")), ValueError, "kind"),
     (lambda x, W, y, kw: (x, W, y, dict(s=float("nan"))), ValueError, "s must be finite"),
     (lambda x, W, y, kw: (x, W, y, dict(m=float("inf"))), ValueError, "m must be finite"),
-    (lambda x, W, y, kw: (x, W, y, dict(m=torch.zeros(4))), ValueError, "one entry per class"),
+    (lambda x, W, y, kw: (x, W, y, dict(m=torch.zeros(3))), ValueError, "one entry per class"),
     (lambda x, W, y, kw: (x, W, y, dict(kind="sphereface", m=torch.zeros(5))), ValueError,
      "per-class"),
     (lambda x, W, y, kw: (x, W, y, dict(m=1.6)), ValueError, r"\[-pi/2, pi/2\]"),

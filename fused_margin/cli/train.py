@@ -36,7 +36,8 @@ from .data import DATASETS, DataError, Split, load_split
 from ..dispatch import BACKENDS, OPS, resolve
 
 MARGIN_LOSSES = ("normface", "arcface", "cosface", "sphereface", "combined", "camri", "arcgrad",
-                 "adacos", "ldam", "elm")
+                 "adacos", "ldam", "elm", "subcenter-arcface", "magface", "elasticface", "adaface",
+                 "curricularface")
 COST_LOSSES = ("wce", "crwwce", "wasserstein")
 FEATURE_LOSSES = ("center", "contrastive-center", "sigma2r", "soft-nn", "triplet", "git",
                   "triplet-center", "contrastive")
@@ -46,14 +47,22 @@ LOSSES = ("ce",) + MARGIN_LOSSES + LINEAR_LOSSES + COST_LOSSES + FEATURE_LOSSES
 DRW_LOSSES = ("ce", "ldam", "elm")
 IMPORTANT_LOSSES = ("camri", "wce", "crwwce", "wasserstein")
 # --margin is an added angle (radians) for these: the library accepts [-pi/2, pi/2]
-ANGLE_MARGIN_LOSSES = ("arcface", "camri", "combined")
+ANGLE_MARGIN_LOSSES = ("arcface", "camri", "combined", "subcenter-arcface", "elasticface",
+                       "adaface", "curricularface")
 
 # Defaults tuned for these small problems (2-10 classes, a 32-d embedding):
 # the face-recognition s = 64 saturates the softmax within a few steps here.
 DEFAULT_SCALE = {k: 16.0 for k in ("normface", "arcface", "cosface", "sphereface", "combined",
-                                   "camri", "ldam", "elm")}
+                                   "camri", "ldam", "elm", "subcenter-arcface", "magface",
+                                   "elasticface", "adaface", "curricularface")}
 DEFAULT_MARGIN = {"arcface": 0.3, "cosface": 0.2, "sphereface": 1.35, "combined": 0.2,
-                  "camri": 0.3, "ldam": 0.5, "elm": 0.5, "msoftmax": 0.5}
+                  "camri": 0.3, "ldam": 0.5, "elm": 0.5, "msoftmax": 0.5,
+                  "subcenter-arcface": 0.3, "elasticface": 0.3, "adaface": 0.4,
+                  "curricularface": 0.3}
+# issue 19's face-recognition heads: K sub-centres; ElasticFace-Arc's std; MagFace and
+# AdaFace keep their papers' other hyper-parameters (nn.MagFace, nn.AdaFace)
+SUB_CENTERS = 3
+ELASTIC_STD = 0.05
 COMBINED_M1, COMBINED_M3 = 1.0, 0.1  # `--margin` is m2, the additive angle
 ELM_LAMBDA = 0.5
 ARCGRAD_GAP = 0.15  # radians (about 8.6 degrees): s = arcgrad_scale(C, gap), 14.3 for C = 10
@@ -354,6 +363,26 @@ class Objective(nn.Module):
                 self.head = fm_nn.AdaCos(d, c, backend=mb)
             elif loss == "ldam":
                 self.head = fm_nn.LDAM(d, train_counts, max_m=m, s=s, backend=mb)
+            elif loss == "subcenter-arcface":
+                self.head = fm_nn.SubCenterArcFace(d, c, sub_centers=SUB_CENTERS, s=s, m=m,
+                                                   backend=mb)
+                self.params["sub_centers"] = SUB_CENTERS
+            elif loss == "magface":
+                self.head = fm_nn.MagFace(d, c, s=s, backend=mb)
+                self.params.update(l_a=self.head.l_a, u_a=self.head.u_a, l_m=self.head.l_m,
+                                   u_m=self.head.u_m, lambda_g=self.head.lambda_g)
+            elif loss == "elasticface":
+                self.head = fm_nn.ElasticFace(d, c, variant="arc", s=s, m=m, std=ELASTIC_STD,
+                                              backend=mb)
+                self.params["std"] = ELASTIC_STD
+            elif loss == "curricularface":
+                # the hard-negative transform has no fused kernel yet: the reference runs it
+                mb = "reference"
+                self.head = fm_nn.CurricularFace(d, c, s=s, m=m, backend=mb)
+                self.params["momentum"] = self.head.momentum
+            elif loss == "adaface":
+                self.head = fm_nn.AdaFace(d, c, m=m, s=s, backend=mb)
+                self.params.update(h=self.head.h, t_alpha=self.head.t_alpha)
             else:
                 self.head = fm_nn.ELM(d, train_counts, max_m=m, s=s, lam=ELM_LAMBDA, backend=mb)
                 self.params["elm_lambda"] = ELM_LAMBDA
@@ -452,13 +481,20 @@ class Objective(nn.Module):
         self.head.class_weight = weight.to(self.head.weight.device, self.head.weight.dtype)
 
     def directions(self) -> torch.Tensor:
-        """The class weight directions W [C, D] the angle statistics use."""
-        return self.head.weight.detach()
+        """The class weight directions W [C, D] the angle statistics use (sub-centres:
+        the mean of each class's unit sub-centres)."""
+        w = self.head.weight.detach()
+        if isinstance(self.head, fm_nn.SubCenterArcFace):
+            k = self.head.sub_centers
+            w = torch.nn.functional.normalize(w, dim=1).view(-1, k, w.shape[1]).mean(1)
+        return w
 
     def scale(self) -> Optional[float]:
         return float(self.head.scale()) if self.is_margin else None
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.head, fm_nn.SubCenterArcFace):
+            return self.head.logits(features)  # the max over each class's sub-centres
         if self.is_margin:
             return F.scaled_cosine(features, self.head.weight, self.head.scale(),
                                    backend=self._logits_backend)

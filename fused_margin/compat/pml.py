@@ -23,8 +23,8 @@ and the `distance`, `reducer`, `weight_regularizer` and `embedding_regularizer`
 options (each raises rather than being silently ignored); `collect_stats`
 is accepted and records nothing. SphereFaceLoss and LargeMarginSoftmaxLoss
 are left out: PML scales their logits by the product of the feature and weight
-norms, which the fused kernels (cosines only) do not express. SubCenterArcFaceLoss
-waits for sub-centres in the kernels.
+norms, which the fused kernels (cosines only) do not express. For SubCenterArcFaceLoss
+use fused_margin.nn.SubCenterArcFace (its weight [C*K, D] is PML's W.T).
 """
 from __future__ import annotations
 

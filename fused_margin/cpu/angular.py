@@ -25,7 +25,7 @@ ops = torch.ops.fused_margin
 # its gradient reaches the kernels as a per-row grad_output.
 
 KIND_CODES = {"normface": 0, "arcface": 1, "cosface": 2, "sphereface": 3, "combined": 4,
-              "ldam": 5, "elm": 6, "arcgrad": 7}
+              "ldam": 5, "elm": 6, "arcgrad": 7, "adaface": 8}
 # Class-tiled path (no gradients, reduction="none", or FUSED off): classes per GEMM
 # block; tests shrink it to exercise tiling.
 CLASS_BLOCK = int(os.environ.get("FUSED_MARGIN_CPU_CLASS_BLOCK", "4096"))
@@ -63,7 +63,9 @@ def _prepare(x: torch.Tensor, labels: torch.Tensor, kind: str, m, m1: float, m2:
         y = torch.where(valid, labels, torch.zeros_like(labels))
         w = w * class_weight.to(dt)[y]
     if isinstance(m, torch.Tensor):
-        marg = m.detach().to(dt).reshape(-1)
+        # [N, 1] (per sample) stays 2-D: the kernels read row i's margin then
+        marg = m.detach().to(dt)
+        marg = marg.contiguous() if marg.dim() == 2 else marg.reshape(-1)
     else:
         marg = torch.full((1,), float(m), dtype=dt)
     th, offset = combined_fallback(m1, m2) if kind == "combined" else (0.0, 0.0)
@@ -198,13 +200,163 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean", normalize: bool = True,
                          bias: Optional[torch.Tensor] = None,
-                         label_smoothing: float = 0.0) -> torch.Tensor:
+                         label_smoothing: float = 0.0, sub_centers: int = 1) -> torch.Tensor:
+    if sub_centers > 1:
+        return _sub_center_ce(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda,
+                              class_weight, ignore_index, reduction, float(label_smoothing),
+                              sub_centers)
+    needs_m_grad = (_per_sample(m) and m.requires_grad and torch.is_grad_enabled())
     if normalize and bias is None and not label_smoothing:
-        return _margin_ce(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda,
-                          class_weight, ignore_index, reduction)[0]
+        loss, lse_other, cos_y = _margin_ce(features, weight, labels, kind, s, m, m1, m2, m3,
+                                            elm_lambda, class_weight, ignore_index, reduction)
+        if needs_m_grad:
+            loss = loss + _margin_grad_term(lse_other, cos_y, labels, kind, s, m, m1, m2, m3,
+                                            elm_lambda, class_weight, ignore_index, reduction,
+                                            weight.shape[0])
+        return loss
+    if needs_m_grad:
+        # the linear / smoothed sweeps return no per-row statistics: the reference
+        # (N x C) serves a per-sample margin that needs a gradient there
+        from ..reference import angular as ref
+        return ref.margin_cross_entropy(
+            features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+            elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
+            reduction=reduction, normalize=normalize, bias=bias, label_smoothing=label_smoothing)
     return _linear_or_smoothed(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda,
                                class_weight, ignore_index, reduction, normalize, bias,
                                float(label_smoothing))
+
+
+# ------------------------------------------------------------ sub-centres
+# margin_cross_entropy(sub_centers=K): weight [C*K, D]. Rows in chunks: per chunk one
+# GEMM of the normalised rows against the normalised sub-centres into a [rows, C*K]
+# scratch (sized to ROW_SCRATCH_BYTES), the max over each class's K sub-centres, then
+# the C++ from-cosine sweep (cosine_ce_*) on the [rows, C] maxima; the backward
+# recomputes each chunk and routes dL/dcos to the arg-max sub-centre. Never N x C*K;
+# the normalisation is autograd's (reference.inv_norm, O(N D + C K D)).
+
+
+class _SubCenterCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xn, wn, m_in, labels, row_w, marg, args, k, rows):
+        n, ck = xn.shape[0], wn.shape[0]
+        c = ck // k
+        loss, lse, cos_y = xn.new_empty(n), xn.new_empty(n), xn.new_empty(n)
+        cstar = torch.empty(n, dtype=torch.int64)
+        y = torch.where(labels != args[-1], labels, torch.zeros_like(labels))
+        for r0 in range(0, n, rows):
+            sl = slice(r0, min(n, r0 + rows))
+            cos = (xn[sl] @ wn.T).view(-1, c, k).amax(dim=2)
+            mc = marg[sl] if marg.dim() == 2 else marg
+            loss[sl], lse[sl], cstar[sl] = ops.cosine_ce_fwd(cos, labels[sl], row_w[sl], mc,
+                                                             *args)
+            cos_y[sl] = cos.gather(1, y[sl, None])[:, 0]
+        ctx.save_for_backward(xn, wn, labels, row_w, marg, lse, cstar, cos_y)
+        ctx.args, ctx.k, ctx.rows = args, k, rows
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        xn, wn, labels, row_w, marg, lse, cstar, cos_y = ctx.saved_tensors
+        args, k, rows = ctx.args, ctx.k, ctx.rows
+        need_x, need_w, need_m = ctx.needs_input_grad[:3]
+        n, ck = xn.shape[0], wn.shape[0]
+        c = ck // k
+        grad = grad.contiguous()
+        gx = torch.zeros_like(xn) if need_x else None
+        gw = torch.zeros_like(wn) if need_w else None
+        if need_x or need_w:
+            for r0 in range(0, n, rows):
+                sl = slice(r0, min(n, r0 + rows))
+                full = xn[sl] @ wn.T
+                cos, arg = full.view(-1, c, k).max(dim=2)
+                mc = marg[sl] if marg.dim() == 2 else marg
+                g = ops.cosine_ce_bwd(grad[sl], cos, labels[sl], row_w[sl], mc, lse[sl],
+                                      cstar[sl], *args)
+                full.zero_().view(-1, c, k).scatter_(2, arg[..., None], g[..., None])
+                if need_x:
+                    gx[sl] = full @ wn
+                if need_w:
+                    gw.addmm_(full.T, xn[sl])
+        gm = None
+        if need_m:  # per-sample margin [N, 1]: w_i (p_y - 1) s dt_i/dm_i
+            kind = _KIND_NAMES[args[0]]
+            s, m1, m2, m3, elm_lambda = args[1:6]
+            valid = labels != args[-1]
+            with torch.enable_grad():
+                mm = marg[:, 0].detach().requires_grad_(True)
+                t = _target(cos_y, kind, mm, m1, m2, m3, elm_lambda, c)
+                dt, = torch.autograd.grad(t.sum(), mm)
+            p = torch.exp(s * t.detach() - lse)
+            gm = torch.where(valid, grad * row_w * (p - 1) * s * dt, torch.zeros_like(dt))
+            gm = gm[:, None]
+        return gx, gw, gm, None, None, None, None, None, None
+
+
+_KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
+
+
+def _target(cos_y, kind, m_y, m1, m2, m3, elm_lambda, num_classes):
+    """The kernel's target logit / s for a per-sample margin (ELM's term included)."""
+    from ..reference import angular as ref
+    t = ref.target_transform(cos_y, kind, m_y, m1, m2, m3)
+    if kind == "elm" and num_classes > 1:
+        t = t + elm_lambda * m_y
+    return t
+
+
+def _sub_center_ce(features, weight, labels, kind, s, m, m1, m2, m3, elm_lambda, class_weight,
+                   ignore_index, reduction, eps, k):
+    from ..reference import angular as ref
+    if eps:
+        # label smoothing over sub-centres: the reference (N x C*K)
+        return ref.margin_cross_entropy(
+            features, weight, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+            elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
+            reduction=reduction, label_smoothing=eps, sub_centers=k)
+    dt = compute_dtype(features.dtype)
+    x, wt = features.to(dt), weight.to(dt)
+    xn = x * ref.inv_norm(x)[:, None]
+    wn = wt * ref.inv_norm(wt)[:, None]
+    w, marg, th, offset = _prepare(features, labels, kind, m, m1, m2, class_weight, ignore_index)
+    args = (KIND_CODES[kind], float(s), float(m1), float(m2), float(m3), float(elm_lambda),
+            float(th), float(offset), int(ignore_index))
+    m_in = m if _per_sample(m) else None
+    rows = _row_block(weight.shape[0], w.element_size())
+    per = _SubCenterCE.apply(xn, wn, m_in, labels, w, marg, args, k, rows)
+    return reduce_loss(per, w, reduction)
+
+
+def _per_sample(m) -> bool:
+    return isinstance(m, torch.Tensor) and m.dim() == 2
+
+
+def _margin_grad_term(lse_other, cos_y, labels, kind, s, m, m1, m2, m3, elm_lambda,
+                      class_weight, ignore_index, reduction, num_classes):
+    """Zero in value, d(loss)/dm in gradient, for a per-sample margin m [N, 1]: the
+    kernel's per-row loss is w_i (logaddexp(lse_other_i, s t_i) - s t_i), with t_i
+    the target transform of the sweep's (detached) cos_y and m_i; that expression,
+    at m minus at m.detach(), is exactly 0 and carries the margin's gradient. O(N)."""
+    from ..reference import angular as ref
+
+    dt = lse_other.dtype
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    w = valid.to(dt)
+    if class_weight is not None:
+        w = w * class_weight.to(dt)[y]
+
+    def per_row(mm):
+        m_y = mm.to(dt)[:, 0]
+        t = ref.target_transform(cos_y, kind, m_y, m1, m2, m3)
+        if kind == "elm" and num_classes > 1:
+            t = t + elm_lambda * m_y
+        z = s * t
+        per = torch.logaddexp(lse_other, z) - z
+        return torch.where(valid, w * per, torch.zeros_like(per))
+
+    return reduce_loss(per_row(m) - per_row(m.detach()), w, reduction)
 
 
 def adacos_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, *,
@@ -243,6 +395,12 @@ def margin_cross_entropy_from_cosine(cosine: torch.Tensor, labels: torch.Tensor,
                                      class_weight: Optional[torch.Tensor] = None,
                                      ignore_index: int = -100,
                                      reduction: str = "mean") -> torch.Tensor:
+    if _per_sample(m) and m.requires_grad and torch.is_grad_enabled():
+        # the input already is N x C: the reference carries the margin's gradient
+        from ..reference import angular as ref
+        return ref.margin_cross_entropy_from_cosine(
+            cosine, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda,
+            class_weight=class_weight, ignore_index=ignore_index, reduction=reduction)
     w, marg, th, offset = _prepare(cosine, labels, kind, m, m1, m2, class_weight, ignore_index)
     args = (KIND_CODES[kind], float(s), float(m1), float(m2), float(m3), float(elm_lambda),
             float(th), float(offset), int(ignore_index))

@@ -32,7 +32,8 @@ from .reduction import reduce_loss
 
 NORM_EPS = 1e-12
 COS_EPS = 1e-6
-THETA_KINDS = ("arcface", "combined", "sphereface", "arcgrad")
+THETA_KINDS = ("arcface", "combined", "sphereface", "arcgrad", "adaface")
+ADAFACE_EPS = 1e-3  # AdaFace's clip of the margined angle to [eps, pi - eps]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,8 +62,12 @@ def cosine(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _per_row(m: Union[float, torch.Tensor], idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The margin of each row at class idx: m scalar, [C] (m[idx]) or per sample
+    [N, 1] (row i's own m, whatever idx: ELM's c* term reads it too)."""
     if isinstance(m, torch.Tensor):
         m = m.to(like.dtype)
+        if m.dim() == 2:
+            return m[:, 0]
         return m.expand(like.shape[0]) if m.dim() == 0 else m[idx]
     return torch.full_like(like, float(m))
 
@@ -94,6 +99,10 @@ def target_transform(cos_y: torch.Tensor, kind: str, m_y: torch.Tensor, m1: floa
         phi = c * torch.cos(m_y) - sin * torch.sin(m_y)
         return torch.where(c > torch.cos(math.pi - m_y), phi, c - m_y * torch.sin(m_y))
     theta = torch.acos(c)
+    if kind == "adaface":
+        # AdaFace (Kim et al. 2022, Eq. 11-12): m_y is the clipped norm-hat r, m2 the margin
+        a = torch.clip(theta - m2 * m_y, ADAFACE_EPS, math.pi - ADAFACE_EPS)
+        return torch.cos(a) - m2 * (1 + m_y)
     if kind == "sphereface":
         k = torch.floor(m_y * theta / math.pi).detach()
         sign = 1 - 2 * torch.remainder(k, 2)
@@ -180,14 +189,16 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean", normalize: bool = True,
                          bias: Optional[torch.Tensor] = None,
-                         label_smoothing: float = 0.0) -> torch.Tensor:
+                         label_smoothing: float = 0.0, sub_centers: int = 1) -> torch.Tensor:
     """normalize=False (kinds LINEAR_KINDS): logits s * (x.W_j + b_j), the target's
     lowered by s * m_y (cosface, ldam); normface with s=1 is plain linear
-    cross-entropy. bias (optional [C], normalize=False only) joins the raw dot products."""
+    cross-entropy. bias (optional [C], normalize=False only) joins the raw dot products.
+    sub_centers=K: weight [C*K, D], rows c*K .. c*K+K-1 the sub-centres of class c; a
+    class's cosine is the max over its sub-centres (gradient to the arg-max)."""
     if normalize:
         if bias is not None:
             raise ValueError("bias applies only with normalize=False")
-        cos = cosine(features, weight)
+        cos = subcenter_max(cosine(features, weight), sub_centers)
     else:
         if kind not in LINEAR_KINDS:
             raise ValueError(f"normalize=False supports kinds {LINEAR_KINDS}, got {kind!r}")
@@ -196,6 +207,38 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
         cos, labels, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
         elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
         reduction=reduction, label_smoothing=label_smoothing)
+
+
+def curricular_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             t: Union[float, torch.Tensor], *, s: float = 64.0, m: float = 0.5,
+                             class_weight: Optional[torch.Tensor] = None,
+                             ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """CurricularFace (Huang et al., CVPR 2020, Eq. 7-9): the ArcFace target (with its
+    fallback) and every non-target cos_j > cos(theta_y + m) (a hard negative) replaced by
+    cos_j * (t + cos_j); t (detached) is the caller's running average. N x C (eager)."""
+    cos = cosine(features, weight)
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    cos_y = cos.gather(1, y[:, None]).squeeze(1)
+    m_y = torch.full_like(cos_y, float(m))
+    target = target_transform(cos_y, "arcface", m_y, 1.0, 0.0, 0.0)
+    c = cos_y.clamp(-1 + COS_EPS, 1 - COS_EPS)
+    cos_theta_m = (c * math.cos(m) - torch.sqrt(1 - c * c) * math.sin(m)).detach()
+    t = torch.as_tensor(t, dtype=cos.dtype, device=cos.device).detach()
+    hard = cos.detach() > cos_theta_m[:, None]
+    others = torch.where(hard, cos * (t + cos), cos)
+    hit = torch.zeros_like(cos, dtype=torch.bool).scatter(1, y[:, None], valid[:, None])
+    logits = s * torch.where(hit, target[:, None], others)
+    return _cross_entropy(logits, labels, class_weight, ignore_index, reduction)
+
+
+def subcenter_max(cos: torch.Tensor, sub_centers: int) -> torch.Tensor:
+    """[N, C*K] cosines -> [N, C]: the max over each class's K sub-centres (torch.max's
+    gradient goes to one arg-max per class)."""
+    if sub_centers == 1:
+        return cos
+    n, ck = cos.shape
+    return cos.view(n, ck // sub_centers, sub_centers).max(dim=2).values
 
 
 def scaled_cosine(features: torch.Tensor, weight: torch.Tensor, s: float) -> torch.Tensor:
