@@ -373,7 +373,8 @@ def _margin_ce_fwd_kernel(
         off = (cols[None, :] == y_col[:, None]) | (~cmask)[None, :]
         z = tl.where(off, float("-inf"), z)
         m_new = tl.maximum(m_run, tl.max(z, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # an infinite max (no class yet, or a +inf logit) shifts by 0: exp(inf - inf) would be NaN
+        m_safe = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
         l_run = l_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m_run = m_new
         if TRACK_BEST:  # the first argmax of the wrong-class cosines
@@ -424,7 +425,8 @@ def _margin_ce_finish_kernel(
         mk = tl.load(pm_ptr + at, mask=rmask, other=float("-inf"))
         lk = tl.load(pl_ptr + at, mask=rmask, other=0.0)
         m_new = tl.maximum(m_run, mk)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # an infinite max (no class yet, or a +inf logit) shifts by 0: exp(inf - inf) would be NaN
+        m_safe = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
         l_run = l_run * tl.exp(m_run - m_safe) + lk * tl.exp(mk - m_safe)
         m_run = m_new
         if TRACK_BEST:
@@ -483,6 +485,7 @@ def _margin_ce_finish_kernel(
         z_y = s * t
         top = tl.maximum(m_run, z_y)
         top = tl.where(z_y != z_y, z_y, top)  # a NaN target logit must reach the loss
+        top = tl.where((top == float("inf")) | (top == float("-inf")), 0.0, top)  # no inf - inf
         lse = top + tl.log(l_run * tl.exp(m_run - top) + tl.exp(z_y - top))
         lse_other = tl.where(l_run > 0, m_run + tl.log(tl.where(l_run > 0, l_run, 1.0)),
                              float("-inf"))
