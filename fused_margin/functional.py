@@ -13,7 +13,8 @@ import torch
 
 from . import checks
 from .dispatch import resolve, resolve_unless
-from .reference.reduction import reduce_loss
+from .reference.feature_space import centred, unit_rows
+from .reference.reduction import class_weighted as _class_weighted
 from .reference.angular import arcgrad_scale, camri_margins, drw_weights, ldam_margins
 
 __all__ = [
@@ -408,16 +409,6 @@ def _wants_grad(t) -> bool:
     return isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
 
 
-def _class_weighted(per: torch.Tensor, labels: torch.Tensor, class_weight: torch.Tensor,
-                    ignore_index: int, reduction: str) -> torch.Tensor:
-    """The class-weighted reduction of unweighted per-row losses (0 on ignored
-    rows), differentiable in class_weight: w_i * l_i summed, or over sum(w)."""
-    valid = labels != ignore_index
-    y = torch.where(valid, labels, torch.zeros_like(labels))
-    w = valid.to(per.dtype) * class_weight.to(per.dtype)[y]
-    return reduce_loss(torch.where(valid, per * w, torch.zeros_like(per)), w, reduction)
-
-
 def _margin_ce_call(call, fn, op: str, labels, m, class_weight, ignore_index, reduction,
                     per_sample: bool = False):
     """Runs a margin cross-entropy backend. The fused kernels take a per-class
@@ -437,50 +428,6 @@ def _margin_ce_call(call, fn, op: str, labels, m, class_weight, ignore_index, re
         per = call(class_weight=None, reduction="none")
         return _class_weighted(per, labels, class_weight, ignore_index, reduction)
     return call(class_weight=class_weight, reduction=reduction)
-
-
-# ------------------------------------------- translation-invariant distances
-
-def centred(x: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """x and `others` in the compute dtype, less one common, detached shift per
-    column (issue 15 item 7). The losses that call this depend only on differences of
-    these points, so values and gradients do not change, but the kernels'
-    ||a||^2 + ||b||^2 - 2ab expansion then works on the spread of the batch, not its
-    offset: a common offset of 1e4 with spread 1e-2 cancels every digit of float32
-    otherwise.
-
-    A column is shifted only where its offset is large against its spread
-    (|mean| > 4 max|x - mean| over the finite rows), and by the mean rounded to a
-    power of two q no smaller than that spread nor x's own ulp there: then every
-    x_i - shift is exact in floating point (no rounding, so exact ties stay exact
-    and small batches keep their bits). NaN and inf rows take no part in the
-    shift (they stay NaN / inf and poison only their own terms)."""
-    from .reference.feature_space import compute_dtype
-
-    dt = compute_dtype(x.dtype)
-    x = x.to(dt)
-    others = tuple(o.to(dt) for o in others)
-    if x.numel() == 0:
-        return (x,) + others
-    with torch.no_grad():
-        keep = torch.isfinite(x).all(1)
-        if not bool(keep.any()):
-            return (x,) + others
-        v = x[keep].to(torch.float64)
-        mean = v.mean(0)
-        dev = (v - mean).abs().amax(0)
-        top = v.abs().amax(0)
-        bits = 53 if dt == torch.float64 else 24
-        _, e_top = torch.frexp(top)
-        ulp = torch.ldexp(torch.ones_like(top), e_top - bits)
-        _, e_q = torch.frexp(torch.maximum(dev, ulp))
-        q = torch.ldexp(torch.ones_like(top), e_q)  # a power of two >= both
-        shift = torch.where(mean.abs() > 4 * dev, torch.round(mean / q) * q,
-                            torch.zeros_like(mean))
-        if not bool(shift.any()):
-            return (x,) + others
-        shift = shift.to(dt)
-    return (x - shift,) + tuple(o - shift for o in others)
 
 
 # ------------------------------------------------------- mixed precision
@@ -515,29 +462,3 @@ def autocast_off(device: torch.device):
     if _autocast_on(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
-
-
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """x's rows as unit vectors, in x's compute dtype, for the cosine distance
-    (issue 15 item 5). Each row is first multiplied by the power of two that puts its
-    largest |entry| in [0.5, 1) (exact), so that its squared norm cannot overflow
-    (norms >= 1e19 in float32) or underflow (<= 3e-20) into a zero vector or NaN;
-    then divided by its norm, which is exact where the rows are parallel in one
-    dimension (u = x / |x| = +-1 and d = 0 or 2 exactly, so every backend breaks
-    semi-hard ties alike). A zero row stays zero (cosine 0 with everything, no
-    gradient); inf and NaN rows give NaN, as in the reference. Differentiable."""
-    from .reference.feature_space import compute_dtype
-
-    x = x.to(compute_dtype(x.dtype))
-    if x.numel() == 0:
-        return x
-    with torch.no_grad():
-        top = x.abs().amax(1)
-        ok = torch.isfinite(top) & (top > 0)
-        _, e = torch.frexp(torch.where(ok, top, torch.ones_like(top)))
-        scale = torch.ldexp(torch.ones_like(top), -e)
-    v = x * scale[:, None]
-    sq = (v * v).sum(1)
-    big = (sq > 0) | torch.isnan(sq)  # a NaN row stays NaN
-    norm = torch.sqrt(torch.where(big, sq, torch.ones_like(sq)))
-    return torch.where(big[:, None], v / norm[:, None], torch.zeros_like(v))

@@ -397,3 +397,70 @@ def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: 
     term = torch.where(same, d, torch.relu(margin - d))
     per = term.masked_fill(~others, 0).sum(1)
     return reduce_loss(per, torch.full_like(per, float(max(n - 1, 0))), reduction)
+
+
+# ------------------------------------------- translation-invariant distances
+# (the public functions call these before any backend)
+
+def centred(x: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """x and `others` in the compute dtype, less one common, detached shift per
+    column (issue 15 item 7). The losses that call this depend only on differences of
+    these points, so values and gradients do not change, but the kernels'
+    ||a||^2 + ||b||^2 - 2ab expansion then works on the spread of the batch, not its
+    offset: a common offset of 1e4 with spread 1e-2 cancels every digit of float32
+    otherwise.
+
+    A column is shifted only where its offset is large against its spread
+    (|mean| > 4 max|x - mean| over the finite rows), and by the mean rounded to a
+    power of two q no smaller than that spread nor x's own ulp there: then every
+    x_i - shift is exact in floating point (no rounding, so exact ties stay exact
+    and small batches keep their bits). NaN and inf rows take no part in the
+    shift (they stay NaN / inf and poison only their own terms)."""
+    dt = compute_dtype(x.dtype)
+    x = x.to(dt)
+    others = tuple(o.to(dt) for o in others)
+    if x.numel() == 0:
+        return (x,) + others
+    with torch.no_grad():
+        keep = torch.isfinite(x).all(1)
+        if not bool(keep.any()):
+            return (x,) + others
+        v = x[keep].to(torch.float64)
+        mean = v.mean(0)
+        dev = (v - mean).abs().amax(0)
+        top = v.abs().amax(0)
+        bits = 53 if dt == torch.float64 else 24
+        _, e_top = torch.frexp(top)
+        ulp = torch.ldexp(torch.ones_like(top), e_top - bits)
+        _, e_q = torch.frexp(torch.maximum(dev, ulp))
+        q = torch.ldexp(torch.ones_like(top), e_q)  # a power of two >= both
+        shift = torch.where(mean.abs() > 4 * dev, torch.round(mean / q) * q,
+                            torch.zeros_like(mean))
+        if not bool(shift.any()):
+            return (x,) + others
+        shift = shift.to(dt)
+    return (x - shift,) + tuple(o - shift for o in others)
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x's rows as unit vectors, in x's compute dtype, for the cosine distance
+    (issue 15 item 5). Each row is first multiplied by the power of two that puts its
+    largest |entry| in [0.5, 1) (exact), so that its squared norm cannot overflow
+    (norms >= 1e19 in float32) or underflow (<= 3e-20) into a zero vector or NaN;
+    then divided by its norm, which is exact where the rows are parallel in one
+    dimension (u = x / |x| = +-1 and d = 0 or 2 exactly, so every backend breaks
+    semi-hard ties alike). A zero row stays zero (cosine 0 with everything, no
+    gradient); inf and NaN rows give NaN, as in the reference. Differentiable."""
+    x = x.to(compute_dtype(x.dtype))
+    if x.numel() == 0:
+        return x
+    with torch.no_grad():
+        top = x.abs().amax(1)
+        ok = torch.isfinite(top) & (top > 0)
+        _, e = torch.frexp(torch.where(ok, top, torch.ones_like(top)))
+        scale = torch.ldexp(torch.ones_like(top), -e)
+    v = x * scale[:, None]
+    sq = (v * v).sum(1)
+    big = (sq > 0) | torch.isnan(sq)  # a NaN row stays NaN
+    norm = torch.sqrt(torch.where(big, sq, torch.ones_like(sq)))
+    return torch.where(big[:, None], v / norm[:, None], torch.zeros_like(v))
