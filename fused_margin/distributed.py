@@ -80,6 +80,7 @@ import torch
 import torch.distributed as dist
 
 from . import checks, dispatch
+from .functional import autocast_off, mixed
 from .reference import sharded
 from .reference.angular import _per_row, compute_dtype
 from .reference.reduction import reduce_loss
@@ -366,6 +367,30 @@ def margin_cross_entropy(features: torch.Tensor, weight_shard: torch.Tensor, lab
         raise ValueError(f"row_margin needs kind='cosface', got kind={kind!r}")
     if group is None:
         group = dist.group.WORLD
+    if (isinstance(features, torch.Tensor) and isinstance(weight_shard, torch.Tensor)
+            and features.is_floating_point() and weight_shard.is_floating_point()):
+        # mixed precision as on one process: the autocast dtype under autocast, else the
+        # wider of the two; every rank runs the same autocast, so the dtypes still agree
+        features, weight_shard = mixed(features, weight_shard)
+        with autocast_off(features.device):
+            return _margin_cross_entropy(
+                features, weight_shard, labels, class_start=class_start,
+                num_classes=num_classes, group=group, sample_rate=sample_rate, kind=kind, s=s,
+                m=m, m1=m1, m2=m2, m3=m3, elm_lambda=elm_lambda, class_weight=class_weight,
+                ignore_index=ignore_index, reduction=reduction, backend=backend,
+                generator=generator, sample_correction=sample_correction, row_margin=row_margin)
+    return _margin_cross_entropy(
+        features, weight_shard, labels, class_start=class_start, num_classes=num_classes,
+        group=group, sample_rate=sample_rate, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
+        elm_lambda=elm_lambda, class_weight=class_weight, ignore_index=ignore_index,
+        reduction=reduction, backend=backend, generator=generator,
+        sample_correction=sample_correction, row_margin=row_margin)
+
+
+def _margin_cross_entropy(features, weight_shard, labels, *, class_start, num_classes, group,
+                          sample_rate, kind, s, m, m1, m2, m3, elm_lambda, class_weight,
+                          ignore_index, reduction, backend, generator, sample_correction,
+                          row_margin):
     config = (kind, _num(s), ("tensor", tuple(m.shape)) if isinstance(m, torch.Tensor) else _num(m),
               _num(m1), _num(m2), _num(m3), _num(elm_lambda), class_weight is None, ignore_index,
               reduction, _num(sample_rate), backend, sample_correction, row_margin is None)

@@ -1032,3 +1032,42 @@ def test_nccl_world_one_matches_single_process():
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+# issue 15 item 6 for the sharded module: under autocast its features and weight take the
+# autocast dtype, as nn's margin modules do (world 1 over gloo, in its own process)
+_SHARDED_AUTOCAST = """
+import torch, torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (before the group)
+import fused_margin as fm
+from fused_margin.nn import ShardedMarginLoss
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+head = ShardedMarginLoss(8, 7, kind="arcface", s=8.0, m=0.3, backend=BACKEND)
+x = torch.randn(10, 8, requires_grad=True)
+y = torch.arange(10) % 7
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    h = torch.nn.functional.linear(x, torch.eye(8))
+    assert h.dtype == torch.bfloat16
+    loss = head(h, y)
+loss.backward()
+assert loss.dtype == torch.float32 and torch.isfinite(loss)
+assert x.grad.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+want = fm.margin_cross_entropy(h.detach(), head.weight.detach().bfloat16(), y, kind="arcface",
+                               s=8.0, m=0.3, backend="reference")
+torch.testing.assert_close(loss.detach(), want, rtol=2e-2, atol=2e-3)
+dist.destroy_process_group()
+print("sharded autocast ok")
+"""
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_sharded_module_under_cpu_autocast(backend):
+    if not backend_runs_here(backend):
+        pytest.skip(f"{backend} does not run here")
+    env = loopback_env(1, rank=0)
+    script = _SHARDED_AUTOCAST.replace("BACKEND", repr(backend))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    (rc, log), = run_bounded([proc], EXAMPLE_TIMEOUT_S)
+    assert rc == 0 and "sharded autocast ok" in log, log[-4000:]
