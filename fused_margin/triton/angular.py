@@ -1192,12 +1192,16 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean", normalize: bool = True,
                          bias: Optional[torch.Tensor] = None,
-                         label_smoothing: float = 0.0) -> torch.Tensor:
+                         label_smoothing: float = 0.0, sub_centers: int = 1) -> torch.Tensor:
     """normalize=False (kinds normface, cosface, ldam): logits s * (x.W_j + b_j), the
     kernels' products read raw (no inverse norms, no scaled copy of x), dL/db the
     column sums of the gradient tiles. label_smoothing: the fused cross-entropy with
     per-row weights plus an O(N D + C D) term (fused_margin.reference.smoothing),
-    arcgrad and elm with a per-class margin by the reference."""
+    arcgrad and elm with a per-class margin by the reference. sub_centers > 1 is not
+    in these kernels yet: fused_margin.functional hands such calls to the reference."""
+    if sub_centers != 1:
+        raise NotImplementedError("the Triton margin kernels do not take sub_centers yet; "
+                                  "fused_margin.margin_cross_entropy serves them by the reference")
     eps = float(label_smoothing)
     if not eps:
         return apply(labels, features, weight, kind=kind, s=s, m=m, m1=m1, m2=m2, m3=m3,
