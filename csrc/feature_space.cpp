@@ -895,6 +895,34 @@ void own_dists(const T* x, const T* c, const int64_t* y, int64_t n, int64_t d, T
   });
 }
 
+// out_i += sum over the other classes' centres j != y_i of f(v_ij), v_ij the
+// clamped expanded squared distance ||x_i||^2 + ||c_j||^2 - 2 x_i.c_j, swept over
+// blocks of `block` centres (mm_out into a scratch [N, block]).
+template <typename T, typename F>
+void sum_over_other_centers(const at::Tensor& x, const at::Tensor& c, const int64_t* y,
+                            const std::vector<T>& sq, const std::vector<T>& csq, int64_t block,
+                            T* out, F f) {
+  const int64_t n = x.size(0), nc = c.size(0);
+  if (n == 0 || nc == 0) return;
+  auto buf = at::empty({n, block}, x.options());
+  for (int64_t c0 = 0; c0 < nc; c0 += block) {
+    const int64_t cb = std::min(block, nc - c0);
+    auto g = buf.narrow(1, 0, cb).contiguous();
+    at::mm_out(g, x, c.narrow(0, c0, cb).t());
+    const T* pg = g.data_ptr<T>();
+    at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        T acc = 0;
+        for (int64_t j = 0; j < cb; ++j) {
+          if (c0 + j == y[i]) continue;
+          acc += f(clamp0(sq[i] + csq[c0 + j] - T(2) * pg[i * cb + j]));
+        }
+        out[i] += acc;
+      }
+    });
+  }
+}
+
 // 0.5 ||x_i - c_{y_i}||^2 per sample.
 at::Tensor center_fwd(const at::Tensor& x_, const at::Tensor& labels_, const at::Tensor& c_) {
   check_centers(x_, labels_, c_, "center_fwd");
@@ -961,27 +989,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_center_fwd(
     std::vector<T> sq, inv, csq, cinv;
     row_stats(x.data_ptr<T>(), n, d, sq, inv);
     row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
-    T* pden = den.data_ptr<T>();
-    if (n > 0 && nc > 0) {
-      auto buf = at::empty({n, block}, x.options());
-      for (int64_t c0 = 0; c0 < nc; c0 += block) {
-        const int64_t cb = std::min(block, nc - c0);
-        auto g = buf.narrow(1, 0, cb).contiguous();
-        at::mm_out(g, x, c.narrow(0, c0, cb).t());
-        const T* pg = g.data_ptr<T>();
-        at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) {
-            T acc = 0;
-            for (int64_t j = 0; j < cb; ++j) {
-              if (c0 + j == y[i]) continue;
-              const T raw = sq[i] + csq[c0 + j] - T(2) * pg[i * cb + j];
-              acc += clamp0(raw);
-            }
-            pden[i] += acc;
-          }
-        });
-      }
-    }
+    sum_over_other_centers<T>(x, c, y, sq, csq, block, den.data_ptr<T>(),
+                              [](T v) { return v; });
   });
   den.add_(delta);
   auto per = own * 0.5 / den;
@@ -1140,26 +1149,8 @@ std::tuple<at::Tensor, at::Tensor> git_fwd(const at::Tensor& x_, const at::Tenso
     std::vector<T> sq, inv, csq, cinv;
     row_stats(x.data_ptr<T>(), n, d, sq, inv);
     row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
-    T* pp = push.data_ptr<T>();
-    if (n > 0 && nc > 0) {
-      auto buf = at::empty({n, block}, x.options());
-      for (int64_t c0 = 0; c0 < nc; c0 += block) {
-        const int64_t cb = std::min(block, nc - c0);
-        auto g = buf.narrow(1, 0, cb).contiguous();
-        at::mm_out(g, x, c.narrow(0, c0, cb).t());
-        const T* pg = g.data_ptr<T>();
-        at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) {
-            T acc = 0;
-            for (int64_t j = 0; j < cb; ++j) {
-              if (c0 + j == y[i]) continue;
-              acc += T(1) / (T(1) + clamp0(sq[i] + csq[c0 + j] - T(2) * pg[i * cb + j]));
-            }
-            pp[i] += acc;
-          }
-        });
-      }
-    }
+    sum_over_other_centers<T>(x, c, y, sq, csq, block, push.data_ptr<T>(),
+                              [](T v) { return T(1) / (T(1) + v); });
   });
   auto per = own * (0.5 * lambda_c) + push * lambda_g;
   return {per, own};
