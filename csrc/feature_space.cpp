@@ -923,6 +923,45 @@ void sum_over_other_centers(const at::Tensor& x, const at::Tensor& c, const int6
   }
 }
 
+// The backward of sum_over_other_centers: with a_ij = f(i, raw_ij) where j != y_i
+// and the clamp passes (raw_ij >= 0), else 0, adds d raw_ij = 2 (x_i - c_j) . dx_i
+// + 2 (c_j - x_i) . dc_j weighted by a_ij into gx and gc, block by block.
+template <typename T, typename F>
+void scatter_over_other_centers(const at::Tensor& x, const at::Tensor& c, const int64_t* y,
+                                const std::vector<T>& sq, const std::vector<T>& csq,
+                                int64_t block, at::Tensor& gx, at::Tensor& gc, F f) {
+  const int64_t n = x.size(0), nc = c.size(0);
+  auto rows = at::zeros({n}, x.options());
+  T* prow = rows.data_ptr<T>();
+  auto buf = at::empty({n, block}, x.options());
+  for (int64_t c0 = 0; c0 < nc; c0 += block) {
+    const int64_t cb = std::min(block, nc - c0);
+    auto a = buf.narrow(1, 0, cb).contiguous();
+    auto cblk = c.narrow(0, c0, cb);
+    at::mm_out(a, x, cblk.t());
+    T* pa = a.data_ptr<T>();
+    at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        T rs = 0;
+        for (int64_t j = 0; j < cb; ++j) {
+          const T raw = sq[i] + csq[c0 + j] - T(2) * pa[i * cb + j];
+          // the target column is masked out, the clamp passes raw >= 0
+          const T v = (c0 + j != y[i] && raw >= 0) ? f(i, raw) : T(0);
+          pa[i * cb + j] = v;
+          rs += v;
+        }
+        prow[i] += rs;
+      }
+    });
+    // d raw_ij = 2 (x_i - c_j) . dx_i + 2 (c_j - x_i) . dc_j
+    gx.addmm_(a, cblk, 1, -2);
+    auto gcb = gc.narrow(0, c0, cb);
+    gcb.addmm_(a.t(), x, 1, -2);
+    gcb.add_(cblk * a.sum(0).unsqueeze(1), 2);
+  }
+  gx.add_(x * rows.unsqueeze(1), 2);
+}
+
 // 0.5 ||x_i - c_{y_i}||^2 per sample.
 at::Tensor center_fwd(const at::Tensor& x_, const at::Tensor& labels_, const at::Tensor& c_) {
   check_centers(x_, labels_, c_, "center_fwd");
@@ -1024,35 +1063,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_center_bwd(
     row_stats(x.data_ptr<T>(), n, d, sq, inv);
     row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
     const T* ph = h.data_ptr<T>();
-    auto rows = at::zeros({n}, x.options());
-    T* prow = rows.data_ptr<T>();
-    auto buf = at::empty({n, block}, x.options());
-    for (int64_t c0 = 0; c0 < nc; c0 += block) {
-      const int64_t cb = std::min(block, nc - c0);
-      auto a = buf.narrow(1, 0, cb).contiguous();
-      auto cblk = c.narrow(0, c0, cb);
-      at::mm_out(a, x, cblk.t());
-      T* pa = a.data_ptr<T>();
-      at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          T rs = 0;
-          for (int64_t j = 0; j < cb; ++j) {
-            const T raw = sq[i] + csq[c0 + j] - T(2) * pa[i * cb + j];
-            // the target column is masked out, the clamp passes raw >= 0
-            const T v = (c0 + j != y[i] && raw >= 0) ? ph[i] : T(0);
-            pa[i * cb + j] = v;
-            rs += v;
-          }
-          prow[i] += rs;
-        }
-      });
-      // d raw_ij = 2 (x_i - c_j) . dx_i + 2 (c_j - x_i) . dc_j
-      gx.addmm_(a, cblk, 1, -2);
-      auto gcb = gc.narrow(0, c0, cb);
-      gcb.addmm_(a.t(), x, 1, -2);
-      gcb.add_(cblk * a.sum(0).unsqueeze(1), 2);
-    }
-    gx.add_(x * rows.unsqueeze(1), 2);
+    scatter_over_other_centers<T>(x, c, y, sq, csq, block, gx, gc,
+                                  [&](int64_t i, T) { return ph[i]; });
   });
   return {gx, gc};
 }
@@ -1178,35 +1190,10 @@ std::tuple<at::Tensor, at::Tensor> git_bwd(const at::Tensor& grad_, const at::Te
     row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
     const T* pgr = grad.data_ptr<T>();
     const T lg = T(lambda_g);
-    auto rows = at::zeros({n}, x.options());
-    T* prow = rows.data_ptr<T>();
-    auto buf = at::empty({n, block}, x.options());
-    for (int64_t c0 = 0; c0 < nc; c0 += block) {
-      const int64_t cb = std::min(block, nc - c0);
-      auto a = buf.narrow(1, 0, cb).contiguous();
-      auto cblk = c.narrow(0, c0, cb);
-      at::mm_out(a, x, cblk.t());
-      T* pa = a.data_ptr<T>();
-      at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          T rs = 0;
-          for (int64_t j = 0; j < cb; ++j) {
-            const T raw = sq[i] + csq[c0 + j] - T(2) * pa[i * cb + j];
-            const T den = T(1) + clamp0(raw);
-            const T v = (c0 + j != y[i] && raw >= 0) ? -lg * pgr[i] / (den * den) : T(0);
-            pa[i * cb + j] = v;
-            rs += v;
-          }
-          prow[i] += rs;
-        }
-      });
-      // d raw_ij = 2 (x_i - c_j) . dx_i + 2 (c_j - x_i) . dc_j
-      gx.addmm_(a, cblk, 1, -2);
-      auto gcb = gc.narrow(0, c0, cb);
-      gcb.addmm_(a.t(), x, 1, -2);
-      gcb.add_(cblk * a.sum(0).unsqueeze(1), 2);
-    }
-    gx.add_(x * rows.unsqueeze(1), 2);
+    scatter_over_other_centers<T>(x, c, y, sq, csq, block, gx, gc, [&](int64_t i, T raw) {
+      const T den = T(1) + clamp0(raw);
+      return -lg * pgr[i] / (den * den);
+    });
   });
   return {gx, gc};
 }
