@@ -900,10 +900,12 @@ void own_dists(const T* x, const T* c, const int64_t* y, int64_t n, int64_t d, T
 // blocks of `block` centres (mm_out into a scratch [N, block]).
 template <typename T, typename F>
 void sum_over_other_centers(const at::Tensor& x, const at::Tensor& c, const int64_t* y,
-                            const std::vector<T>& sq, const std::vector<T>& csq, int64_t block,
-                            T* out, F f) {
-  const int64_t n = x.size(0), nc = c.size(0);
+                            int64_t block, T* out, F f) {
+  const int64_t n = x.size(0), d = x.size(1), nc = c.size(0);
   if (n == 0 || nc == 0) return;
+  std::vector<T> sq, inv, csq, cinv;
+  row_stats(x.data_ptr<T>(), n, d, sq, inv);
+  row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
   auto buf = at::empty({n, block}, x.options());
   for (int64_t c0 = 0; c0 < nc; c0 += block) {
     const int64_t cb = std::min(block, nc - c0);
@@ -928,9 +930,11 @@ void sum_over_other_centers(const at::Tensor& x, const at::Tensor& c, const int6
 // + 2 (c_j - x_i) . dc_j weighted by a_ij into gx and gc, block by block.
 template <typename T, typename F>
 void scatter_over_other_centers(const at::Tensor& x, const at::Tensor& c, const int64_t* y,
-                                const std::vector<T>& sq, const std::vector<T>& csq,
                                 int64_t block, at::Tensor& gx, at::Tensor& gc, F f) {
-  const int64_t n = x.size(0), nc = c.size(0);
+  const int64_t n = x.size(0), d = x.size(1), nc = c.size(0);
+  std::vector<T> sq, inv, csq, cinv;
+  row_stats(x.data_ptr<T>(), n, d, sq, inv);
+  row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
   auto rows = at::zeros({n}, x.options());
   T* prow = rows.data_ptr<T>();
   auto buf = at::empty({n, block}, x.options());
@@ -1025,11 +1029,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_center_fwd(
     using T = scalar_t;
     const int64_t* y = labels.data_ptr<int64_t>();
     own_dists<T>(x.data_ptr<T>(), c.data_ptr<T>(), y, n, d, own.data_ptr<T>());
-    std::vector<T> sq, inv, csq, cinv;
-    row_stats(x.data_ptr<T>(), n, d, sq, inv);
-    row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
-    sum_over_other_centers<T>(x, c, y, sq, csq, block, den.data_ptr<T>(),
-                              [](T v) { return v; });
+    sum_over_other_centers<T>(x, c, y, block, den.data_ptr<T>(), [](T v) { return v; });
   });
   den.add_(delta);
   auto per = own * 0.5 / den;
@@ -1059,11 +1059,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_center_bwd(
     scatter_diff<T>(x.data_ptr<T>(), c.data_ptr<T>(), y, q.data_ptr<T>(), n, d,
                     gx.data_ptr<T>(), gc.data_ptr<T>());
     if (n == 0 || nc == 0) return;
-    std::vector<T> sq, inv, csq, cinv;
-    row_stats(x.data_ptr<T>(), n, d, sq, inv);
-    row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
     const T* ph = h.data_ptr<T>();
-    scatter_over_other_centers<T>(x, c, y, sq, csq, block, gx, gc,
+    scatter_over_other_centers<T>(x, c, y, block, gx, gc,
                                   [&](int64_t i, T) { return ph[i]; });
   });
   return {gx, gc};
@@ -1158,10 +1155,7 @@ std::tuple<at::Tensor, at::Tensor> git_fwd(const at::Tensor& x_, const at::Tenso
     using T = scalar_t;
     const int64_t* y = labels.data_ptr<int64_t>();
     own_dists<T>(x.data_ptr<T>(), c.data_ptr<T>(), y, n, d, own.data_ptr<T>());
-    std::vector<T> sq, inv, csq, cinv;
-    row_stats(x.data_ptr<T>(), n, d, sq, inv);
-    row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
-    sum_over_other_centers<T>(x, c, y, sq, csq, block, push.data_ptr<T>(),
+    sum_over_other_centers<T>(x, c, y, block, push.data_ptr<T>(),
                               [](T v) { return T(1) / (T(1) + v); });
   });
   auto per = own * (0.5 * lambda_c) + push * lambda_g;
@@ -1185,12 +1179,9 @@ std::tuple<at::Tensor, at::Tensor> git_bwd(const at::Tensor& grad_, const at::Te
     scatter_diff<T>(x.data_ptr<T>(), c.data_ptr<T>(), y, q.data_ptr<T>(), n, d,
                     gx.data_ptr<T>(), gc.data_ptr<T>());
     if (n == 0 || nc == 0 || lambda_g == 0.0) return;
-    std::vector<T> sq, inv, csq, cinv;
-    row_stats(x.data_ptr<T>(), n, d, sq, inv);
-    row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
     const T* pgr = grad.data_ptr<T>();
     const T lg = T(lambda_g);
-    scatter_over_other_centers<T>(x, c, y, sq, csq, block, gx, gc, [&](int64_t i, T raw) {
+    scatter_over_other_centers<T>(x, c, y, block, gx, gc, [&](int64_t i, T raw) {
       const T den = T(1) + clamp0(raw);
       return -lg * pgr[i] / (den * den);
     });
