@@ -895,6 +895,77 @@ void own_dists(const T* x, const T* c, const int64_t* y, int64_t n, int64_t d, T
   });
 }
 
+// out_i += sum over the other classes' centres j != y_i of f(v_ij), v_ij the
+// clamped expanded squared distance ||x_i||^2 + ||c_j||^2 - 2 x_i.c_j, swept over
+// blocks of `block` centres (mm_out into a scratch [N, block]).
+template <typename T, typename F>
+void sum_over_other_centers(const at::Tensor& x, const at::Tensor& c, const int64_t* y,
+                            int64_t block, T* out, F f) {
+  const int64_t n = x.size(0), d = x.size(1), nc = c.size(0);
+  if (n == 0 || nc == 0) return;
+  std::vector<T> sq, inv, csq, cinv;
+  row_stats(x.data_ptr<T>(), n, d, sq, inv);
+  row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
+  auto buf = at::empty({n, block}, x.options());
+  for (int64_t c0 = 0; c0 < nc; c0 += block) {
+    const int64_t cb = std::min(block, nc - c0);
+    auto g = buf.narrow(1, 0, cb).contiguous();
+    at::mm_out(g, x, c.narrow(0, c0, cb).t());
+    const T* pg = g.data_ptr<T>();
+    at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        T acc = 0;
+        for (int64_t j = 0; j < cb; ++j) {
+          if (c0 + j == y[i]) continue;
+          acc += f(clamp0(sq[i] + csq[c0 + j] - T(2) * pg[i * cb + j]));
+        }
+        out[i] += acc;
+      }
+    });
+  }
+}
+
+// The backward of sum_over_other_centers: with a_ij = f(i, raw_ij) where j != y_i
+// and the clamp passes (raw_ij >= 0), else 0, adds d raw_ij = 2 (x_i - c_j) . dx_i
+// + 2 (c_j - x_i) . dc_j weighted by a_ij into gx and gc, block by block.
+template <typename T, typename F>
+void scatter_over_other_centers(const at::Tensor& x, const at::Tensor& c, const int64_t* y,
+                                int64_t block, at::Tensor& gx, at::Tensor& gc, F f) {
+  const int64_t n = x.size(0), d = x.size(1), nc = c.size(0);
+  std::vector<T> sq, inv, csq, cinv;
+  row_stats(x.data_ptr<T>(), n, d, sq, inv);
+  row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
+  auto rows = at::zeros({n}, x.options());
+  T* prow = rows.data_ptr<T>();
+  auto buf = at::empty({n, block}, x.options());
+  for (int64_t c0 = 0; c0 < nc; c0 += block) {
+    const int64_t cb = std::min(block, nc - c0);
+    auto a = buf.narrow(1, 0, cb).contiguous();
+    auto cblk = c.narrow(0, c0, cb);
+    at::mm_out(a, x, cblk.t());
+    T* pa = a.data_ptr<T>();
+    at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        T rs = 0;
+        for (int64_t j = 0; j < cb; ++j) {
+          const T raw = sq[i] + csq[c0 + j] - T(2) * pa[i * cb + j];
+          // the target column is masked out, the clamp passes raw >= 0
+          const T v = (c0 + j != y[i] && raw >= 0) ? f(i, raw) : T(0);
+          pa[i * cb + j] = v;
+          rs += v;
+        }
+        prow[i] += rs;
+      }
+    });
+    // d raw_ij = 2 (x_i - c_j) . dx_i + 2 (c_j - x_i) . dc_j
+    gx.addmm_(a, cblk, 1, -2);
+    auto gcb = gc.narrow(0, c0, cb);
+    gcb.addmm_(a.t(), x, 1, -2);
+    gcb.add_(cblk * a.sum(0).unsqueeze(1), 2);
+  }
+  gx.add_(x * rows.unsqueeze(1), 2);
+}
+
 // 0.5 ||x_i - c_{y_i}||^2 per sample.
 at::Tensor center_fwd(const at::Tensor& x_, const at::Tensor& labels_, const at::Tensor& c_) {
   check_centers(x_, labels_, c_, "center_fwd");
@@ -958,30 +1029,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_center_fwd(
     using T = scalar_t;
     const int64_t* y = labels.data_ptr<int64_t>();
     own_dists<T>(x.data_ptr<T>(), c.data_ptr<T>(), y, n, d, own.data_ptr<T>());
-    std::vector<T> sq, inv, csq, cinv;
-    row_stats(x.data_ptr<T>(), n, d, sq, inv);
-    row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
-    T* pden = den.data_ptr<T>();
-    if (n > 0 && nc > 0) {
-      auto buf = at::empty({n, block}, x.options());
-      for (int64_t c0 = 0; c0 < nc; c0 += block) {
-        const int64_t cb = std::min(block, nc - c0);
-        auto g = buf.narrow(1, 0, cb).contiguous();
-        at::mm_out(g, x, c.narrow(0, c0, cb).t());
-        const T* pg = g.data_ptr<T>();
-        at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) {
-            T acc = 0;
-            for (int64_t j = 0; j < cb; ++j) {
-              if (c0 + j == y[i]) continue;
-              const T raw = sq[i] + csq[c0 + j] - T(2) * pg[i * cb + j];
-              acc += clamp0(raw);
-            }
-            pden[i] += acc;
-          }
-        });
-      }
-    }
+    sum_over_other_centers<T>(x, c, y, block, den.data_ptr<T>(), [](T v) { return v; });
   });
   den.add_(delta);
   auto per = own * 0.5 / den;
@@ -1011,39 +1059,9 @@ std::tuple<at::Tensor, at::Tensor> contrastive_center_bwd(
     scatter_diff<T>(x.data_ptr<T>(), c.data_ptr<T>(), y, q.data_ptr<T>(), n, d,
                     gx.data_ptr<T>(), gc.data_ptr<T>());
     if (n == 0 || nc == 0) return;
-    std::vector<T> sq, inv, csq, cinv;
-    row_stats(x.data_ptr<T>(), n, d, sq, inv);
-    row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
     const T* ph = h.data_ptr<T>();
-    auto rows = at::zeros({n}, x.options());
-    T* prow = rows.data_ptr<T>();
-    auto buf = at::empty({n, block}, x.options());
-    for (int64_t c0 = 0; c0 < nc; c0 += block) {
-      const int64_t cb = std::min(block, nc - c0);
-      auto a = buf.narrow(1, 0, cb).contiguous();
-      auto cblk = c.narrow(0, c0, cb);
-      at::mm_out(a, x, cblk.t());
-      T* pa = a.data_ptr<T>();
-      at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          T rs = 0;
-          for (int64_t j = 0; j < cb; ++j) {
-            const T raw = sq[i] + csq[c0 + j] - T(2) * pa[i * cb + j];
-            // the target column is masked out, the clamp passes raw >= 0
-            const T v = (c0 + j != y[i] && raw >= 0) ? ph[i] : T(0);
-            pa[i * cb + j] = v;
-            rs += v;
-          }
-          prow[i] += rs;
-        }
-      });
-      // d raw_ij = 2 (x_i - c_j) . dx_i + 2 (c_j - x_i) . dc_j
-      gx.addmm_(a, cblk, 1, -2);
-      auto gcb = gc.narrow(0, c0, cb);
-      gcb.addmm_(a.t(), x, 1, -2);
-      gcb.add_(cblk * a.sum(0).unsqueeze(1), 2);
-    }
-    gx.add_(x * rows.unsqueeze(1), 2);
+    scatter_over_other_centers<T>(x, c, y, block, gx, gc,
+                                  [&](int64_t i, T) { return ph[i]; });
   });
   return {gx, gc};
 }
@@ -1137,29 +1155,8 @@ std::tuple<at::Tensor, at::Tensor> git_fwd(const at::Tensor& x_, const at::Tenso
     using T = scalar_t;
     const int64_t* y = labels.data_ptr<int64_t>();
     own_dists<T>(x.data_ptr<T>(), c.data_ptr<T>(), y, n, d, own.data_ptr<T>());
-    std::vector<T> sq, inv, csq, cinv;
-    row_stats(x.data_ptr<T>(), n, d, sq, inv);
-    row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
-    T* pp = push.data_ptr<T>();
-    if (n > 0 && nc > 0) {
-      auto buf = at::empty({n, block}, x.options());
-      for (int64_t c0 = 0; c0 < nc; c0 += block) {
-        const int64_t cb = std::min(block, nc - c0);
-        auto g = buf.narrow(1, 0, cb).contiguous();
-        at::mm_out(g, x, c.narrow(0, c0, cb).t());
-        const T* pg = g.data_ptr<T>();
-        at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) {
-            T acc = 0;
-            for (int64_t j = 0; j < cb; ++j) {
-              if (c0 + j == y[i]) continue;
-              acc += T(1) / (T(1) + clamp0(sq[i] + csq[c0 + j] - T(2) * pg[i * cb + j]));
-            }
-            pp[i] += acc;
-          }
-        });
-      }
-    }
+    sum_over_other_centers<T>(x, c, y, block, push.data_ptr<T>(),
+                              [](T v) { return T(1) / (T(1) + v); });
   });
   auto per = own * (0.5 * lambda_c) + push * lambda_g;
   return {per, own};
@@ -1182,40 +1179,12 @@ std::tuple<at::Tensor, at::Tensor> git_bwd(const at::Tensor& grad_, const at::Te
     scatter_diff<T>(x.data_ptr<T>(), c.data_ptr<T>(), y, q.data_ptr<T>(), n, d,
                     gx.data_ptr<T>(), gc.data_ptr<T>());
     if (n == 0 || nc == 0 || lambda_g == 0.0) return;
-    std::vector<T> sq, inv, csq, cinv;
-    row_stats(x.data_ptr<T>(), n, d, sq, inv);
-    row_stats(c.data_ptr<T>(), nc, d, csq, cinv);
     const T* pgr = grad.data_ptr<T>();
     const T lg = T(lambda_g);
-    auto rows = at::zeros({n}, x.options());
-    T* prow = rows.data_ptr<T>();
-    auto buf = at::empty({n, block}, x.options());
-    for (int64_t c0 = 0; c0 < nc; c0 += block) {
-      const int64_t cb = std::min(block, nc - c0);
-      auto a = buf.narrow(1, 0, cb).contiguous();
-      auto cblk = c.narrow(0, c0, cb);
-      at::mm_out(a, x, cblk.t());
-      T* pa = a.data_ptr<T>();
-      at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          T rs = 0;
-          for (int64_t j = 0; j < cb; ++j) {
-            const T raw = sq[i] + csq[c0 + j] - T(2) * pa[i * cb + j];
-            const T den = T(1) + clamp0(raw);
-            const T v = (c0 + j != y[i] && raw >= 0) ? -lg * pgr[i] / (den * den) : T(0);
-            pa[i * cb + j] = v;
-            rs += v;
-          }
-          prow[i] += rs;
-        }
-      });
-      // d raw_ij = 2 (x_i - c_j) . dx_i + 2 (c_j - x_i) . dc_j
-      gx.addmm_(a, cblk, 1, -2);
-      auto gcb = gc.narrow(0, c0, cb);
-      gcb.addmm_(a.t(), x, 1, -2);
-      gcb.add_(cblk * a.sum(0).unsqueeze(1), 2);
-    }
-    gx.add_(x * rows.unsqueeze(1), 2);
+    scatter_over_other_centers<T>(x, c, y, block, gx, gc, [&](int64_t i, T raw) {
+      const T den = T(1) + clamp0(raw);
+      return -lg * pgr[i] / (den * den);
+    });
   });
   return {gx, gc};
 }

@@ -72,6 +72,17 @@ def _git_fwd_kernel(x_ptr, c_ptr, lab_ptr, xn_ptr, cn_ptr, lam_ptr, per_ptr, N, 
 
 
 @triton.jit
+def _push_grad_store(src_ptr, dst_ptr, idx, imask, do, domask, stride_n, stride_d, D, wsum, acc):
+    """The push term's gradient tile 2 (wsum_i src_i - acc_i) over rows idx x columns do of
+    src (strided), stored into dst packed [*, D]."""
+    m = imask[:, None] & domask[None, :]
+    t = tl.load(src_ptr + idx[:, None].to(tl.int64) * stride_n + do[None, :] * stride_d,
+                mask=m, other=0.0)
+    tl.store(dst_ptr + idx[:, None].to(tl.int64) * D + do[None, :], 2 * (wsum[:, None] * t - acc),
+             mask=m)
+
+
+@triton.jit
 def _git_bwd_x_kernel(x_ptr, c_ptr, lab_ptr, xn_ptr, cn_ptr, lam_ptr, g_ptr, dx_ptr, N, C, D,
                       stride_xn, stride_xd, stride_cn, stride_cd, stride_l,
                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -100,11 +111,8 @@ def _git_bwd_x_kernel(x_ptr, c_ptr, lab_ptr, xn_ptr, cn_ptr, lam_ptr, g_ptr, dx_
         cb = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_cn + do[None, :] * stride_cd,
                      mask=cmask[:, None] & domask[None, :], other=0.0)
         acc = tl.dot(v, cb, acc, input_precision="ieee", out_dtype=ACC)
-    xr = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + do[None, :] * stride_xd,
-                 mask=rmask[:, None] & domask[None, :], other=0.0)
-    dx = 2 * (rowsum[:, None] * xr - acc)
-    tl.store(dx_ptr + rows[:, None].to(tl.int64) * D + do[None, :], dx,
-             mask=rmask[:, None] & domask[None, :])
+    _push_grad_store(x_ptr, dx_ptr, rows, rmask, do, domask, stride_xn, stride_xd, D, rowsum,
+                     acc)
 
 
 @triton.jit
@@ -137,11 +145,8 @@ def _git_bwd_c_kernel(x_ptr, c_ptr, lab_ptr, xn_ptr, cn_ptr, lam_ptr, g_ptr, dc_
         xb = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + do[None, :] * stride_xd,
                      mask=rmask[:, None] & domask[None, :], other=0.0)
         acc = tl.dot(v, xb, acc, input_precision="ieee", out_dtype=ACC)
-    cr = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_cn + do[None, :] * stride_cd,
-                 mask=cmask[:, None] & domask[None, :], other=0.0)
-    dc = 2 * (colsum[:, None] * cr - acc)
-    tl.store(dc_ptr + cols[:, None].to(tl.int64) * D + do[None, :], dc,
-             mask=cmask[:, None] & domask[None, :])
+    _push_grad_store(c_ptr, dc_ptr, cols, cmask, do, domask, stride_cn, stride_cd, D, colsum,
+                     acc)
 
 
 @triton.jit
