@@ -26,25 +26,7 @@ import triton.language as tl
 
 from ..reference.feature_space import compute_dtype, triplet_center_grads
 from ..reference.reduction import reduce_loss
-from .centers import _acc, _blocks, _own_sq
-
-
-@triton.jit
-def _dist_tile(x_ptr, c_ptr, rows, cols, rmask, cmask, xn, cn, stride_xn, stride_xd, stride_cn,
-               stride_cd, D, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-               BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """(raw, clamped) squared distances between x[rows] and c[cols] by expansion."""
-    dot = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + dd[None, :] * stride_xd,
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
-        b = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_cn + dd[None, :] * stride_cd,
-                    mask=cmask[:, None] & dmask[None, :], other=0.0)
-        dot = tl.dot(a, tl.trans(b), dot, input_precision="ieee", out_dtype=ACC)
-    raw = xn[:, None] + cn[None, :] - 2 * dot
-    return raw, tl.maximum(raw, 0.0, propagate_nan=tl.PropagateNan.ALL)
+from .centers import _acc, _blocks, _dist_tile, _own_sq
 
 
 @triton.jit

@@ -86,6 +86,25 @@ def _center_fwd_kernel(x_ptr, c_ptr, lab_ptr, per_ptr, N, D, stride_xn, stride_x
 
 
 @triton.jit
+def _dist_tile(x_ptr, c_ptr, rows, cols, rmask, cmask, xn, cn, stride_xn, stride_xd, stride_cn,
+               stride_cd, D, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+               BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """(raw, clamped) squared distances between x[rows] and c[cols] by expansion; the
+    clamp keeps a NaN (the default maximum may return the other operand)."""
+    dot = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dmask = dd < D
+        a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + dd[None, :] * stride_xd,
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        b = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_cn + dd[None, :] * stride_cd,
+                    mask=cmask[:, None] & dmask[None, :], other=0.0)
+        dot = tl.dot(a, tl.trans(b), dot, input_precision="ieee", out_dtype=ACC)
+    raw = xn[:, None] + cn[None, :] - 2 * dot
+    return raw, tl.maximum(raw, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _contrastive_fwd_kernel(x_ptr, c_ptr, lab_ptr, xn_ptr, cn_ptr, delta_ptr, per_ptr, own_ptr,
                             den_ptr, N, C, D, stride_xn, stride_xd, stride_cn, stride_cd,
                             stride_l, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -99,18 +118,9 @@ def _contrastive_fwd_kernel(x_ptr, c_ptr, lab_ptr, xn_ptr, cn_ptr, delta_ptr, pe
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        dot = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            dmask = dd < D
-            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + dd[None, :] * stride_xd,
-                        mask=rmask[:, None] & dmask[None, :], other=0.0)
-            b = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_cn + dd[None, :] * stride_cd,
-                        mask=cmask[:, None] & dmask[None, :], other=0.0)
-            dot = tl.dot(a, tl.trans(b), dot, input_precision="ieee", out_dtype=ACC)
         cn = tl.load(cn_ptr + cols, mask=cmask, other=0.0)
-        # the clamp keeps a NaN (the default maximum may return the other operand)
-        d = tl.maximum(xn[:, None] + cn[None, :] - 2 * dot, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        _, d = _dist_tile(x_ptr, c_ptr, rows, cols, rmask, cmask, xn, cn, stride_xn, stride_xd,
+                          stride_cn, stride_cd, D, BLOCK_M, BLOCK_C, BLOCK_D, ACC)
         keep = cmask[None, :] & (cols[None, :] != y[:, None])
         others += tl.sum(tl.where(keep, d, 0.0), axis=1)
     delta = tl.load(delta_ptr)
